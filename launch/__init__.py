@@ -1,0 +1,1 @@
+"""Rank environments (local spawn, torchrun, srun) and starting the ranks."""

@@ -1,0 +1,98 @@
+"""Who am I in the world? One answer, whichever program started the processes.
+
+torchrun exports RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
+srun exports SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and the job's node
+list, whose first host is the rendezvous address. `launch.local` sets the
+torchrun variables itself, so every path ends in the same `RankEnv`.
+"""
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun" or "slurm"
+
+    def export(self) -> None:
+        """Set the variables `init_process_group(init_method="env://")` reads."""
+        os.environ.update(
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK=str(self.local_rank),
+            LOCAL_WORLD_SIZE=str(self.local_world_size),
+            MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+        )
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Expand SLURM's compressed host list: "gpu[01-03,07],login1" -> gpu01 gpu02 gpu03 gpu07 login1."""
+    hosts = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", hostlist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+                continue
+            for i in range(int(lo), int(hi) + 1):
+                hosts.append(prefix + str(i).zfill(len(lo)))
+    return hosts
+
+
+def slurm_port(job_id: str) -> int:
+    """A port that differs between jobs sharing a node, stable inside one job."""
+    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+
+
+def from_environ(environ: Optional[Mapping[str, str]] = None) -> RankEnv:
+    """Read the rank environment of a process started by torchrun or srun."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        return RankEnv(
+            rank=int(env["RANK"]),
+            world_size=world,
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", DEFAULT_PORT)),
+            source="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        job_id = env.get("SLURM_ARRAY_JOB_ID", "") + env.get("SLURM_ARRAY_TASK_ID", "") or env.get("SLURM_JOB_ID", "0")
+        tasks_per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "")
+        world = int(env["SLURM_NTASKS"])
+        return RankEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=world,
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            local_world_size=_first_count(tasks_per_node, default=world),
+            master_addr=env.get("MASTER_ADDR") or expand_hostlist(nodelist)[0],
+            master_port=int(env.get("MASTER_PORT") or slurm_port(job_id)),
+            source="slurm",
+        )
+    raise RuntimeError(
+        "launcher=external found no rank environment: expected RANK and WORLD_SIZE (torchrun) "
+        "or SLURM_PROCID and SLURM_NTASKS (srun). Use launcher=local to spawn the ranks here."
+    )
+
+
+def _first_count(tasks_per_node: str, default: int) -> int:
+    """SLURM_TASKS_PER_NODE looks like "4(x2),3": the first node's count."""
+    m = re.match(r"(\d+)", tasks_per_node)
+    return int(m.group(1)) if m else default

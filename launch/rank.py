@@ -1,0 +1,54 @@
+"""The life of one rank: join the process group, run, leave cleanly."""
+
+import datetime
+import os
+import sys
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from launch.env import RankEnv
+
+
+def pick_backend(choice: str, local_world_size: int) -> str:
+    """auto: nccl when every rank on this node can have its own GPU, else gloo."""
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world_size:
+        return "nccl"
+    return "gloo"
+
+
+def device_for(backend: str, env: RankEnv) -> torch.device:
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def run_rank(fn: Callable, env: RankEnv, backend: str, timeout_s: float, *args) -> None:
+    """Run fn(env, device, *args) inside an initialised process group, then exit the process.
+
+    The exit is `os._exit` after a barrier and `destroy_process_group()`:
+    gloo processes otherwise often abort in their atexit handlers. An
+    exception propagates untouched, so the launcher can show it.
+    """
+    env.export()
+    if backend == "gloo":
+        # Ranks on one machine share its cores: without this each takes them all.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+    device = device_for(backend, env)
+    dist.init_process_group(
+        backend,
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device if backend == "nccl" else None,
+    )
+    fn(env, device, *args)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

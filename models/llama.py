@@ -1,0 +1,201 @@
+"""A Llama-3-style decoder in plain single-device PyTorch.
+
+RMSNorm, rotary position embeddings (Meta's interleaved pair layout),
+grouped-query attention and a SwiGLU MLP. Field names follow Meta's
+`ModelArgs`. Nothing here knows about parallelism: `parallel/` splits this
+module from the outside. The layers live in a ModuleDict keyed by their index
+so that a pipeline stage can drop the ones it does not own and every
+parameter keeps its name.
+"""
+
+import hashlib
+import math
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = 128256
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    max_seq_len: int = 8192
+    tie_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelArgs":
+        """Take the fields of ModelArgs from a config node (extra keys, like name, are ignored)."""
+        return cls(**{f.name: cfg[f.name] for f in fields(cls)})
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        # Meta's rule: 2/3 of 4*dim, scaled, rounded up to a multiple.
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_table(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
+    """cos and sin of every (position, frequency), stacked: shape (max_seq_len, head_dim // 2, 2)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate each (2i, 2i+1) pair of x (batch, seq, heads, head_dim) by its position's angle."""
+    seq = x.shape[1]
+    cos = table[:seq, :, 0].view(1, seq, 1, -1)
+    sin = table[:seq, :, 1].view(1, seq, 1, -1)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.kv_heads
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        # -1 rather than the head counts: under tensor parallelism a rank holds a
+        # slice of the heads, and the same code must work on it unchanged.
+        q = self.wq(x).view(bsz, seq, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seq, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seq, -1, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        repeat = q.shape[2] // k.shape[2]
+        if repeat > 1:
+            k = k.repeat_interleave(repeat, dim=2)
+            v = v.repeat_interleave(repeat, dim=2)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer(
+            "rope", rope_table(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab)."""
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        for layer in self.layers.values():
+            h = layer(h, self.rope)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+    def reset_buffers(self) -> None:
+        """Recompute the rotary table (after `to_empty` from the meta device)."""
+        self.rope = rope_table(
+            self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=self.rope.device
+        )
+
+
+def num_params(model: nn.Module, exclude_embedding: bool = False) -> int:
+    """Parameters of the whole (unsharded) model; shared tensors counted once."""
+    seen, total = set(), 0
+    for name, p in model.named_parameters():
+        if id(p) in seen or (exclude_embedding and name.startswith("tok_embeddings")):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def param_seed(seed: int, name: str) -> int:
+    """A stable 63-bit seed for one parameter, independent of layout and process."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def init_std(name: str, args: ModelArgs) -> Optional[float]:
+    """The init rule: normal(0, 0.02); residual-branch outputs scaled by 1/sqrt(2L); norms are ones (None)."""
+    if name.endswith("norm.weight"):
+        return None
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        return 0.02 / math.sqrt(2 * args.n_layers)
+    return 0.02
+
+
+def full_init_value(name: str, shape, args: ModelArgs, seed: int, device) -> torch.Tensor:
+    """The full, unsharded initial value of one parameter: a function of (seed, name) alone."""
+    std = init_std(name, args)
+    if std is None:
+        return torch.ones(shape, device=device)
+    gen = torch.Generator(device=device).manual_seed(param_seed(seed, name))
+    return torch.randn(shape, generator=gen, device=device) * std

@@ -1,0 +1,1 @@
+"""The training program: entry points, config schema and validation, the loop."""

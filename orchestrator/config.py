@@ -1,0 +1,121 @@
+"""The typed schema of the config tree.
+
+The values live in `conf/` (one YAML per config group); these dataclasses only
+give every key its type, so that Hydra rejects a typo or a wrong type while it
+composes the config. No defaults here: a knob has exactly one home, its YAML.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    dim: int = MISSING
+    n_layers: int = MISSING
+    n_heads: int = MISSING
+    n_kv_heads: Optional[int] = MISSING
+    vocab_size: int = MISSING
+    multiple_of: int = MISSING
+    ffn_dim_multiplier: Optional[float] = MISSING
+    norm_eps: float = MISSING
+    rope_theta: float = MISSING
+    max_seq_len: int = MISSING
+    tie_embeddings: bool = MISSING
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = MISSING
+    pp: int = MISSING
+    dp: int = MISSING
+    dp_shard: str = MISSING
+    timeout_s: float = MISSING
+
+
+@dataclass
+class LauncherConfig:
+    name: str = MISSING
+    nprocs: Optional[int] = MISSING
+    backend: str = MISSING
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = MISSING
+    format: str = MISSING
+    pattern: str = MISSING
+    bin_dtype: str = MISSING
+    eval_fraction: float = MISSING
+    cache_dir: str = MISSING
+
+
+@dataclass
+class OptimConfig:
+    name: str = MISSING
+    lr: float = MISSING
+    min_lr: float = MISSING
+    warmup_steps: int = MISSING
+    schedule: str = MISSING
+    weight_decay: float = MISSING
+    beta1: float = MISSING
+    beta2: float = MISSING
+    eps: float = MISSING
+    grad_clip: float = MISSING
+
+
+@dataclass
+class WandbConfig:
+    mode: str = MISSING
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    name: Optional[str] = MISSING
+    group: Optional[str] = MISSING
+    tags: list[str] = MISSING
+
+
+@dataclass
+class LoggingConfig:
+    every: int = MISSING
+    console_every: int = MISSING
+    peak_tflops: Optional[float] = MISSING
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = MISSING
+    every: int = MISSING
+    at_end: bool = MISSING
+
+
+@dataclass
+class LoopConfig:
+    seq_len: int = MISSING
+    global_batch: int = MISSING
+    micro_batch: int = MISSING
+    steps: int = MISSING
+    seed: int = MISSING
+    eval_every: int = MISSING
+    eval_sequences: int = MISSING
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+
+
+def register() -> None:
+    """Make the schema known to Hydra; `conf/train.yaml` extends it."""
+    ConfigStore.instance().store(name="trident_schema", node=TrainConfig)

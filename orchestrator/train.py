@@ -1,0 +1,83 @@
+"""`trident-train` / `python -m orchestrator.train`: the Hydra app.
+
+Compose the config, check it, prepare the data, then hand the ranks to the
+launcher: `local` spawns them here, `external` is already one of them
+(torchrun or srun started it). Nothing is spawned until every check passed.
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from orchestrator.config import register
+from orchestrator.data import prepare
+from orchestrator.validate import ConfigError, check_corpus, validate
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def external_world_size(cfg: DictConfig):
+    if cfg.launcher.name != "external":
+        return None
+    from launch.env import from_environ
+
+    try:
+        return from_environ().world_size
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
+
+
+def run(cfg: DictConfig, run_dir: str) -> None:
+    """Check, prepare, launch. Raises ConfigError before anything starts if the config cannot work."""
+    validate(cfg, world_size=external_world_size(cfg))
+    try:
+        corpus = prepare(cfg.data)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
+    check_corpus(cfg, corpus)
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(plain), Path(run_dir) / "config.yaml")
+
+    from orchestrator.trainer import run_worker
+
+    par = cfg.parallel
+    world = par.tp * par.pp * par.dp
+    if cfg.launcher.name == "local":
+        from launch.local import spawn
+
+        spawn(run_worker, world, plain, run_dir, corpus, backend=cfg.launcher.backend, timeout_s=par.timeout_s)
+    else:
+        from launch.env import from_environ
+        from launch.rank import pick_backend, run_rank
+
+        env = from_environ()
+        backend = pick_backend(cfg.launcher.backend, env.local_world_size)
+        run_rank(run_worker, env, backend, par.timeout_s, plain, run_dir, corpus)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    from launch.local import RankFailed
+
+    try:
+        run(cfg, HydraConfig.get().runtime.output_dir)
+    except ConfigError as e:
+        print(f"trident: config error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except RankFailed as e:
+        print(f"trident: training failed: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def main() -> None:
+    register()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""One rank's training: build everything from the config, then the loop.
+
+The loop, per optimizer step: the step's micro-batches (gradient
+accumulation, with the dp reduction only on the last), clipping by the global
+gradient norm, AdamW, and the learning rate of that step (linear warmup, then
+cosine or linear decay), metrics from the rank that holds the loss, periodic
+evaluation on the held-out split and checkpoints.
+"""
+
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from launch.env import RankEnv
+from models.llama import num_params
+from orchestrator import checkpoint
+from orchestrator.build import build_model
+from orchestrator.data import Batches, Corpus, eval_batches
+from orchestrator.flops import flops_per_token, peak_flops
+from orchestrator.metrics import MetricsLogger, NullLogger, console, fmt_count, fmt_duration, progress_line
+from parallel.data import grad_sync
+from parallel.grad import clip_grads_
+from parallel.mesh import ParallelDims, build_mesh
+
+
+def lr_at(step: int, o: DictConfig, steps: int) -> float:
+    """Learning rate of optimizer step `step` (1-based)."""
+    if step <= o.warmup_steps:
+        return o.lr * step / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    progress = (step - o.warmup_steps) / max(1, steps - o.warmup_steps)
+    if o.schedule == "linear":
+        return o.lr + (o.min_lr - o.lr) * progress
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay the matrices of the blocks and the output; not norms, not the embedding."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        (decay if p.ndim >= 2 and not name.startswith("tok_embeddings") else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, env: RankEnv, device: torch.device, run_dir: str, corpus: Corpus):
+        self.cfg, self.env, self.device, self.run_dir = cfg, env, device, run_dir
+        par, t = cfg.parallel, cfg.train
+        self.dims = ParallelDims(par.tp, par.pp, par.dp)
+        self.mesh = build_mesh(self.dims, device.type)
+        self.dp_group = self.mesh["dp"].get_group()
+        dp_rank = self.mesh["dp"].get_local_rank()
+
+        self.model, self.module = build_model(cfg.model, par, self.mesh, device, t.seed)
+        self.params = [p for p in self.module.parameters()]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+        )
+        self.batches = Batches(corpus.train, t.seq_len, t.global_batch, t.micro_batch, t.seed, dp_rank, par.dp)
+        self.eval_data = eval_batches(corpus.eval, t.seq_len, t.eval_sequences, t.micro_batch, dp_rank, par.dp)
+        self.step = 0
+
+        self.n_params = num_params(self.module)
+        self.flops_per_token = flops_per_token(self.module.args, self.n_params, t.seq_len)
+        self.peak = cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else None
+        self.peak_note = "logging.peak_tflops"
+        if self.peak is None:
+            self.peak, self.peak_note = peak_flops(device)
+        self.is_logger = env.rank == 0
+        self.logger = self._make_logger() if self.is_logger else NullLogger()
+
+    def _make_logger(self):
+        from omegaconf import OmegaConf
+
+        name = f"{self.cfg.model.name}-tp{self.dims.tp}-pp{self.dims.pp}-dp{self.dims.dp}"
+        return MetricsLogger(
+            self.run_dir, self.cfg.logging.wandb, OmegaConf.to_container(self.cfg), name, self.cfg.model.name
+        )
+
+    def _dp_mean(self, total: torch.Tensor, count: torch.Tensor) -> float:
+        both = torch.stack([total, count]).to(torch.float64)
+        dist.all_reduce(both, group=self.dp_group)
+        return (both[0] / both[1]).item()
+
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.model(inputs.to(self.device))
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.to(self.device).flatten())
+
+    def train_step(self) -> dict:
+        self.step += 1
+        micro = self.batches.step(self.step)
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (inputs, targets) in enumerate(micro):
+            with grad_sync(self.model, enabled=i == len(micro) - 1):
+                loss = self._loss(inputs, targets)
+                (loss / len(micro)).backward()
+            loss_sum += loss.detach()
+        grad_norm = clip_grads_(self.params, self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._dp_mean(loss_sum, torch.tensor(float(len(micro)), device=self.device))
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item()}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = torch.zeros((), device=self.device, dtype=torch.float64)
+        for inputs, targets in self.eval_data:
+            total += self._loss(inputs, targets).double() * inputs.shape[0]
+            count += inputs.shape[0]
+        self.model.train()
+        return self._dp_mean(total, count)
+
+    def fit(self) -> dict:
+        t, lg = self.cfg.train, self.cfg.logging
+        tokens_per_step = t.global_batch * t.seq_len
+        first_eval = self.evaluate()
+        self.logger.log({"step": self.step, "eval_loss": first_eval})
+        if self.is_logger:
+            console(self._banner(first_eval))
+        start = time.perf_counter()
+        train_time, row = 0.0, {}
+        while self.step < t.steps:
+            t0 = time.perf_counter()
+            row = self.train_step()
+            dt = time.perf_counter() - t0
+            train_time += dt
+            tokens_per_s = tokens_per_step / dt
+            row.update(
+                tokens_per_s=tokens_per_s,
+                mfu=self.flops_per_token * tokens_per_s / (self.peak * self.dims.world_size) if self.peak else 0.0,
+                mem_peak_gb=peak_memory_gb(self.device),
+                step_time_s=dt,
+            )
+            last = self.step == t.steps
+            if (t.eval_every and self.step % t.eval_every == 0) or last:
+                row["eval_loss"] = self.evaluate()
+            if self.step % lg.every == 0 or last or "eval_loss" in row:
+                self.logger.log(row)
+            if self.is_logger and (self.step % lg.console_every == 0 or last or self.step == 1):
+                console(progress_line(self.step, t.steps, row, time.perf_counter() - start))
+            ckpt = self.cfg.checkpoint
+            if (ckpt.every and self.step % ckpt.every == 0) or (last and ckpt.at_end):
+                self.last_checkpoint = checkpoint.save(self.model, self.optimizer, self.step, ckpt.dir)
+        summary = {
+            "steps": self.step,
+            "train_loss": row.get("loss"),
+            "eval_loss_start": first_eval,
+            "eval_loss": row.get("eval_loss"),
+            "tokens_per_s": tokens_per_step * self.step / train_time if train_time else 0.0,
+            "wall_s": time.perf_counter() - start,
+            "checkpoint": getattr(self, "last_checkpoint", None),
+        }
+        summary["mfu"] = self.flops_per_token * summary["tokens_per_s"] / (self.peak * self.dims.world_size) if self.peak else 0.0
+        if self.is_logger:
+            console(self._summary(summary))
+        self.logger.finish()
+        return summary
+
+    def _banner(self, first_eval: float) -> str:
+        d = self.dims
+        return (
+            f"trident: {self.cfg.model.name} ({fmt_count(self.n_params)} parameters) on {d.world_size} rank(s) "
+            f"tp={d.tp} pp={d.pp} dp={d.dp} ({self.cfg.parallel.dp_shard}), {self.device.type}; "
+            f"eval loss at step 0: {first_eval:.4f}"
+        )
+
+    def _summary(self, s: dict) -> str:
+        lines = [
+            f"trident: done, {s['steps']} steps in {fmt_duration(s['wall_s'])}",
+            f"  loss        train {s['train_loss']:.4f} | eval {s['eval_loss_start']:.4f} -> {s['eval_loss']:.4f} (nats per token)",
+            f"  throughput  {fmt_count(s['tokens_per_s'])} tokens/s, MFU {100 * s['mfu']:.2f}% "
+            f"(peak {self.peak / 1e9:.0f} GFLOP/s per rank: {self.peak_note})",
+            f"  run dir     {self.run_dir}",
+            f"  metrics     {Path(self.run_dir) / 'metrics.jsonl'}",
+        ]
+        if s["checkpoint"]:
+            lines.append(f"  checkpoint  {s['checkpoint']}")
+        if self.logger.wandb_dir:
+            mode = self.cfg.logging.wandb.mode
+            hint = f" (offline: `wandb sync {self.logger.wandb_dir}`)" if mode == "offline" else ""
+            lines.append(f"  W&B run     {self.logger.wandb_dir}{hint}")
+        return "\n".join(lines)
+
+
+def run_worker(env: RankEnv, device: torch.device, cfg_dict: dict, run_dir: str, corpus: Corpus) -> None:
+    """The per-rank entry point the launchers call."""
+    from omegaconf import OmegaConf
+
+    Trainer(OmegaConf.create(cfg_dict), env, device, run_dir, corpus).fit()

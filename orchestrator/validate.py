@@ -1,0 +1,149 @@
+"""Every check that can be made before a process is spawned or a job submitted.
+
+Each failure is a ConfigError whose message names the setting, its value and
+what would be valid: a user's mistake is one clear line, never a hang or a
+traceback from deep inside torch.
+"""
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from orchestrator.data import BIN_DTYPES, FORMATS
+from parallel.data import DP_SHARD_CHOICES
+
+LAUNCHERS = ("local", "external")
+BACKENDS = ("auto", "gloo", "nccl")
+SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw",)
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, found before launch."""
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, choices))}")
+
+
+def _at_least(key: str, value, low) -> None:
+    if value < low:
+        raise ConfigError(f"{key}={value} must be >= {low}")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
+    """Check the composed config; world_size is what the launcher will start (None: tp*pp*dp)."""
+    _check_parallel(cfg, world_size)
+    _check_model(cfg)
+    _check_batch(cfg)
+    _check_data(cfg)
+    _check_optim_logging(cfg)
+
+
+def _check_parallel(cfg: DictConfig, world_size: Optional[int]) -> None:
+    par = cfg.parallel
+    for dim in ("tp", "pp", "dp"):
+        _at_least(f"parallel.{dim}", par[dim], 1)
+    # Tensor and pipeline parallelism are the next milestones (issues 3 and 4); until
+    # they land, refusing them is better than training something else silently.
+    if par.tp != 1:
+        raise ConfigError(f"parallel.tp={par.tp}: tensor parallelism is not available yet (valid: 1)")
+    if par.pp != 1:
+        raise ConfigError(f"parallel.pp={par.pp}: pipeline parallelism is not available yet (valid: 1)")
+    _choice("parallel.dp_shard", par.dp_shard, DP_SHARD_CHOICES)
+    if par.timeout_s <= 0:
+        raise ConfigError(f"parallel.timeout_s={par.timeout_s} must be positive")
+    _choice("launcher.name", cfg.launcher.name, LAUNCHERS)
+    _choice("launcher.backend", cfg.launcher.backend, BACKENDS)
+    product = par.tp * par.pp * par.dp
+    for key, size in (("launcher.nprocs", cfg.launcher.nprocs), ("world size", world_size)):
+        if size is not None and size != product:
+            raise ConfigError(
+                f"{key}={size} != parallel.tp*pp*dp = {par.tp}*{par.pp}*{par.dp} = {product}: "
+                f"the layout must use every rank exactly once (e.g. parallel.dp={size // (par.tp * par.pp) or 1})"
+            )
+
+
+def _check_model(cfg: DictConfig) -> None:
+    m = cfg.model
+    for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+        _at_least(f"model.{key}", m[key], 1)
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even (rotary embeddings rotate pairs)")
+    if m.n_kv_heads is not None and (m.n_kv_heads < 1 or m.n_heads % m.n_kv_heads):
+        raise ConfigError(
+            f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} "
+            f"(valid: {', '.join(map(str, divisors(m.n_heads)))})"
+        )
+    if cfg.train.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+
+
+def _check_batch(cfg: DictConfig) -> None:
+    t, dp = cfg.train, cfg.parallel.dp
+    for key in ("seq_len", "global_batch", "micro_batch", "steps", "eval_sequences"):
+        _at_least(f"train.{key}", t[key], 1)
+    _at_least("train.eval_every", t.eval_every, 0)
+    _at_least("checkpoint.every", cfg.checkpoint.every, 0)
+    if t.global_batch % (t.micro_batch * dp):
+        valid = [d for d in divisors(t.global_batch) if (t.global_batch // d) % t.micro_batch == 0]
+        raise ConfigError(
+            f"parallel.dp={dp} with train.micro_batch={t.micro_batch} does not divide "
+            f"train.global_batch={t.global_batch}: global_batch must be a multiple of micro_batch * dp "
+            f"(valid dp here: {', '.join(map(str, valid)) or 'none; change micro_batch'})"
+        )
+
+
+def _check_data(cfg: DictConfig) -> None:
+    d = cfg.data
+    _choice("data.format", d.format, FORMATS)
+    _choice("data.bin_dtype", d.bin_dtype, tuple(BIN_DTYPES))
+    if not 0 < d.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be between 0 and 1")
+    if d.path is not None:
+        path = Path(d.path).expanduser()
+        if not path.exists():
+            raise ConfigError(f"data.path={d.path!r} does not exist (give a text file, a folder of text files, or a .bin of tokens)")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"data.path={d.path!r} is not readable")
+
+
+def _check_optim_logging(cfg: DictConfig) -> None:
+    o = cfg.optim
+    _choice("optim.name", o.name, OPTIMIZERS)
+    _choice("optim.schedule", o.schedule, SCHEDULES)
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr={o.lr} must be positive")
+    if not 0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")
+    _at_least("optim.warmup_steps", o.warmup_steps, 0)
+    _at_least("optim.grad_clip", o.grad_clip, 0)
+    _choice("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
+    _at_least("logging.every", cfg.logging.every, 1)
+    _at_least("logging.console_every", cfg.logging.console_every, 1)
+
+
+def check_corpus(cfg: DictConfig, corpus) -> None:
+    """Checks that need the prepared corpus: vocabulary and split lengths."""
+    if corpus.max_token >= cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is too small for the data: {corpus.source} "
+            f"holds token id {corpus.max_token} (valid: vocab_size >= {corpus.max_token + 1})"
+        )
+    for name in ("train", "eval"):
+        split = getattr(corpus, name)
+        if split.num_tokens <= cfg.train.seq_len + 1:
+            raise ConfigError(
+                f"data.path={cfg.data.path!r}: its {name} split holds {split.num_tokens} tokens, "
+                f"fewer than train.seq_len+2={cfg.train.seq_len + 2} (use more data or a shorter seq_len)"
+            )

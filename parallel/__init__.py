@@ -1,0 +1,1 @@
+"""Process groups and the three parallelisms, applied to a plain module with a mesh."""
