@@ -12,6 +12,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from launch.env import from_environ
+from launch.local import RankFailed, spawn
+from launch.rank import pick_backend, run_rank
 from orchestrator.config import register
 from orchestrator.data import prepare
 from orchestrator.validate import ConfigError, check_corpus, validate
@@ -22,8 +25,6 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def external_world_size(cfg: DictConfig):
     if cfg.launcher.name != "external":
         return None
-    from launch.env import from_environ
-
     try:
         return from_environ().world_size
     except RuntimeError as e:
@@ -40,30 +41,24 @@ def run(cfg: DictConfig, run_dir: str) -> None:
     check_corpus(cfg, corpus)
 
     plain = OmegaConf.to_container(cfg, resolve=True)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(plain), Path(run_dir) / "config.yaml")
+    env = from_environ() if cfg.launcher.name == "external" else None
+    if env is None or env.rank == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(plain), Path(run_dir) / "config.yaml")
 
     from orchestrator.trainer import run_worker
 
     par = cfg.parallel
-    world = par.tp * par.pp * par.dp
-    if cfg.launcher.name == "local":
-        from launch.local import spawn
-
+    if env is None:
+        world = par.tp * par.pp * par.dp
         spawn(run_worker, world, plain, run_dir, corpus, backend=cfg.launcher.backend, timeout_s=par.timeout_s)
     else:
-        from launch.env import from_environ
-        from launch.rank import pick_backend, run_rank
-
-        env = from_environ()
         backend = pick_backend(cfg.launcher.backend, env.local_world_size)
         run_rank(run_worker, env, backend, par.timeout_s, plain, run_dir, corpus)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
-    from launch.local import RankFailed
-
     try:
         run(cfg, HydraConfig.get().runtime.output_dir)
     except ConfigError as e:

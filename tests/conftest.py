@@ -1,0 +1,53 @@
+"""Shared helpers: compose the real config tree in-process, with tiny-model overrides."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from orchestrator.config import register
+from orchestrator.train import CONF_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A model and batch small enough for many ranks on 2 cores.
+TINY = [
+    "model.dim=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.multiple_of=16",
+    "train.seq_len=32",
+    "train.global_batch=8",
+    "train.micro_batch=2",
+    "train.eval_sequences=8",
+    "train.eval_every=5",
+    "optim.warmup_steps=2",
+    "logging.wandb.mode=disabled",
+    "logging.console_every=100",
+]
+
+
+def make_cfg(*overrides: str, tmp: Path = None):
+    register()
+    extra = [f"checkpoint.dir={tmp / 'checkpoints'}", f"data.cache_dir={tmp / 'cache'}"] if tmp else []
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=[*TINY, *extra, *overrides])
+
+
+def run_cmd(cmd: list, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a command from the project root as a user would, outside any rank environment."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_train(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run_cmd([sys.executable, "-m", "orchestrator.train", *overrides], timeout=timeout)
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    return lambda *o: make_cfg(*o, tmp=tmp_path)

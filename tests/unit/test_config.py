@@ -1,0 +1,117 @@
+"""The config tree composes, overrides reach it, and every bad input is refused before launch."""
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+import orchestrator.train as train_app
+from orchestrator.validate import ConfigError
+from tests.conftest import ROOT, make_cfg, run_train
+
+
+def test_default_config_composes_with_llama_field_names():
+    cfg = make_cfg()
+    assert cfg.model.name == "llama-debug"
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim_multiplier",
+                "multiple_of", "norm_eps", "rope_theta"):
+        assert key in cfg.model
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp) == (1, 1, 2)
+
+
+def test_command_line_overrides_reach_every_group():
+    cfg = make_cfg("optim.lr=3e-4", "train.steps=200", "parallel.dp=4", "model=llama-125m", "model.n_layers=3")
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.train.steps == 200
+    assert cfg.parallel.dp == 4
+    assert cfg.model.name == "llama-125m" and cfg.model.n_layers == 3 and cfg.model.dim == 32  # TINY's dim wins
+
+
+def test_typo_in_a_key_fails_at_composition():
+    with pytest.raises(ConfigCompositionException) as e:
+        make_cfg("train.stpes=5")
+    assert "stpes" in str(e.value.__cause__ or e.value)
+
+
+def test_wrong_type_fails_at_composition():
+    with pytest.raises(ConfigCompositionException) as e:
+        make_cfg("train.steps=many")
+    assert isinstance(e.value.__cause__, ValidationError)
+    assert "train.steps" in str(e.value.__cause__)
+
+
+def test_unknown_model_fails_naming_the_group():
+    with pytest.raises(MissingConfigException) as e:
+        make_cfg("model=no-such-model")
+    assert "no-such-model" in str(e.value) and "model" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, names",
+    [
+        (["launcher.nprocs=3"], ["launcher.nprocs=3", "parallel.tp*pp*dp"]),
+        (["parallel.dp=3"], ["parallel.dp=3", "train.global_batch=8", "valid dp here: 1, 2, 4"]),
+        (["parallel.dp=0"], ["parallel.dp=0", ">= 1"]),
+        (["parallel.tp=2", "parallel.dp=1"], ["parallel.tp=2", "valid: 1"]),
+        (["parallel.pp=2", "parallel.dp=1"], ["parallel.pp=2", "valid: 1"]),
+        (["parallel.dp_shard=zero7"], ["parallel.dp_shard='zero7'", "full, replicate"]),
+        (["launcher.backend=mpi"], ["launcher.backend='mpi'", "auto, gloo, nccl"]),
+        (["data.path=/no/such/corpus"], ["data.path='/no/such/corpus'", "does not exist"]),
+        (["data.format=csv"], ["data.format='csv'", "auto, text, bin"]),
+        (["model.n_kv_heads=3"], ["model.n_kv_heads=3", "valid: 1, 2, 4"]),
+        (["model.dim=30"], ["model.dim=30", "model.n_heads=4"]),
+        (["train.seq_len=4096"], ["train.seq_len=4096", "model.max_seq_len=2048"]),
+        (["optim.schedule=step"], ["optim.schedule='step'", "cosine, linear, constant"]),
+        (["logging.wandb.mode=cloud"], ["logging.wandb.mode='cloud'", "offline, online, disabled"]),
+        (["model.vocab_size=100"], ["model.vocab_size=100", "vocab_size >= 256"]),
+    ],
+)
+def test_bad_input_is_a_config_error_and_spawns_nothing(overrides, names, tmp_path, monkeypatch):
+    spawned = []
+    monkeypatch.setattr(train_app, "spawn", lambda *a, **k: spawned.append(a))
+    cfg = make_cfg(*overrides, tmp=tmp_path)
+    with pytest.raises(ConfigError) as e:
+        train_app.run(cfg, str(tmp_path / "run"))
+    for name in names:
+        assert name in str(e.value)
+    assert spawned == []
+    assert not (tmp_path / "run").exists()
+
+
+def test_external_world_size_must_match_the_layout_fake_torchrun_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = make_cfg("launcher=external", "parallel.dp=2", tmp=tmp_path)
+    with pytest.raises(ConfigError, match=r"world size=4 != parallel.tp\*pp\*dp = 1\*1\*2 = 2"):
+        train_app.run(cfg, str(tmp_path / "run"))
+
+
+def test_external_launcher_without_a_rank_environment_is_a_config_error(tmp_path, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = make_cfg("launcher=external", tmp=tmp_path)
+    with pytest.raises(ConfigError, match="launcher=external found no rank environment"):
+        train_app.run(cfg, str(tmp_path / "run"))
+
+
+def test_command_line_errors_are_one_clear_line_and_exit_nonzero(tmp_path):
+    """As a user sees them: the process fails fast and its stderr names the setting."""
+    cases = [
+        (["model=no-such-model"], "no-such-model"),
+        (["launcher=nowhere"], "launcher"),
+        (["train.steps=abc"], "train.steps"),
+        (["parallel.dp=3"], "trident: config error: parallel.dp=3"),
+        (["data.path=/no/such/corpus"], "trident: config error: data.path='/no/such/corpus' does not exist"),
+    ]
+    for overrides, message in cases:
+        out = run_train(f"hydra.run.dir={tmp_path / 'run'}", *overrides, timeout=60)
+        assert out.returncode != 0, overrides
+        assert message in out.stderr, (overrides, out.stderr)
+        assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_cfg_job_prints_the_composed_config():
+    out = run_train("--cfg", "job", "parallel.dp=4", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "dp: 4" in out.stdout and "name: llama-debug" in out.stdout
+    assert (ROOT / "conf" / "train.yaml").exists()
