@@ -31,11 +31,18 @@ class ModelArgs:
     rope_theta: float = 500000.0
     max_seq_len: int = 8192
     tie_embeddings: bool = False
+    # Rows of the embedding and output projection; more than vocab_size when a
+    # parallel split needs a multiple. The extra ids never occur in the data.
+    padded_vocab_size: Optional[int] = None
 
     @classmethod
     def from_config(cls, cfg) -> "ModelArgs":
         """Take the fields of ModelArgs from a config node (extra keys, like name, are ignored)."""
-        return cls(**{f.name: cfg[f.name] for f in fields(cls)})
+        return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
+
+    @property
+    def rows(self) -> int:
+        return self.padded_vocab_size or self.vocab_size
 
     @property
     def kv_heads(self) -> int:
@@ -141,10 +148,10 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.tok_embeddings = nn.Embedding(args.rows, args.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = nn.Linear(args.dim, args.rows, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer(

@@ -33,6 +33,7 @@ class ParallelConfig:
     tp: int = MISSING
     pp: int = MISSING
     dp: int = MISSING
+    sequence_parallel: bool = MISSING
     dp_shard: str = MISSING
     timeout_s: float = MISSING
 

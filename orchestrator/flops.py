@@ -1,5 +1,6 @@
 """Model FLOPs per token and the device peak they are measured against (MFU)."""
 
+import os
 from functools import lru_cache
 
 import torch
@@ -24,7 +25,7 @@ def flops_per_token(args: ModelArgs, n_params: int, seq_len: int) -> float:
     return 6 * n_matmul + 12 * args.n_layers * args.dim * seq_len
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
+def peak_flops(device: torch.device, local_world_size: int, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
     """(peak FLOP/s of one rank's device, where the figure comes from)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -32,11 +33,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> tupl
             if key in name:
                 return peaks[dtype], f"{name} data-sheet {dtype} peak"
         return 0.0, f"{name}: no peak known; set logging.peak_tflops"
-    return _cpu_peak()
+    return _cpu_peak(local_world_size)
 
 
-@lru_cache(maxsize=1)
-def _cpu_peak() -> tuple[float, str]:
+@lru_cache(maxsize=4)
+def _cpu_peak(local_world_size: int) -> tuple[float, str]:
     ghz, per_cycle = 2.0, 8
     try:
         info = open("/proc/cpuinfo").read()
@@ -46,7 +47,8 @@ def _cpu_peak() -> tuple[float, str]:
         per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= set(flags) else 8
     except OSError:
         pass
-    threads = torch.get_num_threads()
-    note = f"CPU estimate: {threads} thread(s) x {ghz:.2f} GHz x {per_cycle} fp32 FLOP/cycle"
-    return threads * ghz * 1e9 * per_cycle, note
+    # Ranks on one machine share its cores: a rank gets its threads or its share, whichever is less.
+    cores = min(torch.get_num_threads(), (os.cpu_count() or 1) / local_world_size)
+    note = f"CPU estimate: {cores:g} core(s) per rank x {ghz:.2f} GHz x {per_cycle} fp32 FLOP/cycle"
+    return cores * ghz * 1e9 * per_cycle, note
 

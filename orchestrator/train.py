@@ -22,18 +22,22 @@ from orchestrator.validate import ConfigError, check_corpus, validate
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def external_world_size(cfg: DictConfig):
+def rank_env(cfg: DictConfig):
+    """launcher=external: the environment torchrun or srun gave this process (None for local)."""
     if cfg.launcher.name != "external":
         return None
     try:
-        return from_environ().world_size
+        return from_environ()
     except RuntimeError as e:
         raise ConfigError(str(e)) from None
 
 
 def run(cfg: DictConfig, run_dir: str) -> None:
     """Check, prepare, launch. Raises ConfigError before anything starts if the config cannot work."""
-    validate(cfg, world_size=external_world_size(cfg))
+    env = rank_env(cfg)
+    for warning in validate(cfg, env):
+        if env is None or env.rank == 0:
+            print(f"trident: warning: {warning}", file=sys.stderr, flush=True)
     try:
         corpus = prepare(cfg.data)
     except FileNotFoundError as e:
@@ -41,7 +45,6 @@ def run(cfg: DictConfig, run_dir: str) -> None:
     check_corpus(cfg, corpus)
 
     plain = OmegaConf.to_container(cfg, resolve=True)
-    env = from_environ() if cfg.launcher.name == "external" else None
     if env is None or env.rank == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(plain), Path(run_dir) / "config.yaml")

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from torch.distributed.tensor import DTensor
 
 from launch.env import RankEnv
 from models.llama import num_params
@@ -27,6 +28,7 @@ from orchestrator.metrics import MetricsLogger, NullLogger, console, fmt_count, 
 from parallel.data import grad_sync
 from parallel.grad import clip_grads_
 from parallel.mesh import ParallelDims, build_mesh
+from parallel.tensor import loss_context
 
 
 def lr_at(step: int, o: DictConfig, steps: int) -> float:
@@ -47,6 +49,11 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in module.named_parameters():
         (decay if p.ndim >= 2 and not name.startswith("tok_embeddings") else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _value(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a loss that may be a (replicated) DTensor under loss parallel."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -79,7 +86,7 @@ class Trainer:
         self.peak = cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else None
         self.peak_note = "logging.peak_tflops"
         if self.peak is None:
-            self.peak, self.peak_note = peak_flops(device)
+            self.peak, self.peak_note = peak_flops(device, env.local_world_size)
         self.is_logger = env.rank == 0
         self.logger = self._make_logger() if self.is_logger else NullLogger()
 
@@ -100,18 +107,23 @@ class Trainer:
         logits = self.model(inputs.to(self.device))
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.to(self.device).flatten())
 
+    def forward_backward(self, micro: list) -> torch.Tensor:
+        """Accumulate the gradient of the mean loss over the micro-batches; return the summed loss."""
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (inputs, targets) in enumerate(micro):
+            with grad_sync(self.model, enabled=i == len(micro) - 1), loss_context(self.dims.tp):
+                loss = self._loss(inputs, targets)
+                (loss / len(micro)).backward()
+            loss_sum += _value(loss.detach())
+        return loss_sum
+
     def train_step(self) -> dict:
         self.step += 1
         micro = self.batches.step(self.step)
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=self.device)
-        for i, (inputs, targets) in enumerate(micro):
-            with grad_sync(self.model, enabled=i == len(micro) - 1):
-                loss = self._loss(inputs, targets)
-                (loss / len(micro)).backward()
-            loss_sum += loss.detach()
+        loss_sum = self.forward_backward(micro)
         grad_norm = clip_grads_(self.params, self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -124,7 +136,9 @@ class Trainer:
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
         for inputs, targets in self.eval_data:
-            total += self._loss(inputs, targets).double() * inputs.shape[0]
+            with loss_context(self.dims.tp):
+                loss = _value(self._loss(inputs, targets))
+            total += loss.double() * inputs.shape[0]
             count += inputs.shape[0]
         self.model.train()
         return self._dp_mean(total, count)

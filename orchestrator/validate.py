@@ -7,10 +7,10 @@ traceback from deep inside torch.
 
 import os
 from pathlib import Path
-from typing import Optional
 
 from omegaconf import DictConfig
 
+from models.llama import ModelArgs
 from orchestrator.data import BIN_DTYPES, FORMATS
 from parallel.data import DP_SHARD_CHOICES
 
@@ -39,23 +39,25 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
-    """Check the composed config; world_size is what the launcher will start (None: tp*pp*dp)."""
-    _check_parallel(cfg, world_size)
+def validate(cfg: DictConfig, env=None) -> list[str]:
+    """Check the composed config; env is the rank environment of launcher=external (None: local).
+
+    Returns warnings: settings that work but are probably not what the user wants.
+    """
     _check_model(cfg)
+    warnings = _check_parallel(cfg, env)
     _check_batch(cfg)
     _check_data(cfg)
     _check_optim_logging(cfg)
+    return warnings
 
 
-def _check_parallel(cfg: DictConfig, world_size: Optional[int]) -> None:
+def _check_parallel(cfg: DictConfig, env) -> list[str]:
     par = cfg.parallel
     for dim in ("tp", "pp", "dp"):
         _at_least(f"parallel.{dim}", par[dim], 1)
-    # Tensor and pipeline parallelism are the next milestones (issues 3 and 4); until
-    # they land, refusing them is better than training something else silently.
-    if par.tp != 1:
-        raise ConfigError(f"parallel.tp={par.tp}: tensor parallelism is not available yet (valid: 1)")
+    # Pipeline parallelism is the next milestone; until it lands, refusing it is
+    # better than training something else silently.
     if par.pp != 1:
         raise ConfigError(f"parallel.pp={par.pp}: pipeline parallelism is not available yet (valid: 1)")
     _choice("parallel.dp_shard", par.dp_shard, DP_SHARD_CHOICES)
@@ -64,12 +66,56 @@ def _check_parallel(cfg: DictConfig, world_size: Optional[int]) -> None:
     _choice("launcher.name", cfg.launcher.name, LAUNCHERS)
     _choice("launcher.backend", cfg.launcher.backend, BACKENDS)
     product = par.tp * par.pp * par.dp
+    world_size = env.world_size if env is not None else None
     for key, size in (("launcher.nprocs", cfg.launcher.nprocs), ("world size", world_size)):
         if size is not None and size != product:
             raise ConfigError(
                 f"{key}={size} != parallel.tp*pp*dp = {par.tp}*{par.pp}*{par.dp} = {product}: "
                 f"the layout must use every rank exactly once (e.g. parallel.dp={size // (par.tp * par.pp) or 1})"
             )
+    warnings = []
+    if par.tp > 1:
+        _check_tp(cfg)
+        if env is not None and env.local_world_size < par.tp:
+            warnings.append(
+                f"parallel.tp={par.tp} is larger than the {env.local_world_size} ranks on one node: "
+                "tensor parallelism across nodes is slow (its all-reduces cross the network every layer)"
+            )
+    return warnings
+
+
+def _check_tp(cfg: DictConfig) -> None:
+    tp, m, par = cfg.parallel.tp, cfg.model, cfg.parallel
+    args = ModelArgs.from_config(m)
+    split = [
+        ("model.n_heads", m.n_heads, "attention heads are split whole"),
+        ("model.n_kv_heads", args.kv_heads,
+         "grouped-query attention splits whole kv heads (replicating kv heads is not implemented)"),
+        ("model.dim", m.dim, "the hidden size is split evenly"),
+        ("the SwiGLU hidden size", args.ffn_hidden, "the MLP's hidden size is split evenly"),
+    ]
+    for key, value, why in split:
+        if value % tp:
+            valid = [d for d in divisors(value) if all(v % d == 0 for _, v, _ in split)]
+            raise ConfigError(
+                f"parallel.tp={tp} does not divide {key}={value}: {why} (valid tp: {', '.join(map(str, valid))})"
+            )
+    if m.tie_embeddings:
+        raise ConfigError(
+            f"model.tie_embeddings=true with parallel.tp={tp}: tied embeddings are not supported under "
+            "tensor parallelism yet (valid: model.tie_embeddings=false, or parallel.tp=1)"
+        )
+    if par.sequence_parallel and cfg.train.seq_len % tp:
+        raise ConfigError(
+            f"train.seq_len={cfg.train.seq_len} is not divisible by parallel.tp={tp}, which "
+            "parallel.sequence_parallel=true splits it by (valid: a multiple of tp, or sequence_parallel=false)"
+        )
+    if par.dp_shard == "replicate" and par.dp > 1:
+        raise ConfigError(
+            f"parallel.dp_shard=replicate with parallel.tp={tp}: DDP cannot replicate a tensor-parallel model "
+            "(its parameter broadcast has no DTensor sharding strategy, and composable replicate yields no "
+            "gradients) (valid: parallel.dp_shard=full)"
+        )
 
 
 def _check_model(cfg: DictConfig) -> None:

@@ -13,8 +13,23 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate
 from torch.nn.utils import get_total_norm
+
+
+def reduce_partial_grads(params: Iterable[torch.nn.Parameter]) -> None:
+    """Finish the reduction DTensor leaves pending on some gradients.
+
+    A replicated parameter used on sharded activations (a sequence-parallel
+    norm's weight without FSDP) gets a Partial gradient: each tp rank's
+    contribution, summed only when someone asks. Ask now, once, so the norm
+    and the optimizer both see the whole gradient.
+    """
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
+            placements = [Replicate() if pl.is_partial() else pl for pl in g.placements]
+            p.grad = g.redistribute(g.device_mesh, placements)
 
 
 def global_grad_norm(params: Iterable[torch.nn.Parameter], pp_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
@@ -27,7 +42,10 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], pp_group: Optional[di
             continue
         if isinstance(g, DTensor):
             mesh = g.device_mesh
-            sharded = tuple(i for i, pl in enumerate(g.placements) if isinstance(pl, Shard))
+            # Any non-replicated dim splits the tensor (Shard, and FSDP's strided shard
+            # over TP, which is not a Shard subclass in every torch version).
+            assert not any(pl.is_partial() for pl in g.placements), "unreduced gradient"
+            sharded = tuple(i for i, pl in enumerate(g.placements) if not pl.is_replicate())
             key = (id(mesh), sharded)
             groups[key] = [mesh.get_group(i) for i in sharded]
             g = g.to_local()
@@ -51,6 +69,7 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], pp_group: Optional[di
 
 def clip_grads_(params: list[torch.nn.Parameter], max_norm: float, pp_group=None) -> torch.Tensor:
     """Scale every gradient so the global norm is at most max_norm; return the norm before clipping."""
+    reduce_partial_grads(params)
     norm = global_grad_norm(params, pp_group)
     if max_norm > 0:
         coef = min(1.0, max_norm / (norm.item() + 1e-6))

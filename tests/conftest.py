@@ -15,10 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # A model and batch small enough for many ranks on 2 cores.
 TINY = [
+    "parallel.tp=1",
+    "parallel.timeout_s=60",
     "model.dim=32",
     "model.n_layers=2",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
+    "model.n_heads=8",
+    "model.n_kv_heads=4",
     "model.multiple_of=16",
     "train.seq_len=32",
     "train.global_batch=8",
@@ -29,6 +31,13 @@ TINY = [
     "logging.wandb.mode=disabled",
     "logging.console_every=100",
 ]
+
+
+def compose_as_shipped(*overrides: str):
+    """The config exactly as a user gets it, without the tiny-model overrides."""
+    register()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
 
 
 def make_cfg(*overrides: str, tmp: Path = None):

@@ -25,7 +25,7 @@ def metrics(run_dir: Path) -> dict:
 def local_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("cli") / "local"
     overrides = [o for o in TINY if not o.startswith("logging.wandb.mode")]
-    out = run_train(f"hydra.run.dir={run_dir}", *overrides, f"train.steps={STEPS}", "parallel.dp=2",
+    out = run_train(f"hydra.run.dir={run_dir}", *overrides, f"train.steps={STEPS}", "parallel.dp=2", "parallel.tp=1",
                     "logging.wandb.mode=offline", "logging.wandb.group=cli-test")
     assert out.returncode == 0, out.stderr[-3000:]
     return run_dir, out
@@ -68,7 +68,7 @@ def test_torchrun_with_launcher_external_trains_the_same_run(local_run, tmp_path
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     ext_dir = tmp_path / "external"
     out = run_cmd([torchrun, "--standalone", "--nproc_per_node=2", "-m", "orchestrator.train",
-                   "launcher=external", f"hydra.run.dir={ext_dir}", *TINY, f"train.steps={STEPS}", "parallel.dp=2"])
+                   "launcher=external", f"hydra.run.dir={ext_dir}", *TINY, f"train.steps={STEPS}", "parallel.dp=2", "parallel.tp=1"])
     assert out.returncode == 0, out.stderr[-3000:]
     ref, got = metrics(run_dir), metrics(ext_dir)
     for s in range(1, STEPS + 1):

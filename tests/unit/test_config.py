@@ -6,16 +6,16 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 import orchestrator.train as train_app
 from orchestrator.validate import ConfigError
-from tests.conftest import ROOT, make_cfg, run_train
+from tests.conftest import ROOT, compose_as_shipped, make_cfg, run_train
 
 
 def test_default_config_composes_with_llama_field_names():
-    cfg = make_cfg()
+    cfg = compose_as_shipped()
     assert cfg.model.name == "llama-debug"
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim_multiplier",
                 "multiple_of", "norm_eps", "rope_theta"):
         assert key in cfg.model
-    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp) == (1, 1, 2)
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp) == (2, 1, 2)
 
 
 def test_command_line_overrides_reach_every_group():
@@ -51,14 +51,23 @@ def test_unknown_model_fails_naming_the_group():
         (["launcher.nprocs=3"], ["launcher.nprocs=3", "parallel.tp*pp*dp"]),
         (["parallel.dp=3"], ["parallel.dp=3", "train.global_batch=8", "valid dp here: 1, 2, 4"]),
         (["parallel.dp=0"], ["parallel.dp=0", ">= 1"]),
-        (["parallel.tp=2", "parallel.dp=1"], ["parallel.tp=2", "valid: 1"]),
+        (["parallel.tp=3", "parallel.dp=1"], ["parallel.tp=3 does not divide model.n_heads=8", "valid tp: 1, 2, 4"]),
+        (["parallel.tp=4", "parallel.dp=1", "model.n_kv_heads=2"],
+         ["parallel.tp=4 does not divide model.n_kv_heads=2", "kv heads", "valid tp: 1, 2"]),
+        (["parallel.tp=4", "parallel.dp=1", "model.multiple_of=2"],
+         ["parallel.tp=4 does not divide the SwiGLU hidden size=86", "valid tp: 1, 2"]),
+        (["parallel.tp=2", "model.tie_embeddings=true"], ["model.tie_embeddings=true with parallel.tp=2"]),
+        (["parallel.tp=4", "parallel.dp=1", "train.seq_len=30"],
+         ["train.seq_len=30 is not divisible by parallel.tp=4", "sequence_parallel=false"]),
+        (["parallel.tp=2", "parallel.dp=2", "parallel.dp_shard=replicate"],
+         ["parallel.dp_shard=replicate with parallel.tp=2", "valid: parallel.dp_shard=full"]),
         (["parallel.pp=2", "parallel.dp=1"], ["parallel.pp=2", "valid: 1"]),
         (["parallel.dp_shard=zero7"], ["parallel.dp_shard='zero7'", "full, replicate"]),
         (["launcher.backend=mpi"], ["launcher.backend='mpi'", "auto, gloo, nccl"]),
         (["data.path=/no/such/corpus"], ["data.path='/no/such/corpus'", "does not exist"]),
         (["data.format=csv"], ["data.format='csv'", "auto, text, bin"]),
-        (["model.n_kv_heads=3"], ["model.n_kv_heads=3", "valid: 1, 2, 4"]),
-        (["model.dim=30"], ["model.dim=30", "model.n_heads=4"]),
+        (["model.n_kv_heads=3"], ["model.n_kv_heads=3", "valid: 1, 2, 4, 8"]),
+        (["model.dim=36"], ["model.dim=36", "model.n_heads=8"]),
         (["train.seq_len=4096"], ["train.seq_len=4096", "model.max_seq_len=2048"]),
         (["optim.schedule=step"], ["optim.schedule='step'", "cosine, linear, constant"]),
         (["logging.wandb.mode=cloud"], ["logging.wandb.mode='cloud'", "offline, online, disabled"]),
@@ -80,9 +89,19 @@ def test_bad_input_is_a_config_error_and_spawns_nothing(overrides, names, tmp_pa
 def test_external_world_size_must_match_the_layout_fake_torchrun_env(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    cfg = make_cfg("launcher=external", "parallel.dp=2", tmp=tmp_path)
+    cfg = make_cfg("launcher=external", "parallel.tp=1", "parallel.dp=2", tmp=tmp_path)
     with pytest.raises(ConfigError, match=r"world size=4 != parallel.tp\*pp\*dp = 1\*1\*2 = 2"):
         train_app.run(cfg, str(tmp_path / "run"))
+
+
+def test_tp_wider_than_a_node_is_a_warning_not_an_error_fake_torchrun_env():
+    from launch.env import from_environ
+    from orchestrator.validate import validate
+
+    env = from_environ({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"})
+    warnings = validate(make_cfg("launcher=external", "parallel.tp=4", "parallel.dp=1"), env)
+    assert len(warnings) == 1 and "parallel.tp=4 is larger than the 2 ranks on one node" in warnings[0]
+    assert validate(make_cfg("launcher=external", "parallel.tp=2", "parallel.dp=2"), env) == []
 
 
 def test_external_launcher_without_a_rank_environment_is_a_config_error(tmp_path, monkeypatch):

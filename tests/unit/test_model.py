@@ -7,6 +7,7 @@ import torch
 
 from models.llama import ModelArgs, Transformer, apply_rope, full_init_value, num_params, rope_table
 from orchestrator.build import init_weights
+from tests.conftest import compose_as_shipped
 
 
 @pytest.mark.parametrize(
@@ -29,14 +30,7 @@ def test_llama3_sizes_match_published_parameter_counts_on_meta(name, published_b
 
 def meta_model_full(name: str) -> Transformer:
     """The preset exactly as shipped (make_cfg's tiny overrides would shrink it)."""
-    from hydra import compose, initialize_config_dir
-
-    from orchestrator.config import register
-    from orchestrator.train import CONF_DIR
-
-    register()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"model={name}"])
+    cfg = compose_as_shipped(f"model={name}")
     with torch.device("meta"):
         return Transformer(ModelArgs.from_config(cfg.model))
 
