@@ -34,3 +34,27 @@ LLAMA_TP_PLAN = {
 }
 
 TP_PLANS = {"llama": LLAMA_TP_PLAN}
+
+
+def pipeline_cuts(n_layers: int, n_stages: int) -> list[int]:
+    """Default pipeline cut points: the first layer of every stage after the first.
+
+    Balanced by layer count (sizes differ by at most one, the extra layers go
+    to the middle stages, since the first stage also holds the embedding and
+    the last the norm, output projection and loss).
+    """
+    base, extra = divmod(n_layers, n_stages)
+    # Hand the `extra` layers out from the middle outwards.
+    order = sorted(range(n_stages), key=lambda i: (abs(i - (n_stages - 1) / 2), i))
+    sizes = [base + (1 if i in order[:extra] else 0) for i in range(n_stages)]
+    cuts, start = [], 0
+    for size in sizes[:-1]:
+        start += size
+        cuts.append(start)
+    return cuts
+
+
+def stage_layers(n_layers: int, cuts: list[int]) -> list[range]:
+    """The layer indices of each stage, from its cut points."""
+    bounds = [0, *cuts, n_layers]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]

@@ -1,22 +1,34 @@
-"""From config and mesh to a parallelized model with its initial weights.
+"""From config and mesh to this rank's parallelized model parts with their initial weights.
 
-The model is built on the meta device, split (FSDP2 shards it while it holds
-no memory), materialized, and only then initialised: each parameter's full
-value is a function of (seed, parameter name) alone, and each rank keeps its
-own shard of it. Every layout therefore starts from identical weights.
+The whole model is built on the meta device and cut into pipeline stages;
+each of this rank's stages is split by TP, sharded by FSDP2 while it holds no
+memory, materialized, and only then initialised: each parameter's full value
+is a function of (seed, parameter name) alone, and each rank keeps its own
+shard of it. Every layout therefore starts from identical weights.
 """
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from models.llama import ModelArgs, Transformer, full_init_value
-from models.plans import TP_PLANS
+from models.llama import ModelArgs, Transformer, full_init_value, num_params
+from models.plans import TP_PLANS, pipeline_cuts, stage_layers
 from parallel.data import apply_fsdp, apply_replicate
+from parallel.pipeline import SPLIT_BACKWARD, stage_ids, stage_module, stages_per_rank
 from parallel.tensor import apply_tp, padded_vocab
+
+
+@dataclass
+class ModelParts:
+    parts: list[nn.Module]  # what to call (wrapped by DDP where replicated), one per local stage
+    modules: list[Transformer]  # the plain modules inside, whose parameter names are the whole model's
+    stage_ids: list[int]
+    n_stages: int
+    n_params: int  # of the whole model
+    args: ModelArgs
 
 
 @torch.no_grad()
@@ -32,22 +44,34 @@ def init_weights(module: Transformer, seed: int) -> None:
     module.reset_buffers()
 
 
-def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device, seed: int) -> tuple[nn.Module, Transformer]:
-    """Return (the module to call, the plain Transformer inside it)."""
+def stage_plan(model_cfg, parallel_cfg, pp: int, pp_rank: int) -> tuple[list[int], list[range], int]:
+    """(this rank's stage ids, every stage's layers, number of stages)."""
+    if pp == 1:
+        return [0], [range(model_cfg.n_layers)], 1
+    per_rank = stages_per_rank(parallel_cfg.schedule, parallel_cfg.stages_per_rank)
+    n_stages = pp * per_rank
+    cuts = list(parallel_cfg.cut_points) if parallel_cfg.cut_points else pipeline_cuts(model_cfg.n_layers, n_stages)
+    return stage_ids(parallel_cfg.schedule, pp_rank, pp, per_rank), stage_layers(model_cfg.n_layers, cuts), n_stages
+
+
+def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device, seed: int) -> ModelParts:
     args = ModelArgs.from_config(model_cfg)
-    tp = mesh["tp"].size()
+    tp, dp_mesh = mesh["tp"].size(), mesh["dp"]
     if tp > 1 and args.vocab_size % tp:
         args = replace(args, padded_vocab_size=padded_vocab(args.vocab_size, tp))
     with torch.device("meta"):
-        module = Transformer(args)
-    if tp > 1:
-        apply_tp(module, mesh["tp"], TP_PLANS["llama"], parallel_cfg.sequence_parallel)
-    dp_mesh = mesh["dp"]
-    shard = dp_mesh.size() > 1 and parallel_cfg.dp_shard == "full"
-    if shard:
-        apply_fsdp(module, dp_mesh)
-    module.to_empty(device=device)
-    init_weights(module, seed)
-    if dp_mesh.size() > 1 and parallel_cfg.dp_shard == "replicate":
-        return apply_replicate(module, dp_mesh), module
-    return module, module
+        whole = Transformer(args)
+    ids, layers, n_stages = stage_plan(model_cfg, parallel_cfg, mesh["pp"].size(), mesh["pp"].get_local_rank())
+    parts, modules = [], []
+    for stage in ids:
+        module = whole if n_stages == 1 else stage_module(whole, stage, n_stages, layers[stage])
+        if tp > 1:
+            apply_tp(module, mesh["tp"], TP_PLANS["llama"], parallel_cfg.sequence_parallel)
+        if dp_mesh.size() > 1 and parallel_cfg.dp_shard == "full":
+            apply_fsdp(module, dp_mesh, per_block=n_stages == 1 or parallel_cfg.schedule not in SPLIT_BACKWARD)
+        module.to_empty(device=device)
+        init_weights(module, seed)
+        replicate = dp_mesh.size() > 1 and parallel_cfg.dp_shard == "replicate"
+        parts.append(apply_replicate(module, dp_mesh) if replicate else module)
+        modules.append(module)
+    return ModelParts(parts, modules, ids, n_stages, num_params(whole), args)

@@ -34,6 +34,10 @@ class ParallelConfig:
     pp: int = MISSING
     dp: int = MISSING
     sequence_parallel: bool = MISSING
+    schedule: str = MISSING
+    microbatches: Optional[int] = MISSING
+    stages_per_rank: Optional[int] = MISSING
+    cut_points: Optional[list[int]] = MISSING
     dp_shard: str = MISSING
     timeout_s: float = MISSING
 

@@ -19,7 +19,6 @@ from omegaconf import DictConfig
 from torch.distributed.tensor import DTensor
 
 from launch.env import RankEnv
-from models.llama import num_params
 from orchestrator import checkpoint
 from orchestrator.build import build_model
 from orchestrator.data import Batches, Corpus, eval_batches
@@ -28,6 +27,7 @@ from orchestrator.metrics import MetricsLogger, NullLogger, console, fmt_count, 
 from parallel.data import grad_sync
 from parallel.grad import clip_grads_
 from parallel.mesh import ParallelDims, build_mesh
+from parallel.pipeline import build_pipeline
 from parallel.tensor import loss_context
 
 
@@ -69,20 +69,29 @@ class Trainer:
         self.dims = ParallelDims(par.tp, par.pp, par.dp)
         self.mesh = build_mesh(self.dims, device.type)
         self.dp_group = self.mesh["dp"].get_group()
+        self.pp_group = self.mesh["pp"].get_group()
         dp_rank = self.mesh["dp"].get_local_rank()
 
-        self.model, self.module = build_model(cfg.model, par, self.mesh, device, t.seed)
-        self.params = [p for p in self.module.parameters()]
+        built = build_model(cfg.model, par, self.mesh, device, t.seed)
+        self.parts, self.modules, self.n_params = built.parts, built.modules, built.n_params
+        self.params = [p for m in self.modules for p in m.parameters()]
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
-        )
+        # One optimizer per model part, as checkpointing helpers take one module per optimizer.
+        self.optimizers = [
+            torch.optim.AdamW(param_groups(m, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+            for m in self.modules
+        ]
         self.batches = Batches(corpus.train, t.seq_len, t.global_batch, t.micro_batch, t.seed, dp_rank, par.dp)
         self.eval_data = eval_batches(corpus.eval, t.seq_len, t.eval_sequences, t.micro_batch, dp_rank, par.dp)
+        self.pipeline = None
+        if par.pp > 1:
+            self.pipeline = build_pipeline(
+                par.schedule, self.parts, built.stage_ids, built.n_stages,
+                t.global_batch // (t.micro_batch * par.dp), self._loss_fn, self.pp_group, device,
+            )
         self.step = 0
 
-        self.n_params = num_params(self.module)
-        self.flops_per_token = flops_per_token(self.module.args, self.n_params, t.seq_len)
+        self.flops_per_token = flops_per_token(built.args, self.n_params, t.seq_len)
         self.peak = cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else None
         self.peak_note = "logging.peak_tflops"
         if self.peak is None:
@@ -103,15 +112,33 @@ class Trainer:
         dist.all_reduce(both, group=self.dp_group)
         return (both[0] / both[1]).item()
 
+    @staticmethod
+    def _loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.model(inputs.to(self.device))
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.to(self.device).flatten())
+        return self._loss_fn(self.parts[0](inputs.to(self.device)), targets.to(self.device))
+
+    def _pp_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The loss lives on the last stage: share it with every pp rank (the others add zero)."""
+        if self.pipeline is not None:
+            dist.all_reduce(value, group=self.pp_group)
+        return value
 
     def forward_backward(self, micro: list) -> torch.Tensor:
         """Accumulate the gradient of the mean loss over the micro-batches; return the summed loss."""
         loss_sum = torch.zeros((), device=self.device)
+        if self.pipeline is not None:
+            inputs = torch.cat([x for x, _ in micro]).to(self.device)
+            targets = torch.cat([y for _, y in micro]).to(self.device)
+            with loss_context(self.dims.tp):
+                losses = self.pipeline.step(inputs, targets)
+            for loss in losses:
+                loss_sum += _value(loss.detach())
+            return self._pp_sum(loss_sum)
+        model = self.parts[0]
         for i, (inputs, targets) in enumerate(micro):
-            with grad_sync(self.model, enabled=i == len(micro) - 1), loss_context(self.dims.tp):
+            with grad_sync(model, enabled=i == len(micro) - 1), loss_context(self.dims.tp):
                 loss = self._loss(inputs, targets)
                 (loss / len(micro)).backward()
             loss_sum += _value(loss.detach())
@@ -121,26 +148,39 @@ class Trainer:
         self.step += 1
         micro = self.batches.step(self.step)
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         loss_sum = self.forward_backward(micro)
-        grad_norm = clip_grads_(self.params, self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = clip_grads_(self.params, self.cfg.optim.grad_clip, self.pp_group)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         loss = self._dp_mean(loss_sum, torch.tensor(float(len(micro)), device=self.device))
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item()}
 
+    def _eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.pipeline is None:
+            return _value(self._loss(inputs, targets))
+        t, m = self.cfg.train, self.cfg.model
+        sp = self.dims.tp > 1 and self.cfg.parallel.sequence_parallel
+        shape = (inputs.shape[0], t.seq_len // self.dims.tp if sp else t.seq_len, m.dim)
+        logits = self.pipeline.forward_only(inputs.to(self.device), shape, torch.float32)
+        loss = _value(self._loss_fn(logits, targets.to(self.device))) if logits is not None else torch.zeros((), device=self.device)
+        return self._pp_sum(loss)
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        self.model.eval()
+        for part in self.parts:
+            part.eval()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
         for inputs, targets in self.eval_data:
             with loss_context(self.dims.tp):
-                loss = _value(self._loss(inputs, targets))
+                loss = self._eval_loss(inputs, targets)
             total += loss.double() * inputs.shape[0]
             count += inputs.shape[0]
-        self.model.train()
+        for part in self.parts:
+            part.train()
         return self._dp_mean(total, count)
 
     def fit(self) -> dict:
@@ -173,7 +213,7 @@ class Trainer:
                 console(progress_line(self.step, t.steps, row, time.perf_counter() - start))
             ckpt = self.cfg.checkpoint
             if (ckpt.every and self.step % ckpt.every == 0) or (last and ckpt.at_end):
-                self.last_checkpoint = checkpoint.save(self.model, self.optimizer, self.step, ckpt.dir)
+                self.last_checkpoint = checkpoint.save(self.modules, self.optimizers, self.step, ckpt.dir)
         summary = {
             "steps": self.step,
             "train_loss": row.get("loss"),

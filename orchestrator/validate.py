@@ -12,11 +12,13 @@ from omegaconf import DictConfig
 
 from models.llama import ModelArgs
 from orchestrator.data import BIN_DTYPES, FORMATS
+from models.plans import pipeline_cuts
 from parallel.data import DP_SHARD_CHOICES
+from parallel.pipeline import SCHEDULES, SINGLE_STAGE, V_SHAPED, stages_per_rank
 
 LAUNCHERS = ("local", "external")
 BACKENDS = ("auto", "gloo", "nccl")
-SCHEDULES = ("cosine", "linear", "constant")
+LR_SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw",)
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -47,6 +49,7 @@ def validate(cfg: DictConfig, env=None) -> list[str]:
     _check_model(cfg)
     warnings = _check_parallel(cfg, env)
     _check_batch(cfg)
+    _check_pp(cfg)
     _check_data(cfg)
     _check_optim_logging(cfg)
     return warnings
@@ -56,10 +59,6 @@ def _check_parallel(cfg: DictConfig, env) -> list[str]:
     par = cfg.parallel
     for dim in ("tp", "pp", "dp"):
         _at_least(f"parallel.{dim}", par[dim], 1)
-    # Pipeline parallelism is the next milestone; until it lands, refusing it is
-    # better than training something else silently.
-    if par.pp != 1:
-        raise ConfigError(f"parallel.pp={par.pp}: pipeline parallelism is not available yet (valid: 1)")
     _choice("parallel.dp_shard", par.dp_shard, DP_SHARD_CHOICES)
     if par.timeout_s <= 0:
         raise ConfigError(f"parallel.timeout_s={par.timeout_s} must be positive")
@@ -150,6 +149,64 @@ def _check_batch(cfg: DictConfig) -> None:
         )
 
 
+def _check_pp(cfg: DictConfig) -> None:
+    par, t, m = cfg.parallel, cfg.train, cfg.model
+    _choice("parallel.schedule", par.schedule, tuple(SCHEDULES))
+    n_micro = t.global_batch // (t.micro_batch * par.dp)
+    if par.microbatches is not None and par.microbatches != n_micro:
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} != train.micro_batch * parallel.microbatches * parallel.dp = "
+            f"{t.micro_batch}*{par.microbatches}*{par.dp} = {t.micro_batch * par.microbatches * par.dp} "
+            f"(valid here: parallel.microbatches={n_micro}, or null to derive it)"
+        )
+    if par.pp == 1:
+        return
+    if par.stages_per_rank is not None:
+        _at_least("parallel.stages_per_rank", par.stages_per_rank, 1)
+    if par.schedule in V_SHAPED and par.stages_per_rank not in (None, 2):
+        raise ConfigError(
+            f"parallel.stages_per_rank={par.stages_per_rank} with parallel.schedule={par.schedule}: "
+            "a V-shaped schedule holds exactly 2 stages per rank (valid: 2 or null)"
+        )
+    if par.schedule not in SINGLE_STAGE and par.stages_per_rank == 1:
+        raise ConfigError(
+            f"parallel.stages_per_rank=1 with parallel.schedule={par.schedule}: interleaving needs at least "
+            "2 stages per rank (valid: >= 2, or null; for one stage per rank use gpipe or 1f1b)"
+        )
+    n_stages = par.pp * stages_per_rank(par.schedule, par.stages_per_rank)
+    if m.n_layers < n_stages:
+        raise ConfigError(
+            f"model.n_layers={m.n_layers} is fewer than the {n_stages} pipeline stages "
+            f"(parallel.pp={par.pp} x stages per rank): every stage needs a layer"
+        )
+    if par.cut_points is not None:
+        cuts = list(par.cut_points)
+        if len(cuts) != n_stages - 1 or cuts != sorted(set(cuts)) or not all(0 < c < m.n_layers for c in cuts):
+            raise ConfigError(
+                f"parallel.cut_points={cuts} must be {n_stages - 1} increasing layer indices between 1 and "
+                f"{m.n_layers - 1} (the first layer of each stage after the first), e.g. "
+                f"{pipeline_cuts(m.n_layers, n_stages)}"
+            )
+    needs = {
+        "1f1b": (n_micro >= par.pp, f"at least parallel.pp={par.pp}"),
+        "interleaved-1f1b": (n_micro % par.pp == 0, f"a multiple of parallel.pp={par.pp}"),
+        "zero-bubble": (n_micro % par.pp == 0, f"a multiple of parallel.pp={par.pp}"),
+        "dualpipev": (n_micro >= n_stages, f"at least the {n_stages} stages"),
+    }
+    ok, what = needs.get(par.schedule, (True, ""))
+    if not ok:
+        raise ConfigError(
+            f"parallel.schedule={par.schedule} needs micro-batches {what}, but there are {n_micro} "
+            f"(train.global_batch={t.global_batch} / (train.micro_batch={t.micro_batch} * parallel.dp={par.dp})); "
+            "lower train.micro_batch or raise train.global_batch"
+        )
+    if m.tie_embeddings:
+        raise ConfigError(
+            f"model.tie_embeddings=true with parallel.pp={par.pp}: the embedding and the output projection "
+            "live on different stages (valid: model.tie_embeddings=false, or parallel.pp=1)"
+        )
+
+
 def _check_data(cfg: DictConfig) -> None:
     d = cfg.data
     _choice("data.format", d.format, FORMATS)
@@ -167,7 +224,7 @@ def _check_data(cfg: DictConfig) -> None:
 def _check_optim_logging(cfg: DictConfig) -> None:
     o = cfg.optim
     _choice("optim.name", o.name, OPTIMIZERS)
-    _choice("optim.schedule", o.schedule, SCHEDULES)
+    _choice("optim.schedule", o.schedule, LR_SCHEDULES)
     if o.lr <= 0:
         raise ConfigError(f"optim.lr={o.lr} must be positive")
     if not 0 <= o.min_lr <= o.lr:

@@ -16,10 +16,16 @@ from torch.nn.parallel import DistributedDataParallel
 DP_SHARD_CHOICES = ("full", "replicate")
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
-    """Shard each transformer block as its own unit, then the rest (embedding, norm, head) at the root."""
-    for layer in model.layers.values():
-        fully_shard(layer, mesh=dp_mesh)
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, per_block: bool = True) -> nn.Module:
+    """Shard each transformer block as its own unit, then the rest (embedding, norm, head) at the root.
+
+    per_block=False makes the whole module one unit: the zero-bubble pipeline
+    schedules compute weight gradients after the stage's last backward, which
+    per-block units would already have reduced (their gradients come out None).
+    """
+    if per_block:
+        for layer in model.layers.values():
+            fully_shard(layer, mesh=dp_mesh)
     # The root's parameters are needed again right away by backward: keep them gathered.
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=False)
     return model

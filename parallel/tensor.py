@@ -54,23 +54,22 @@ def _style(role: str, module: nn.Module, sp: bool):
     raise ValueError(f"unknown tensor-parallel role {role!r}")
 
 
-def _expand(plan: dict[str, str], model: nn.Module) -> dict[str, str]:
-    """Resolve "layers.*." keys against the model's actual module names."""
-    names = dict(model.named_modules())
+def expand_plan(plan: dict[str, str], model: nn.Module) -> dict[str, str]:
+    """Resolve "layers.*." keys against the model's module names.
+
+    A key may match nothing: a pipeline stage holds only some of the modules.
+    """
     out = {}
     for key, role in plan.items():
         pattern = re.compile("^" + re.escape(key).replace(r"\*", r"[^.]+") + "$")
-        matches = [name for name in names if pattern.match(name)]
-        if not matches:
-            raise ValueError(f"TP plan key {key!r} matches no module")
-        out.update({name: role for name in matches})
+        out.update({name: role for name, _ in model.named_modules() if pattern.match(name)})
     return out
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, str], sequence_parallel: bool) -> nn.Module:
     modules = dict(model.named_modules())
     styles = {}
-    for name, role in _expand(plan, model).items():
+    for name, role in expand_plan(plan, model).items():
         style = _style(role, modules[name], sequence_parallel)
         if style is not None:
             styles[name] = style

@@ -40,19 +40,21 @@ def _worker(env, device, cfg_dict, run_dir, corpus):
     cfg = OmegaConf.create(cfg_dict)
     trainer = Trainer(cfg, env, device, run_dir, corpus)
     vocab = cfg.model.vocab_size  # padding rows (tp not dividing the vocabulary) are not compared
-    init = {name: _full(p)[:vocab] if "tok_emb" in name or name.startswith("output") else _full(p)
-            for name, p in trainer.module.named_parameters()}
+    named = [(name, p) for m in trainer.modules for name, p in m.named_parameters()]
+    init = {name: _full(p)[:vocab] if p.shape[0] > vocab else _full(p) for name, p in named}
     trainer.forward_backward(trainer.batches.step(1))
-    grads = {name: _full(p.grad) for name, p in trainer.module.named_parameters()}
-    trainer.optimizer.zero_grad(set_to_none=True)
-    if env.rank == 0:
+    grads = {name: _full(p.grad) for name, p in named}
+    for opt in trainer.optimizers:
+        opt.zero_grad(set_to_none=True)
+    # One writer per pipeline stage: the rank at dp=0, tp=0 of each pp rank.
+    if trainer.mesh["dp"].get_local_rank() == 0 and trainer.mesh["tp"].get_local_rank() == 0:
         ref = reference_grads(cfg, corpus)
         errors = {}
         for name, g in grads.items():
             g = g[:vocab] if g.shape[0] > ref[name].shape[0] else g
             errors[name] = ((g - ref[name]).abs().max() / ref[name].abs().max().clamp_min(1e-12)).item()
-        torch.save(init, f"{run_dir}/init.pt")
-        Path(run_dir, "grad_errors.json").write_text(json.dumps(errors))
+        torch.save(init, f"{run_dir}/init-{env.rank}.pt")
+        Path(run_dir, f"grad_errors-{env.rank}.json").write_text(json.dumps(errors))
     trainer.fit()
 
 
@@ -60,20 +62,24 @@ class Result:
     def __init__(self, run_dir: Path):
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         self.rows = {r["step"]: r for r in rows}
-        self.init = torch.load(run_dir / "init.pt")
-        self.grad_errors = json.loads((run_dir / "grad_errors.json").read_text())
+        self.init, self.grad_errors = {}, {}
+        for path in sorted(run_dir.glob("init-*.pt")):
+            self.init.update(torch.load(path))
+        for path in sorted(run_dir.glob("grad_errors-*.json")):
+            self.grad_errors.update(json.loads(path.read_text()))
 
     def losses(self) -> dict[int, float]:
         return {s: r["loss"] for s, r in self.rows.items() if "loss" in r}
 
 
-def run_layout(tmp_path: Path, name: str, tp: int = 1, dp: int = 1, *overrides: str, steps: int = 10) -> Result:
-    cfg = make_cfg(f"parallel.tp={tp}", f"parallel.dp={dp}", f"train.steps={steps}", "checkpoint.at_end=false",
-                   *overrides, tmp=tmp_path)
+def run_layout(tmp_path: Path, name: str, tp: int = 1, dp: int = 1, *overrides: str, pp: int = 1,
+               steps: int = 10) -> Result:
+    cfg = make_cfg(f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}", f"train.steps={steps}",
+                   "checkpoint.at_end=false", *overrides, tmp=tmp_path)
     validate(cfg)
     run_dir = tmp_path / name
     run_dir.mkdir()
-    spawn(_worker, tp * dp, OmegaConf.to_container(cfg, resolve=True), str(run_dir), prepare(cfg.data), timeout_s=120)
+    spawn(_worker, tp * pp * dp, OmegaConf.to_container(cfg, resolve=True), str(run_dir), prepare(cfg.data), timeout_s=120)
     return Result(run_dir)
 
 

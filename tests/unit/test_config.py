@@ -15,7 +15,7 @@ def test_default_config_composes_with_llama_field_names():
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim_multiplier",
                 "multiple_of", "norm_eps", "rope_theta"):
         assert key in cfg.model
-    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp) == (2, 1, 2)
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp) == (2, 2, 2)
 
 
 def test_command_line_overrides_reach_every_group():
@@ -61,7 +61,23 @@ def test_unknown_model_fails_naming_the_group():
          ["train.seq_len=30 is not divisible by parallel.tp=4", "sequence_parallel=false"]),
         (["parallel.tp=2", "parallel.dp=2", "parallel.dp_shard=replicate"],
          ["parallel.dp_shard=replicate with parallel.tp=2", "valid: parallel.dp_shard=full"]),
-        (["parallel.pp=2", "parallel.dp=1"], ["parallel.pp=2", "valid: 1"]),
+        (["parallel.pp=4", "parallel.dp=1", "model.n_layers=4", "train.micro_batch=4"],
+         ["parallel.schedule=1f1b needs micro-batches at least parallel.pp=4, but there are 2"]),
+        (["parallel.pp=2", "parallel.dp=1", "model.n_layers=4", "parallel.schedule=dualpipev", "train.micro_batch=4"],
+         ["parallel.schedule=dualpipev needs micro-batches at least the 4 stages, but there are 2"]),
+        (["parallel.pp=2", "parallel.dp=1", "model.n_layers=4", "parallel.schedule=interleaved-1f1b",
+          "train.global_batch=6"], ["parallel.schedule=interleaved-1f1b needs micro-batches a multiple of parallel.pp=2"]),
+        (["parallel.pp=2", "parallel.dp=1", "parallel.schedule=zero-bubble"],
+         ["model.n_layers=2 is fewer than the 4 pipeline stages"]),
+        (["parallel.pp=2", "parallel.dp=1", "parallel.schedule=pipedream"],
+         ["parallel.schedule='pipedream'", "gpipe, 1f1b, interleaved-1f1b, zero-bubble, zbv, dualpipev"]),
+        (["parallel.microbatches=3"], ["train.global_batch=8 != train.micro_batch * parallel.microbatches * parallel.dp",
+                                       "valid here: parallel.microbatches=2"]),
+        (["parallel.pp=2", "parallel.dp=1", "model.n_layers=4", "parallel.cut_points=[4]"],
+         ["parallel.cut_points=[4]", "e.g. [2]"]),
+        (["parallel.pp=2", "parallel.dp=1", "parallel.schedule=zbv", "parallel.stages_per_rank=3"],
+         ["parallel.stages_per_rank=3 with parallel.schedule=zbv", "valid: 2 or null"]),
+        (["parallel.pp=2", "parallel.dp=1", "model.tie_embeddings=true"], ["model.tie_embeddings=true with parallel.pp=2"]),
         (["parallel.dp_shard=zero7"], ["parallel.dp_shard='zero7'", "full, replicate"]),
         (["launcher.backend=mpi"], ["launcher.backend='mpi'", "auto, gloo, nccl"]),
         (["data.path=/no/such/corpus"], ["data.path='/no/such/corpus'", "does not exist"]),

@@ -1,0 +1,151 @@
+"""Pipeline parallelism: the model's layers cut into stages, micro-batches scheduled through them.
+
+Built on `torch.distributed.pipelining`. The whole model is built on the meta
+device; each stage is a copy that keeps only its layers (the first also the
+embedding, the last also the norm and output projection), so parameter names
+stay those of the whole model. A rank holds one stage, or several for the
+interleaved and V-shaped schedules:
+
+  loop style  (gpipe, 1f1b, interleaved-1f1b, zero-bubble): rank r holds stages r, r+pp, r+2pp, ...
+  V style     (zbv, dualpipev): rank r holds stages r and 2pp-1-r, so rank 0 holds both ends
+"""
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
+
+SCHEDULES = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved-1f1b": ScheduleInterleaved1F1B,
+    "zero-bubble": ScheduleInterleavedZeroBubble,
+    "zbv": ScheduleZBVZeroBubble,
+    "dualpipev": ScheduleDualPipeV,
+}
+SINGLE_STAGE = ("gpipe", "1f1b")
+V_SHAPED = ("zbv", "dualpipev")
+# Schedules that split backward into input-gradient and (later) weight-gradient steps.
+SPLIT_BACKWARD = ("zero-bubble", "zbv", "dualpipev")
+
+
+def stages_per_rank(schedule: str, requested) -> int:
+    """Virtual stages per rank: 1 for gpipe/1f1b, 2 for the V schedules, else as requested (default 2)."""
+    if schedule in SINGLE_STAGE:
+        return 1
+    if schedule in V_SHAPED:
+        return 2
+    return requested or 2
+
+
+def stage_ids(schedule: str, pp_rank: int, pp: int, per_rank: int) -> list[int]:
+    if schedule in V_SHAPED:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + i * pp for i in range(per_rank)]
+
+
+def stage_owner(schedule: str, stage: int, pp: int) -> int:
+    """The pp rank that holds a stage."""
+    if schedule in V_SHAPED:
+        return stage if stage < pp else 2 * pp - 1 - stage
+    return stage % pp
+
+
+def stage_module(whole: nn.Module, stage: int, n_stages: int, layers: range) -> nn.Module:
+    """A copy of the (meta) model with only what `stage` computes."""
+    module = copy.deepcopy(whole)
+    for name in list(module.layers.keys()):
+        if int(name) not in layers:
+            del module.layers[name]
+    if stage != 0:
+        module.tok_embeddings = None
+    if stage != n_stages - 1:
+        module.norm = None
+        module.output = None
+    return module
+
+
+@dataclass
+class Pipeline:
+    """This rank's stages and the schedule that drives them."""
+
+    schedule_name: str
+    parts: list[nn.Module]
+    stages: list[PipelineStage]
+    stage_ids: list[int]
+    n_stages: int
+    schedule: object
+    group: dist.ProcessGroup
+
+    @property
+    def has_first(self) -> bool:
+        return 0 in self.stage_ids
+
+    @property
+    def has_last(self) -> bool:
+        return self.n_stages - 1 in self.stage_ids
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+        """One forward+backward over all micro-batches; the per-micro-batch losses (on the last stage)."""
+        losses: list[torch.Tensor] = []
+        args = (inputs,) if self.has_first else ()
+        kwargs = {"target": targets, "losses": losses} if self.has_last else {}
+        self.schedule.step(*args, **kwargs)
+        return losses
+
+    @torch.no_grad()
+    def forward_only(self, inputs: torch.Tensor, activation_shape: tuple, dtype: torch.dtype):
+        """Run the stages in order on one batch (evaluation); the last stage's output, on its rank, else None.
+
+        Plain blocking send/recv over the pp group: every rank walks the
+        stages in the same order, so each send meets its recv.
+        """
+        me, pp = dist.get_rank(self.group), dist.get_world_size(self.group)
+        hidden, out = None, None
+        for stage in range(self.n_stages):
+            owner = stage_owner(self.schedule_name, stage, pp)
+            prev = stage_owner(self.schedule_name, stage - 1, pp) if stage else None
+            if owner == me:
+                if stage == 0:
+                    x = inputs
+                elif prev == me:
+                    x = hidden
+                else:
+                    x = torch.empty(activation_shape, dtype=dtype, device=inputs.device)
+                    dist.recv(x, group=self.group, group_src=prev)
+                hidden = self.parts[self.stage_ids.index(stage)](x)
+                if stage == self.n_stages - 1:
+                    out = hidden
+            elif prev == me:
+                dist.send(hidden.contiguous(), group=self.group, group_dst=owner)
+        return out
+
+
+def build_pipeline(
+    schedule_name: str,
+    modules: list[nn.Module],
+    ids: list[int],
+    n_stages: int,
+    n_microbatches: int,
+    loss_fn,
+    pp_group: dist.ProcessGroup,
+    device: torch.device,
+) -> Pipeline:
+    stages = [PipelineStage(m, i, n_stages, device, group=pp_group) for m, i in zip(modules, ids)]
+    cls = SCHEDULES[schedule_name]
+    if schedule_name in SINGLE_STAGE:
+        schedule = cls(stages[0], n_microbatches, loss_fn=loss_fn)
+    else:
+        schedule = cls(stages, n_microbatches, loss_fn=loss_fn)
+    return Pipeline(schedule_name, modules, stages, ids, n_stages, schedule, pp_group)

@@ -1,0 +1,38 @@
+"""Pipeline parallelism and the 3-D composition on real gloo processes, exact against one process.
+
+The layouts of {tp, pp, dp} in {1, 2}^3 without pipeline parallelism are
+proved in test_data_parallel.py and test_tensor_parallel.py; here are the
+ones with pp=2 (1F1B), and pp=4 with every schedule.
+"""
+
+import pytest
+
+from tests.dist.harness import assert_same_run, run_layout
+
+pytestmark = pytest.mark.dist
+
+# Deep enough for 4 ranks x 2 virtual stages, and 8 micro-batches per dp rank
+# so that every schedule can run (DualPipeV needs as many as stages).
+DEEP = ("model.n_layers=8", "train.global_batch=16", "train.micro_batch=1")
+
+
+@pytest.fixture(scope="module")
+def single_deep(tmp_path_factory):
+    return run_layout(tmp_path_factory.mktemp("deep"), "single-deep", 1, 1, *DEEP)
+
+
+@pytest.mark.parametrize("tp, dp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_pp2_1f1b_loss_curve_grads_and_init_match_single_process(single, tmp_path, tp, dp):
+    got = run_layout(tmp_path, f"tp{tp}pp2dp{dp}", tp, dp, "parallel.schedule=1f1b", pp=2)
+    assert_same_run(got, single)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b", "zero-bubble", "zbv", "dualpipev"])
+def test_pp4_dp2_every_schedule_matches_single_process(single_deep, tmp_path, schedule):
+    got = run_layout(tmp_path, schedule, 1, 2, *DEEP, f"parallel.schedule={schedule}", pp=4)
+    assert_same_run(got, single_deep)
+
+
+def test_explicit_cut_points_give_the_same_run(single_deep, tmp_path):
+    got = run_layout(tmp_path, "cuts", 1, 1, *DEEP, "parallel.schedule=gpipe", "parallel.cut_points=[1,3,6]", pp=4)
+    assert_same_run(got, single_deep)
