@@ -89,7 +89,7 @@ def main():
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
-            "parallel.tp=1", "parallel.dp=1", "logging.wandb.mode=disabled", "checkpoint.dir=/unused", *sys.argv[1:]])
+            "parallel.tp=1", "parallel.pp=1", "parallel.dp=1", "logging.wandb.mode=disabled", "checkpoint.dir=/unused", *sys.argv[1:]])
     corpus = prepare(cfg.data)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"

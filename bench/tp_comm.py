@@ -109,7 +109,7 @@ def main():
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
-            f"parallel.tp={tp}", "parallel.dp=1", "logging.wandb.mode=disabled", "checkpoint.dir=/unused", *sys.argv[2:]])
+            f"parallel.tp={tp}", "parallel.pp=1", "parallel.dp=1", "logging.wandb.mode=disabled", "checkpoint.dir=/unused", *sys.argv[2:]])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "comm.json"
         spawn(worker, tp, OmegaConf.to_container(cfg, resolve=True), str(out), backend="gloo")

@@ -88,8 +88,10 @@ def progress_line(step: int, steps: int, row: dict, elapsed: float, width: int =
         f"gnorm {row['grad_norm']:.3f}",
         f"{fmt_count(row['tokens_per_s'])} tok/s",
         f"mfu {100 * row['mfu']:.2f}%",
-        f"eta {fmt_duration(eta)}",
     ]
+    if "pp_bubble" in row:
+        parts.append(f"bubble {100 * row['pp_bubble']:.0f}%")
+    parts.append(f"eta {fmt_duration(eta)}")
     return " | ".join(parts)
 
 

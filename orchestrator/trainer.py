@@ -156,7 +156,12 @@ class Trainer:
             opt.step()
             opt.zero_grad(set_to_none=True)
         loss = self._dp_mean(loss_sum, torch.tensor(float(len(micro)), device=self.device))
-        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item()}
+        row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item()}
+        if self.pipeline is not None and self.pipeline.last_wait_s is not None:
+            wait = torch.tensor(self.pipeline.last_wait_s, dtype=torch.float64, device=self.device)
+            dist.all_reduce(wait, group=self.pp_group)
+            row["pp_wait_s"] = wait.item() / self.dims.pp  # mean over the pipeline's ranks
+        return row
 
     def _eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.pipeline is None:
@@ -204,6 +209,9 @@ class Trainer:
                 mem_peak_gb=peak_memory_gb(self.device),
                 step_time_s=dt,
             )
+            if "pp_wait_s" in row:
+                # The measured bubble: time blocked on pipeline p2p against the step.
+                row["pp_bubble"] = row["pp_wait_s"] / dt
             last = self.step == t.steps
             if (t.eval_every and self.step % t.eval_every == 0) or last:
                 row["eval_loss"] = self.evaluate()

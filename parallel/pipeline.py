@@ -11,11 +11,13 @@ interleaved and V-shaped schedules:
 """
 
 import copy
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.pipelining import schedules as _schedules
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -76,6 +78,38 @@ def stage_module(whole: nn.Module, stage: int, n_stages: int, layers: range) -> 
     return module
 
 
+class P2PWaitTimer:
+    """Seconds this rank spends blocked on pipeline sends and receives: its share of the bubble.
+
+    torch's schedules wait on every batch of p2p work through one helper of
+    theirs; it is wrapped while a step runs. Where a torch version has no
+    such helper, nothing is measured and `seconds` stays None.
+    """
+
+    def __init__(self):
+        self.seconds = None
+
+    def __enter__(self):
+        self._original = getattr(_schedules, "_wait_batch_p2p", None)
+        if self._original is None:
+            return self
+        self.seconds = 0.0
+
+        def timed(work):
+            start = time.perf_counter()
+            try:
+                return self._original(work)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        _schedules._wait_batch_p2p = timed
+        return self
+
+    def __exit__(self, *exc):
+        if self._original is not None:
+            _schedules._wait_batch_p2p = self._original
+
+
 @dataclass
 class Pipeline:
     """This rank's stages and the schedule that drives them."""
@@ -87,6 +121,7 @@ class Pipeline:
     n_stages: int
     schedule: object
     group: dist.ProcessGroup
+    last_wait_s: float | None = field(default=None, init=False)
 
     @property
     def has_first(self) -> bool:
@@ -101,7 +136,9 @@ class Pipeline:
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.has_first else ()
         kwargs = {"target": targets, "losses": losses} if self.has_last else {}
-        self.schedule.step(*args, **kwargs)
+        with P2PWaitTimer() as timer:
+            self.schedule.step(*args, **kwargs)
+        self.last_wait_s = timer.seconds
         return losses
 
     @torch.no_grad()

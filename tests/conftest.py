@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # A model and batch small enough for many ranks on 2 cores.
 TINY = [
     "parallel.tp=1",
+    "parallel.pp=1",
     "parallel.timeout_s=60",
     "model.dim=32",
     "model.n_layers=2",

@@ -25,6 +25,9 @@ def single_deep(tmp_path_factory):
 def test_pp2_1f1b_loss_curve_grads_and_init_match_single_process(single, tmp_path, tp, dp):
     got = run_layout(tmp_path, f"tp{tp}pp2dp{dp}", tp, dp, "parallel.schedule=1f1b", pp=2)
     assert_same_run(got, single)
+    # The measured bubble is logged every step: time blocked on pipeline p2p against the step time.
+    for s in got.losses():
+        assert 0 < got.rows[s]["pp_bubble"] < 1 and got.rows[s]["pp_wait_s"] > 0
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b", "zero-bubble", "zbv", "dualpipev"])
