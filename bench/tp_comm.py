@@ -68,7 +68,7 @@ def per_layer(cfg, mesh, device, tp, sp):
     runs = {}
     for n_layers in (1, 2):
         cfg.model.n_layers = n_layers
-        model, _ = build_model(cfg.model, cfg.parallel, mesh, device, seed=0)
+        model = build_model(cfg.model, cfg.parallel, mesh, device, seed=0).parts[0]
         tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch, cfg.train.seq_len))
         runs[n_layers] = measure(model, tokens, tp)
     out = {}

@@ -39,7 +39,7 @@ def _count_layer_comms(env, device, cfg_dict, out):
     counts = {}
     for sp in (False, True):
         cfg.parallel.sequence_parallel = sp
-        model, _ = build_model(cfg.model, cfg.parallel, mesh, device, seed=0)
+        model = build_model(cfg.model, cfg.parallel, mesh, device, seed=0).parts[0]
         tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.train.seq_len))
         mode = CommDebugMode()
         with mode, loss_context(2):

@@ -1,0 +1,107 @@
+"""Peak activation memory per pipeline rank: 1F1B against GPipe.
+
+    .venv/bin/python bench/pipeline_memory.py [--pp 4] [--m 16] [hydra overrides...]
+
+Each rank counts the bytes autograd keeps for backward (saved-tensor hooks;
+parameters excluded, shared storages counted once) while one training step
+runs, and reports the peak. GPipe keeps all m micro-batches' activations
+alive on every stage; 1F1B at most pp - rank. On a GPU the same figure shows
+in the allocator; on CPU this count is the direct measure. Prints JSON.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import weakref
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from launch.local import spawn  # noqa: E402
+from orchestrator.config import register  # noqa: E402
+from orchestrator.data import prepare  # noqa: E402
+from orchestrator.train import CONF_DIR  # noqa: E402
+from orchestrator.trainer import Trainer  # noqa: E402
+
+
+class Saved:
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+class ActivationMeter:
+    """Live bytes of tensors saved for backward, and their peak."""
+
+    def __init__(self, params):
+        self.param_storages = {p.untyped_storage().data_ptr() for p in params}
+        self.live: dict[int, int] = {}  # storage pointer -> bytes
+        self.refs: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def pack(self, t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in self.param_storages or t.device.type == "meta":
+            return t
+        if self.refs.get(ptr, 0) == 0:
+            self.live[ptr] = t.untyped_storage().nbytes()
+            self.now += self.live[ptr]
+            self.peak = max(self.peak, self.now)
+        self.refs[ptr] = self.refs.get(ptr, 0) + 1
+        holder = Saved(t)
+        weakref.finalize(holder, self._release, ptr)
+        return holder
+
+    def _release(self, ptr):
+        self.refs[ptr] -= 1
+        if self.refs[ptr] == 0:
+            self.now -= self.live.pop(ptr)
+
+    @staticmethod
+    def unpack(x):
+        return x.tensor if isinstance(x, Saved) else x
+
+
+def worker(env, device, cfg_dict, corpus, out_dir):
+    trainer = Trainer(OmegaConf.create(cfg_dict), env, device, out_dir, corpus)
+    meter = ActivationMeter(trainer.params)
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, ActivationMeter.unpack):
+        trainer.forward_backward(trainer.batches.step(1))
+    Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps({"peak_bytes": meter.peak}))
+
+
+def measure(schedule: str, pp: int, m: int, overrides: list[str]) -> list[int]:
+    register()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "parallel.tp=1", f"parallel.pp={pp}", "parallel.dp=1", f"parallel.schedule={schedule}",
+            "train.micro_batch=1", f"train.global_batch={m}", f"model.n_layers={pp}",
+            "logging.wandb.mode=disabled", "checkpoint.dir=/unused", *overrides])
+    corpus = prepare(cfg.data)
+    with tempfile.TemporaryDirectory() as tmp:
+        spawn(worker, pp, OmegaConf.to_container(cfg, resolve=True), corpus, tmp, backend="gloo")
+        return [json.loads(Path(tmp, f"rank{r}.json").read_text())["peak_bytes"] for r in range(pp)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pp", type=int, default=4)
+    ap.add_argument("--m", type=int, default=16)
+    args, overrides = ap.parse_known_args()
+    result = {"pp": args.pp, "microbatches": args.m, "unit": "MiB of activations saved for backward, per rank"}
+    peaks = {s: measure(s, args.pp, args.m, overrides) for s in ("gpipe", "1f1b")}
+    for s, values in peaks.items():
+        result[s] = [round(v / 2**20, 3) for v in values]
+    result["gpipe_over_1f1b"] = [round(g / f, 3) for g, f in zip(peaks["gpipe"], peaks["1f1b"])]
+    result["theory_gpipe_over_1f1b"] = [round(args.m / min(args.m, args.pp - r), 3) for r in range(args.pp)]
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
