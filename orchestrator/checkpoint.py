@@ -1,41 +1,136 @@
-"""Distributed checkpoints with torch.distributed.checkpoint (DCP), written atomically.
+"""Distributed checkpoints with torch.distributed.checkpoint (DCP): atomic, layout-free, resumable.
 
-Every rank writes its shards into `step-N.tmp`; after a barrier rank 0 renames
-it to `step-N`, so a folder named `step-N` is always complete.
+A checkpoint is the folder `step-N`. Every rank writes its shards into
+`step-N.tmp`; rank 0 then writes `trident.json` (step, data position, the
+config and layout it was saved under) and, after a barrier, renames the
+folder into place. A folder named `step-N` holding `trident.json` is
+therefore complete; anything else (a `.tmp` left by a crash) is never picked.
+
+What is saved is keyed by the whole model's parameter names, with each value
+a DTensor of its global shape: model weights and AdamW state. A run at any
+other TP x PP x DP layout asks DCP for its own shards of the same names, so
+it resumes with no conversion step. The learning rate and the data position
+are functions of the step, so the step restores them too; the training step
+consumes no random numbers (no dropout; batches come from (seed, step)).
 """
 
+import json
 import os
+import re
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+MARKER = "trident.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def state_of(modules: list, optimizers: list) -> tuple[dict, dict]:
-    """Model and optimizer state of this rank's parts, keyed by the whole model's parameter names."""
-    model_state, optim_state = {}, {"state": {}, "param_groups": []}
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, explained in one line."""
+
+
+def complete_checkpoints(directory: str) -> list[Path]:
+    """Complete checkpoints in a folder, oldest first."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / MARKER).is_file() and (p / ".metadata").is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def read_marker(path: Path) -> dict:
+    return json.loads((Path(path) / MARKER).read_text())
+
+
+def _state(modules: list, optimizers: list) -> dict:
+    """This rank's model and optimizer state, keyed by the whole model's parameter names.
+
+    Only the optimizer's per-parameter state is kept; its hyperparameters come
+    from the config (and the learning rate from the step).
+    """
+    model, optim = {}, {}
     for module, opt in zip(modules, optimizers):
-        m, o = get_state_dict(module, opt)
-        model_state.update(m)
-        optim_state["state"].update(o["state"])
-        optim_state["param_groups"] += o["param_groups"]
-    return model_state, optim_state
+        model.update(get_model_state_dict(module))
+        optim.update(get_optimizer_state_dict(module, opt)["state"])
+    return {"model": model, "optim": optim}
 
 
-def save(modules: list, optimizers: list, step: int, directory: str) -> str:
+def save(modules: list, optimizers: list, step: int, directory: str, meta: dict, keep: int = 0) -> str:
     final = Path(directory) / f"step-{step}"
     tmp = final.with_name(final.name + ".tmp")
-    if dist.get_rank() == 0:
+    rank = dist.get_rank()
+    if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    model_state, optim_state = state_of(modules, optimizers)
-    dcp.save({"model": model_state, "optim": optim_state, "step": step}, checkpoint_id=str(tmp))
+    dcp.save(_state(modules, optimizers), checkpoint_id=str(tmp))
     dist.barrier()
-    if dist.get_rank() == 0:
+    if rank == 0:
+        (tmp / MARKER).write_text(json.dumps({"step": step, **meta}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        if keep > 0:
+            for old in complete_checkpoints(directory)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return str(final)
+
+
+def find_resume(resume: str, directory: str) -> Optional[Path]:
+    """The checkpoint to start from: auto = newest complete in `directory` (None if there is none)."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(directory)
+        return found[-1] if found else None
+    path = Path(resume)
+    if (path / MARKER).is_file():
+        return path
+    found = complete_checkpoints(str(path))
+    if not found:
+        raise CheckpointError(
+            f"checkpoint.resume={resume!r} holds no complete checkpoint (a step-N folder with {MARKER})"
+        )
+    return found[-1]
+
+
+def check_compatible(path: Path, model_cfg) -> dict:
+    """The marker of `path`, after checking the model it holds has this run's shapes."""
+    meta = read_marker(path)
+    saved = meta.get("config", {}).get("model", {})
+    shape_keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier")
+    diffs = [f"{k}={saved.get(k)!r} there, {model_cfg[k]!r} here" for k in shape_keys if saved.get(k) != model_cfg[k]]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} holds a different model ({saved.get('name')}): " + "; ".join(diffs))
+    return meta
+
+
+def load(modules: list, optimizers: list, path: Path) -> int:
+    """Fill this rank's parts from a checkpoint saved at any layout; return its step."""
+    state = _state(modules, optimizers)
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except BaseException as e:  # DCP's CheckpointException derives from BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise CheckpointError(f"checkpoint {path} could not be read: {str(e).splitlines()[0][:300]}") from None
+    for module, opt in zip(modules, optimizers):
+        names = set(get_model_state_dict(module))
+        set_model_state_dict(module, {k: v for k, v in state["model"].items() if k in names})
+        osd = get_optimizer_state_dict(module, opt)
+        osd["state"] = {k: v for k, v in state["optim"].items() if k in osd["state"]}
+        set_optimizer_state_dict(module, opt, osd)
+    return read_marker(path)["step"]

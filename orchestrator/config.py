@@ -96,6 +96,8 @@ class CheckpointConfig:
     dir: str = MISSING
     every: int = MISSING
     at_end: bool = MISSING
+    keep: int = MISSING
+    resume: str = MISSING
 
 
 @dataclass

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -98,10 +97,3 @@ def progress_line(step: int, steps: int, row: dict, elapsed: float, width: int =
 def console(msg: str) -> None:
     print(msg, file=sys.stdout, flush=True)
 
-
-class Stopwatch:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start

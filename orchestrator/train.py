@@ -7,6 +7,7 @@ launcher: `local` spawns them here, `external` is already one of them
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from launch.env import from_environ
 from launch.local import RankFailed, spawn
 from launch.rank import pick_backend, run_rank
+from orchestrator.checkpoint import CheckpointError, check_compatible, find_resume
 from orchestrator.config import register
 from orchestrator.data import prepare
 from orchestrator.validate import ConfigError, check_corpus, validate
@@ -32,6 +34,23 @@ def rank_env(cfg: DictConfig):
         raise ConfigError(str(e)) from None
 
 
+def resume_path(cfg: DictConfig, env) -> Optional[str]:
+    """The checkpoint this run starts from, checked before launch (None: a fresh start)."""
+    ckpt = cfg.checkpoint
+    try:
+        path = find_resume(ckpt.resume, ckpt.dir)
+        if path is None:
+            leftovers = list(Path(ckpt.dir).glob("step-*")) if ckpt.resume == "auto" and Path(ckpt.dir).is_dir() else []
+            if leftovers and (env is None or env.rank == 0):
+                print(f"trident: warning: {ckpt.dir} holds no complete checkpoint (only {leftovers[0].name}...): "
+                      "starting fresh", file=sys.stderr, flush=True)
+            return None
+        check_compatible(path, cfg.model)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    return str(path)
+
+
 def run(cfg: DictConfig, run_dir: str) -> None:
     """Check, prepare, launch. Raises ConfigError before anything starts if the config cannot work."""
     env = rank_env(cfg)
@@ -43,6 +62,7 @@ def run(cfg: DictConfig, run_dir: str) -> None:
     except FileNotFoundError as e:
         raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
     check_corpus(cfg, corpus)
+    resume = resume_path(cfg, env)
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     if env is None or env.rank == 0:
@@ -54,10 +74,10 @@ def run(cfg: DictConfig, run_dir: str) -> None:
     par = cfg.parallel
     if env is None:
         world = par.tp * par.pp * par.dp
-        spawn(run_worker, world, plain, run_dir, corpus, backend=cfg.launcher.backend, timeout_s=par.timeout_s)
+        spawn(run_worker, world, plain, run_dir, corpus, resume, backend=cfg.launcher.backend, timeout_s=par.timeout_s)
     else:
         backend = pick_backend(cfg.launcher.backend, env.local_world_size)
-        run_rank(run_worker, env, backend, par.timeout_s, plain, run_dir, corpus)
+        run_rank(run_worker, env, backend, par.timeout_s, plain, run_dir, corpus, resume)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

@@ -11,6 +11,7 @@ import math
 import resource
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -63,7 +64,8 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, env: RankEnv, device: torch.device, run_dir: str, corpus: Corpus):
+    def __init__(self, cfg: DictConfig, env: RankEnv, device: torch.device, run_dir: str, corpus: Corpus,
+                 resume: Optional[str] = None):
         self.cfg, self.env, self.device, self.run_dir = cfg, env, device, run_dir
         par, t = cfg.parallel, cfg.train
         self.dims = ParallelDims(par.tp, par.pp, par.dp)
@@ -90,6 +92,9 @@ class Trainer:
                 t.global_batch // (t.micro_batch * par.dp), self._loss_fn, self.pp_group, device,
             )
         self.step = 0
+        self.resumed_from = resume
+        if resume:
+            self.step = checkpoint.load(self.modules, self.optimizers, Path(resume))
 
         self.flops_per_token = flops_per_token(built.args, self.n_params, t.seq_len)
         self.peak = cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else None
@@ -191,12 +196,19 @@ class Trainer:
     def fit(self) -> dict:
         t, lg = self.cfg.train, self.cfg.logging
         tokens_per_step = t.global_batch * t.seq_len
-        first_eval = self.evaluate()
-        self.logger.log({"step": self.step, "eval_loss": first_eval})
+        first_eval = None
+        if self.resumed_from is None:
+            first_eval = self.evaluate()
+            self.logger.log({"step": self.step, "eval_loss": first_eval})
         if self.is_logger:
             console(self._banner(first_eval))
-        start = time.perf_counter()
+        start, first_step = time.perf_counter(), self.step
         train_time, row = 0.0, {}
+        if self.step >= t.steps:
+            if self.is_logger:
+                console(f"trident: nothing to do, the checkpoint is at step {self.step} of train.steps={t.steps}")
+            self.logger.finish()
+            return {"steps": self.step}
         while self.step < t.steps:
             t0 = time.perf_counter()
             row = self.train_step()
@@ -221,13 +233,15 @@ class Trainer:
                 console(progress_line(self.step, t.steps, row, time.perf_counter() - start))
             ckpt = self.cfg.checkpoint
             if (ckpt.every and self.step % ckpt.every == 0) or (last and ckpt.at_end):
-                self.last_checkpoint = checkpoint.save(self.modules, self.optimizers, self.step, ckpt.dir)
+                self.last_checkpoint = checkpoint.save(
+                    self.modules, self.optimizers, self.step, ckpt.dir, self._checkpoint_meta(), ckpt.keep
+                )
         summary = {
             "steps": self.step,
             "train_loss": row.get("loss"),
             "eval_loss_start": first_eval,
             "eval_loss": row.get("eval_loss"),
-            "tokens_per_s": tokens_per_step * self.step / train_time if train_time else 0.0,
+            "tokens_per_s": tokens_per_step * (self.step - first_step) / train_time if train_time else 0.0,
             "wall_s": time.perf_counter() - start,
             "checkpoint": getattr(self, "last_checkpoint", None),
         }
@@ -237,18 +251,33 @@ class Trainer:
         self.logger.finish()
         return summary
 
-    def _banner(self, first_eval: float) -> str:
+    def _checkpoint_meta(self) -> dict:
+        from omegaconf import OmegaConf
+
+        d, t = self.dims, self.cfg.train
+        return {
+            "samples_seen": self.step * t.global_batch,  # the data position, layout-independent
+            "layout": {"tp": d.tp, "pp": d.pp, "dp": d.dp, "schedule": self.cfg.parallel.schedule},
+            "config": OmegaConf.to_container(self.cfg),
+        }
+
+    def _banner(self, first_eval: Optional[float]) -> str:
         d = self.dims
+        start = (
+            f"resumed from {self.resumed_from} at step {self.step}" if first_eval is None
+            else f"eval loss at step 0: {first_eval:.4f}"
+        )
         return (
             f"trident: {self.cfg.model.name} ({fmt_count(self.n_params)} parameters) on {d.world_size} rank(s) "
-            f"tp={d.tp} pp={d.pp} dp={d.dp} ({self.cfg.parallel.dp_shard}), {self.device.type}; "
-            f"eval loss at step 0: {first_eval:.4f}"
+            f"tp={d.tp} pp={d.pp} dp={d.dp} ({self.cfg.parallel.dp_shard}), {self.device.type}; {start}"
         )
 
     def _summary(self, s: dict) -> str:
         lines = [
             f"trident: done, {s['steps']} steps in {fmt_duration(s['wall_s'])}",
-            f"  loss        train {s['train_loss']:.4f} | eval {s['eval_loss_start']:.4f} -> {s['eval_loss']:.4f} (nats per token)",
+            f"  loss        train {s['train_loss']:.4f} | eval "
+            + (f"{s['eval_loss_start']:.4f} -> " if s["eval_loss_start"] is not None else "")
+            + f"{s['eval_loss']:.4f} (nats per token)",
             f"  throughput  {fmt_count(s['tokens_per_s'])} tokens/s, MFU {100 * s['mfu']:.2f}% "
             f"(peak {self.peak / 1e9:.0f} GFLOP/s per rank: {self.peak_note})",
             f"  run dir     {self.run_dir}",
@@ -263,8 +292,9 @@ class Trainer:
         return "\n".join(lines)
 
 
-def run_worker(env: RankEnv, device: torch.device, cfg_dict: dict, run_dir: str, corpus: Corpus) -> None:
+def run_worker(env: RankEnv, device: torch.device, cfg_dict: dict, run_dir: str, corpus: Corpus,
+               resume: Optional[str] = None) -> None:
     """The per-rank entry point the launchers call."""
     from omegaconf import OmegaConf
 
-    Trainer(OmegaConf.create(cfg_dict), env, device, run_dir, corpus).fit()
+    Trainer(OmegaConf.create(cfg_dict), env, device, run_dir, corpus, resume).fit()

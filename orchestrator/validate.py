@@ -140,6 +140,8 @@ def _check_batch(cfg: DictConfig) -> None:
         _at_least(f"train.{key}", t[key], 1)
     _at_least("train.eval_every", t.eval_every, 0)
     _at_least("checkpoint.every", cfg.checkpoint.every, 0)
+    _at_least("checkpoint.keep", cfg.checkpoint.keep, 0)
+    _check_checkpoint_dir(cfg)
     if t.global_batch % (t.micro_batch * dp):
         valid = [d for d in divisors(t.global_batch) if (t.global_batch // d) % t.micro_batch == 0]
         raise ConfigError(
@@ -147,6 +149,22 @@ def _check_batch(cfg: DictConfig) -> None:
             f"train.global_batch={t.global_batch}: global_batch must be a multiple of micro_batch * dp "
             f"(valid dp here: {', '.join(map(str, valid)) or 'none; change micro_batch'})"
         )
+
+
+def _check_checkpoint_dir(cfg: DictConfig) -> None:
+    ckpt = cfg.checkpoint
+    if ckpt.resume not in ("auto", "never") and not Path(ckpt.resume).exists():
+        raise ConfigError(
+            f"checkpoint.resume={ckpt.resume!r} does not exist (valid: auto, never, or the path of a checkpoint)"
+        )
+    if not (ckpt.every or ckpt.at_end):
+        return
+    # The nearest existing ancestor must let us create the folder and write in it.
+    probe = Path(ckpt.dir)
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"checkpoint.dir={ckpt.dir!r} is not writable ({probe} does not let us write)")
 
 
 def _check_pp(cfg: DictConfig) -> None:

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from hydra import compose, initialize_config_dir
 
 from orchestrator.config import register
@@ -57,7 +56,3 @@ def run_cmd(cmd: list, timeout: float = 300) -> subprocess.CompletedProcess:
 def run_train(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return run_cmd([sys.executable, "-m", "orchestrator.train", *overrides], timeout=timeout)
 
-
-@pytest.fixture
-def cfg_factory(tmp_path):
-    return lambda *o: make_cfg(*o, tmp=tmp_path)
