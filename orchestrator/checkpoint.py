@@ -68,25 +68,61 @@ def _state(modules: list, optimizers: list) -> dict:
     return {"model": model, "optim": optim}
 
 
+class Saver:
+    """Writes checkpoints, synchronously or in the background (`async_save`).
+
+    An async save stages the state and returns; DCP writes it on a thread,
+    over a process group of its own so its collectives never interleave with
+    training's. The folder is renamed into place once every rank has
+    finished: at the next save, or at `wait()` (called at the end of training).
+    """
+
+    def __init__(self, directory: str, keep: int = 0, async_save: bool = False):
+        self.directory, self.keep, self.async_save = directory, keep, async_save
+        self.group = dist.new_group(backend="gloo") if async_save else None
+        self.pending = None
+
+    def save(self, modules: list, optimizers: list, step: int, meta: dict) -> str:
+        self.wait()
+        final = Path(self.directory) / f"step-{step}"
+        tmp = final.with_name(final.name + ".tmp")
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        state = _state(modules, optimizers)
+        if self.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group)
+            self.pending = (getattr(future, "upload_completion", future), tmp, final, {"step": step, **meta})
+        else:
+            dcp.save(state, checkpoint_id=str(tmp))
+            self._finalize(tmp, final, {"step": step, **meta})
+        return str(final)
+
+    def wait(self) -> None:
+        """Finish the save in flight, if any: wait for every rank's writes, then rename it into place."""
+        if self.pending is None:
+            return
+        future, tmp, final, marker = self.pending
+        self.pending = None
+        future.result()
+        self._finalize(tmp, final, marker)
+
+    def _finalize(self, tmp: Path, final: Path, marker: dict) -> None:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            if self.keep > 0:
+                for old in complete_checkpoints(self.directory)[: -self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+
 def save(modules: list, optimizers: list, step: int, directory: str, meta: dict, keep: int = 0) -> str:
-    final = Path(directory) / f"step-{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    dcp.save(_state(modules, optimizers), checkpoint_id=str(tmp))
-    dist.barrier()
-    if rank == 0:
-        (tmp / MARKER).write_text(json.dumps({"step": step, **meta}, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        if keep > 0:
-            for old in complete_checkpoints(directory)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return str(final)
+    """One synchronous save (see Saver)."""
+    return Saver(directory, keep).save(modules, optimizers, step, meta)
 
 
 def find_resume(resume: str, directory: str) -> Optional[Path]:

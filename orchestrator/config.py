@@ -97,6 +97,7 @@ class CheckpointConfig:
     every: int = MISSING
     at_end: bool = MISSING
     keep: int = MISSING
+    async_save: bool = MISSING
     resume: str = MISSING
 
 

@@ -92,6 +92,8 @@ class Trainer:
                 t.global_batch // (t.micro_batch * par.dp), self._loss_fn, self.pp_group, device,
             )
         self.step = 0
+        ck = cfg.checkpoint
+        self.saver = checkpoint.Saver(ck.dir, ck.keep, ck.async_save) if (ck.every or ck.at_end) else None
         self.resumed_from = resume
         if resume:
             self.step = checkpoint.load(self.modules, self.optimizers, Path(resume))
@@ -227,15 +229,18 @@ class Trainer:
             last = self.step == t.steps
             if (t.eval_every and self.step % t.eval_every == 0) or last:
                 row["eval_loss"] = self.evaluate()
-            if self.step % lg.every == 0 or last or "eval_loss" in row:
+            ckpt = self.cfg.checkpoint
+            if (ckpt.every and self.step % ckpt.every == 0) or (last and ckpt.at_end):
+                t0 = time.perf_counter()
+                self.last_checkpoint = self.saver.save(self.modules, self.optimizers, self.step, self._checkpoint_meta())
+                # What the loop waited for: the whole write, or only the staging of an async save.
+                row["checkpoint_blocked_s"] = time.perf_counter() - t0
+            if self.step % lg.every == 0 or last or "eval_loss" in row or "checkpoint_blocked_s" in row:
                 self.logger.log(row)
             if self.is_logger and (self.step % lg.console_every == 0 or last or self.step == 1):
                 console(progress_line(self.step, t.steps, row, time.perf_counter() - start))
-            ckpt = self.cfg.checkpoint
-            if (ckpt.every and self.step % ckpt.every == 0) or (last and ckpt.at_end):
-                self.last_checkpoint = checkpoint.save(
-                    self.modules, self.optimizers, self.step, ckpt.dir, self._checkpoint_meta(), ckpt.keep
-                )
+        if self.saver is not None:
+            self.saver.wait()
         summary = {
             "steps": self.step,
             "train_loss": row.get("loss"),

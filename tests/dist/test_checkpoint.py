@@ -162,3 +162,28 @@ def test_a_corrupt_checkpoint_fails_with_a_clear_error(tmp_path):
     with pytest.raises(RankFailed, match="could not be read"):
         spawn(_resume_worker, 1, OmegaConf.to_container(cfg, resolve=True), corpus, str(tmp_path), str(path),
               "corrupt", timeout_s=60)
+
+
+def _async_save_worker(env, device, cfg_dict, corpus, out_dir):
+    cfg = OmegaConf.create(cfg_dict)
+    trainer = Trainer(cfg, env, device, out_dir, corpus)
+    _steps(trainer, 3)
+    _write_state(trainer, env, f"{out_dir}/at-step3")
+    saver = checkpoint.Saver(cfg.checkpoint.dir, keep=0, async_save=True)
+    saver.save(trainer.modules, trainer.optimizers, trainer.step, {"config": cfg_dict})
+    _steps(trainer, 2)  # the weights change while the background write runs
+    saver.wait()
+
+
+def test_async_save_writes_the_state_of_its_step_while_training_goes_on(tmp_path):
+    cfg, corpus = _layout_cfg(tmp_path, 2, 1, 2)
+    spawn(_async_save_worker, 4, OmegaConf.to_container(cfg, resolve=True), corpus, str(tmp_path), timeout_s=120)
+    path = checkpoint.find_resume("auto", str(tmp_path / "checkpoints"))
+    assert path.name == "step-3"
+    cfg1, _ = _layout_cfg(tmp_path, 1, 1, 1)
+    spawn(_resume_worker, 1, OmegaConf.to_container(cfg1, resolve=True), corpus, str(tmp_path), str(path), "loaded",
+          timeout_s=60)
+    saved, loaded = _read_state(tmp_path / "at-step3"), _read_state(tmp_path / "loaded")
+    assert set(saved) == set(loaded)
+    for key in saved:
+        assert torch.equal(saved[key], loaded[key]), key
