@@ -8,12 +8,14 @@ shard of it. Every layout therefore starts from identical weights.
 """
 
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from models.hf import load_hf
 from models.llama import ModelArgs, Transformer, full_init_value, num_params
 from models.plans import TP_PLANS, pipeline_cuts, stage_layers
 from parallel.data import apply_fsdp, apply_replicate
@@ -32,9 +34,15 @@ class ModelParts:
 
 
 @torch.no_grad()
-def init_weights(module: Transformer, seed: int) -> None:
+def init_weights(module: Transformer, seed: int, source: Optional[dict] = None) -> None:
+    """Random init from (seed, name), or the weights in `source` (a full state dict) where given."""
     for name, p in module.named_parameters():
-        full = full_init_value(name, p.shape, module.args, seed, p.device)
+        if source is None:
+            full = full_init_value(name, p.shape, module.args, seed, p.device)
+        else:
+            full = torch.zeros(p.shape, device=p.device)  # vocabulary padding rows stay zero
+            value = source[name]
+            full[: value.shape[0]] = value.to(p.device)
         if isinstance(p, DTensor):
             # src_data_rank=None: every rank made the same full value; each keeps its shard, no communication.
             full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
@@ -62,6 +70,7 @@ def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device,
     with torch.device("meta"):
         whole = Transformer(args)
     ids, layers, n_stages = stage_plan(model_cfg, parallel_cfg, mesh["pp"].size(), mesh["pp"].get_local_rank())
+    source = load_hf(model_cfg.init_from, args) if model_cfg.get("init_from") else None
     parts, modules = [], []
     for stage in ids:
         module = whole if n_stages == 1 else stage_module(whole, stage, n_stages, layers[stage])
@@ -70,7 +79,7 @@ def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device,
         if dp_mesh.size() > 1 and parallel_cfg.dp_shard == "full":
             apply_fsdp(module, dp_mesh, per_block=n_stages == 1 or parallel_cfg.schedule not in SPLIT_BACKWARD)
         module.to_empty(device=device)
-        init_weights(module, seed)
+        init_weights(module, seed, source)
         replicate = dp_mesh.size() > 1 and parallel_cfg.dp_shard == "replicate"
         parts.append(apply_replicate(module, dp_mesh) if replicate else module)
         modules.append(module)

@@ -26,6 +26,7 @@ class ModelConfig:
     rope_theta: float = MISSING
     max_seq_len: int = MISSING
     tie_embeddings: bool = MISSING
+    init_from: Optional[str] = MISSING
 
 
 @dataclass

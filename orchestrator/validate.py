@@ -130,8 +130,28 @@ def _check_model(cfg: DictConfig) -> None:
             f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} "
             f"(valid: {', '.join(map(str, divisors(m.n_heads)))})"
         )
+    if m.init_from is not None:
+        _check_init_from(m)
     if cfg.train.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+
+
+def _check_init_from(m) -> None:
+    import json
+
+    from models.hf import args_from_hf
+
+    folder = Path(m.init_from).expanduser()
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise ConfigError(
+            f"model.init_from={m.init_from!r} is not a Hugging Face Llama folder (config.json + model.safetensors)"
+        )
+    theirs = args_from_hf(json.loads((folder / "config.json").read_text()))
+    ours = {**{k: m[k] for k in theirs if k in m}, "n_kv_heads": ModelArgs.from_config(m).kv_heads,
+            "ffn_hidden": ModelArgs.from_config(m).ffn_hidden}
+    diffs = [f"{k}={theirs[k]!r} there, {ours[k]!r} here" for k in theirs if theirs[k] != ours[k]]
+    if diffs:
+        raise ConfigError(f"model.init_from={m.init_from!r} holds a different model: " + "; ".join(diffs))
 
 
 def _check_batch(cfg: DictConfig) -> None:

@@ -74,3 +74,19 @@ def test_auto_with_only_partial_checkpoints_warns_and_starts_fresh(tmp_path, mon
     train_app.run(make_cfg(tmp=tmp_path), str(tmp_path / "run"))
     assert len(spawned) == 1 and spawned[0][5] is None  # resume=None: a fresh start
     assert "holds no complete checkpoint" in capsys.readouterr().err
+
+
+def test_init_from_a_folder_that_is_not_a_hf_llama_is_refused(tmp_path, monkeypatch):
+    msg = run_refused(make_cfg(f"model.init_from={tmp_path}", tmp=tmp_path), tmp_path, monkeypatch)
+    assert "is not a Hugging Face Llama folder" in msg
+
+
+def test_init_from_a_hf_model_of_another_shape_is_refused(tmp_path, monkeypatch):
+    from models.hf import hf_config, write_safetensors
+    from models.llama import ModelArgs
+
+    args = ModelArgs.from_config(make_cfg("model.n_layers=3").model)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(args, __import__("torch").float32)))
+    write_safetensors(tmp_path / "model.safetensors", {})
+    msg = run_refused(make_cfg(f"model.init_from={tmp_path}", tmp=tmp_path), tmp_path, monkeypatch)
+    assert "holds a different model: n_layers=3 there, 2 here" in msg

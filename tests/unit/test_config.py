@@ -110,14 +110,14 @@ def test_external_world_size_must_match_the_layout_fake_torchrun_env(tmp_path, m
         train_app.run(cfg, str(tmp_path / "run"))
 
 
-def test_tp_wider_than_a_node_is_a_warning_not_an_error_fake_torchrun_env():
+def test_tp_wider_than_a_node_is_a_warning_not_an_error_fake_torchrun_env(tmp_path):
     from launch.env import from_environ
     from orchestrator.validate import validate
 
     env = from_environ({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"})
-    warnings = validate(make_cfg("launcher=external", "parallel.tp=4", "parallel.dp=1"), env)
+    warnings = validate(make_cfg("launcher=external", "parallel.tp=4", "parallel.dp=1", tmp=tmp_path), env)
     assert len(warnings) == 1 and "parallel.tp=4 is larger than the 2 ranks on one node" in warnings[0]
-    assert validate(make_cfg("launcher=external", "parallel.tp=2", "parallel.dp=2"), env) == []
+    assert validate(make_cfg("launcher=external", "parallel.tp=2", "parallel.dp=2", tmp=tmp_path), env) == []
 
 
 def test_external_launcher_without_a_rank_environment_is_a_config_error(tmp_path, monkeypatch):

@@ -1,0 +1,52 @@
+"""`trident-export CHECKPOINT OUT_DIR [--dtype float32|bfloat16]`: a checkpoint as a Hugging Face Llama folder.
+
+Reads a trident checkpoint saved at any layout (its marker holds the model
+config), gathers the full weights in this one process, and writes
+`config.json` + `model.safetensors` that `transformers.LlamaForCausalLM.
+from_pretrained` loads as they are. The reverse is `model.init_from=OUT_DIR`
+in trident-train, at any layout.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from models.hf import export
+from models.llama import ModelArgs, Transformer
+from orchestrator.checkpoint import CheckpointError, find_resume, read_marker
+
+
+def load_full_model(path: Path) -> tuple[dict, ModelArgs]:
+    """The whole model's weights from a checkpoint, as plain tensors (one process, no process group)."""
+    args = ModelArgs.from_config(read_marker(path)["config"]["model"])
+    with torch.device("meta"):
+        shapes = Transformer(args).state_dict()
+    state = {"model": {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items() if k != "rope"}}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return state["model"], args
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="trident-export", description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", help="a step-N checkpoint folder, or a checkpoint dir (its newest complete one)")
+    ap.add_argument("out", help="the Hugging Face folder to write")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ns = ap.parse_args(argv)
+    try:
+        path = find_resume(ns.checkpoint, "") if Path(ns.checkpoint).exists() else None
+        if path is None:
+            raise CheckpointError(f"{ns.checkpoint} is not a trident checkpoint")
+        state, args = load_full_model(path)
+    except CheckpointError as e:
+        print(f"trident-export: {e}", file=sys.stderr)
+        return 2
+    export(state, args, ns.out, getattr(torch, ns.dtype))
+    print(f"trident-export: {path} -> {ns.out} (config.json, model.safetensors)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
