@@ -1,10 +1,11 @@
 """One rank's training: build everything from the config, then the loop.
 
 The loop, per optimizer step: the step's micro-batches (gradient
-accumulation, with the dp reduction only on the last), clipping by the global
-gradient norm, AdamW, and the learning rate of that step (linear warmup, then
-cosine or linear decay), metrics from the rank that holds the loss, periodic
-evaluation on the held-out split and checkpoints.
+accumulation with the dp reduction only on the last, or the pipeline
+schedule when pp > 1), clipping by the global gradient norm, AdamW, and the
+learning rate of that step (linear warmup, then cosine or linear decay),
+metrics (the loss is shared from the last stage), periodic evaluation on the
+held-out split, and checkpoints.
 """
 
 import math
