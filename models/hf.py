@@ -76,7 +76,7 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
     }
 
 
-def args_from_hf(config: dict, multiple_of: int = 256) -> dict:
+def args_from_hf(config: dict) -> dict:
     """The ModelArgs fields a HF Llama config fixes (the SwiGLU hidden size is checked separately)."""
     return {
         "dim": config["hidden_size"],

@@ -164,9 +164,10 @@ def load(modules: list, optimizers: list, path: Path) -> int:
             raise
         raise CheckpointError(f"checkpoint {path} could not be read: {str(e).splitlines()[0][:300]}") from None
     for module, opt in zip(modules, optimizers):
-        names = set(get_model_state_dict(module))
-        set_model_state_dict(module, {k: v for k, v in state["model"].items() if k in names})
+        # Each part takes back its own names from the merged state.
         osd = get_optimizer_state_dict(module, opt)
-        osd["state"] = {k: v for k, v in state["optim"].items() if k in osd["state"]}
+        osd["state"] = {k: state["optim"][k] for k in osd["state"]}
+        names = {name for name, _ in module.named_parameters()}
+        set_model_state_dict(module, {k: v for k, v in state["model"].items() if k in names})
         set_optimizer_state_dict(module, opt, osd)
     return read_marker(path)["step"]

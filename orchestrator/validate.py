@@ -147,8 +147,8 @@ def _check_init_from(m) -> None:
             f"model.init_from={m.init_from!r} is not a Hugging Face Llama folder (config.json + model.safetensors)"
         )
     theirs = args_from_hf(json.loads((folder / "config.json").read_text()))
-    ours = {**{k: m[k] for k in theirs if k in m}, "n_kv_heads": ModelArgs.from_config(m).kv_heads,
-            "ffn_hidden": ModelArgs.from_config(m).ffn_hidden}
+    args = ModelArgs.from_config(m)
+    ours = {**{k: m[k] for k in theirs if k in m}, "n_kv_heads": args.kv_heads, "ffn_hidden": args.ffn_hidden}
     diffs = [f"{k}={theirs[k]!r} there, {ours[k]!r} here" for k in theirs if theirs[k] != ours[k]]
     if diffs:
         raise ConfigError(f"model.init_from={m.init_from!r} holds a different model: " + "; ".join(diffs))
