@@ -27,12 +27,14 @@ def device_for(backend: str, env: RankEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def run_rank(fn: Callable, env: RankEnv, backend: str, timeout_s: float, *args) -> None:
+def run_rank(fn: Callable, env: RankEnv, backend: str, timeout_s: float, *args, exit_process: bool = True) -> None:
     """Run fn(env, device, *args) inside an initialised process group, then exit the process.
 
     The exit is `os._exit` after a barrier and `destroy_process_group()`:
-    gloo processes otherwise often abort in their atexit handlers. An
-    exception propagates untouched, so the launcher can show it.
+    gloo processes otherwise often abort in their atexit handlers. With
+    exit_process=False (a submitit task, which still has its result to
+    write) it returns after the teardown instead. An exception propagates
+    untouched, so the launcher can show it.
     """
     env.export()
     if backend == "gloo":
@@ -51,4 +53,5 @@ def run_rank(fn: Callable, env: RankEnv, backend: str, timeout_s: float, *args) 
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    if exit_process:
+        os._exit(0)

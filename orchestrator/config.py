@@ -6,7 +6,7 @@ composes the config. No defaults here: a knob has exactly one home, its YAML.
 """
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -48,6 +48,21 @@ class LauncherConfig:
     name: str = MISSING
     nprocs: Optional[int] = MISSING
     backend: str = MISSING
+    # launcher=slurm only (conf/launcher/slurm.yaml gives their values; the others have none).
+    nodes: Optional[int] = None
+    tasks_per_node: Optional[int] = None
+    gpus_per_node: Optional[int] = None
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None
+    time: Optional[str] = None
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    extra_sbatch: dict[str, Any] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)
+    wait: Optional[bool] = None
+    folder: Optional[str] = None
 
 
 @dataclass

@@ -72,7 +72,11 @@ def run(cfg: DictConfig, run_dir: str) -> None:
     from orchestrator.trainer import run_worker
 
     par = cfg.parallel
-    if env is None:
+    if cfg.launcher.name == "slurm":
+        from launch.slurm import submit
+
+        submit(cfg, plain, run_dir, corpus)
+    elif env is None:
         world = par.tp * par.pp * par.dp
         spawn(run_worker, world, plain, run_dir, corpus, resume, backend=cfg.launcher.backend, timeout_s=par.timeout_s)
     else:

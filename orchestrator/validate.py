@@ -16,7 +16,7 @@ from models.plans import pipeline_cuts
 from parallel.data import DP_SHARD_CHOICES
 from parallel.pipeline import SCHEDULES, SINGLE_STAGE, V_SHAPED, stages_per_rank
 
-LAUNCHERS = ("local", "external")
+LAUNCHERS = ("local", "external", "slurm")
 BACKENDS = ("auto", "gloo", "nccl")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw",)
@@ -72,7 +72,7 @@ def _check_parallel(cfg: DictConfig, env) -> list[str]:
                 f"{key}={size} != parallel.tp*pp*dp = {par.tp}*{par.pp}*{par.dp} = {product}: "
                 f"the layout must use every rank exactly once (e.g. parallel.dp={size // (par.tp * par.pp) or 1})"
             )
-    warnings = []
+    warnings = _check_slurm(cfg) if cfg.launcher.name == "slurm" else []
     if par.tp > 1:
         _check_tp(cfg)
         if env is not None and env.local_world_size < par.tp:
@@ -80,6 +80,42 @@ def _check_parallel(cfg: DictConfig, env) -> list[str]:
                 f"parallel.tp={par.tp} is larger than the {env.local_world_size} ranks on one node: "
                 "tensor parallelism across nodes is slow (its all-reduces cross the network every layer)"
             )
+    return warnings
+
+
+def _check_slurm(cfg: DictConfig) -> list[str]:
+    from launch.slurm import time_minutes
+
+    la, par = cfg.launcher, cfg.parallel
+    world = par.tp * par.pp * par.dp
+    _at_least("launcher.nodes", la.nodes, 1)
+    _at_least("launcher.cpus_per_task", la.cpus_per_task, 1)
+    if la.tasks_per_node is None and world % la.nodes:
+        raise ConfigError(
+            f"launcher.nodes={la.nodes} does not divide the world size tp*pp*dp={world} "
+            f"(valid nodes: {', '.join(map(str, divisors(world)))}, or set launcher.tasks_per_node)"
+        )
+    tasks = la.tasks_per_node or world // la.nodes
+    if la.nodes * tasks != world:
+        raise ConfigError(
+            f"launcher.nodes * launcher.tasks_per_node = {la.nodes}*{tasks} = {la.nodes * tasks} != "
+            f"parallel.tp*pp*dp = {world}: every task is one rank"
+        )
+    if la.gpus_per_node and la.gpus_per_node < tasks:
+        raise ConfigError(
+            f"launcher.gpus_per_node={la.gpus_per_node} < {tasks} tasks per node: each rank needs its own GPU "
+            f"(valid: gpus_per_node >= {tasks}, or more nodes)"
+        )
+    try:
+        time_minutes(la.time)
+    except ValueError as e:
+        raise ConfigError(f"launcher.time: {e}") from None
+    warnings = []
+    if par.tp > tasks:
+        warnings.append(
+            f"parallel.tp={par.tp} is larger than the {tasks} ranks on one node: "
+            "tensor parallelism across nodes is slow (its all-reduces cross the network every layer)"
+        )
     return warnings
 
 

@@ -78,6 +78,12 @@ def test_unknown_model_fails_naming_the_group():
         (["parallel.pp=2", "parallel.dp=1", "parallel.schedule=zbv", "parallel.stages_per_rank=3"],
          ["parallel.stages_per_rank=3 with parallel.schedule=zbv", "valid: 2 or null"]),
         (["parallel.pp=2", "parallel.dp=1", "model.tie_embeddings=true"], ["model.tie_embeddings=true with parallel.pp=2"]),
+        (["launcher=slurm", "launcher.nodes=3"], ["launcher.nodes=3 does not divide the world size tp*pp*dp=2",
+                                                  "valid nodes: 1, 2"]),
+        (["launcher=slurm", "launcher.tasks_per_node=4"], ["launcher.nodes * launcher.tasks_per_node = 1*4 = 4 != "
+                                                           "parallel.tp*pp*dp = 2"]),
+        (["launcher=slurm", "launcher.gpus_per_node=1"], ["launcher.gpus_per_node=1 < 2 tasks per node"]),
+        (["launcher=slurm", "launcher.time=soon"], ["launcher.time: 'soon' is not a SLURM time"]),
         (["parallel.dp_shard=zero7"], ["parallel.dp_shard='zero7'", "full, replicate"]),
         (["launcher.backend=mpi"], ["launcher.backend='mpi'", "auto, gloo, nccl"]),
         (["data.path=/no/such/corpus"], ["data.path='/no/such/corpus'", "does not exist"]),
@@ -118,6 +124,16 @@ def test_tp_wider_than_a_node_is_a_warning_not_an_error_fake_torchrun_env(tmp_pa
     warnings = validate(make_cfg("launcher=external", "parallel.tp=4", "parallel.dp=1", tmp=tmp_path), env)
     assert len(warnings) == 1 and "parallel.tp=4 is larger than the 2 ranks on one node" in warnings[0]
     assert validate(make_cfg("launcher=external", "parallel.tp=2", "parallel.dp=2", tmp=tmp_path), env) == []
+
+
+def test_slurm_tp_across_nodes_is_a_warning_and_time_limits_parse(tmp_path):
+    from launch.slurm import time_minutes
+    from orchestrator.validate import validate
+
+    cfg = make_cfg("launcher=slurm", "launcher.nodes=2", "parallel.tp=2", "parallel.dp=1", tmp=tmp_path)
+    warnings = validate(cfg)
+    assert len(warnings) == 1 and "parallel.tp=2 is larger than the 1 ranks on one node" in warnings[0]
+    assert [time_minutes(t) for t in ("30", "30:15", "4:00:00", "1-2", "1-2:30:10")] == [30, 31, 240, 1560, 1591]
 
 
 def test_external_launcher_without_a_rank_environment_is_a_config_error(tmp_path, monkeypatch):

@@ -1,0 +1,35 @@
+"""The slurm tier: a real slurmctld + slurmd (+ slurmdbd for sacct) on this machine, started once per session."""
+
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+# Ports apart from the defaults, so a cluster a developer already runs is left alone.
+CLUSTER_ENV = {
+    "SLURM_BASE": "/tmp/trident-test-slurm",
+    "SLURM_PORT_BASE": "6917",
+    "SLURM_DB_PORT": "13406",
+    "SLURM_CRED_EXPIRE": "10",
+    "SLURM_EXTRA_CONF": "SchedulerParameters=sched_interval=2,bf_interval=2",
+}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    env = {**os.environ, **CLUSTER_ENV}
+    start = subprocess.run(["bash", str(ROOT / "launch/slurm/start-cluster.sh")], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert start.returncode == 0, start.stdout[-3000:] + start.stderr[-3000:]
+    conf = f"{CLUSTER_ENV['SLURM_BASE']}/etc/slurm.conf"
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf  # sbatch, sacct and submitit in this process and its children
+    yield conf
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = previous
+    subprocess.run(["bash", str(ROOT / "launch/slurm/stop-cluster.sh"), "--clean"], env=env,
+                   capture_output=True, timeout=120)
