@@ -2,7 +2,8 @@
 
 Compose the config, check it, prepare the data, then hand the ranks to the
 launcher: `local` spawns them here, `external` is already one of them
-(torchrun or srun started it). Nothing is spawned until every check passed.
+(torchrun or srun started it), `slurm` submits a job whose tasks are the
+ranks. Nothing is spawned or submitted until every check passed.
 """
 
 import sys
