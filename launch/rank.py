@@ -27,13 +27,13 @@ def device_for(backend: str, env: RankEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def run_rank(fn: Callable, env: RankEnv, backend: str, timeout_s: float, *args, exit_process: bool = True) -> None:
+def run_rank(fn: Callable, env: RankEnv, backend: str, timeout_s: float, *args, exit_process: bool = True):
     """Run fn(env, device, *args) inside an initialised process group, then exit the process.
 
     The exit is `os._exit` after a barrier and `destroy_process_group()`:
     gloo processes otherwise often abort in their atexit handlers. With
     exit_process=False (a submitit task, which still has its result to
-    write) it returns after the teardown instead. An exception propagates
+    write) it returns fn's result after the teardown instead. An exception propagates
     untouched, so the launcher can show it.
     """
     env.export()
@@ -48,10 +48,11 @@ def run_rank(fn: Callable, env: RankEnv, backend: str, timeout_s: float, *args, 
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device if backend == "nccl" else None,
     )
-    fn(env, device, *args)
+    result = fn(env, device, *args)
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     if exit_process:
         os._exit(0)
+    return result

@@ -7,6 +7,7 @@ its rank from SLURM's variables (`launch.env`) and runs the same worker as
 the other launchers.
 """
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,14 @@ def tasks_per_node(launcher, world: int) -> int:
 
 
 class SlurmRun:
-    """What submitit pickles and every task of the job calls: one rank of the run."""
+    """What submitit pickles and every task of the job calls: one rank of the run.
+
+    Preemption and time limits: SLURM's USR2 (sent before the time limit, or
+    by `scancel --signal=USR2`) only raises a flag here; the loop agrees on
+    it across ranks at a step boundary, saves a checkpoint and returns; then
+    global rank 0 hands the signal to submitit, which calls `checkpoint()`
+    and requeues the job. The requeued job finds that checkpoint by itself.
+    """
 
     def __init__(self, cfg_dict: dict, run_dir: str, corpus, backend: str, timeout_s: float):
         self.cfg_dict, self.run_dir, self.corpus = cfg_dict, run_dir, corpus
@@ -55,10 +63,21 @@ class SlurmRun:
         ckpt = self.cfg_dict["checkpoint"]
         # Looked up here, not at submission: a requeued job resumes from what exists now.
         resume: Optional[Path] = find_resume(ckpt["resume"], ckpt["dir"])
+        requested = []
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+        signal.signal(signal.SIGUSR2, lambda signum, frame: requested.append(signum))
         backend = pick_backend(self.backend, env.local_world_size)
-        run_rank(run_worker, env, backend, self.timeout_s, self.cfg_dict, self.run_dir, self.corpus,
-                 str(resume) if resume else None, exit_process=False)
+        summary = run_rank(run_worker, env, backend, self.timeout_s, self.cfg_dict, self.run_dir, self.corpus,
+                           str(resume) if resume else None, lambda: bool(requested), exit_process=False)
+        if summary.get("preempted") and env.rank == 0 and callable(submitit_handler):
+            submitit_handler(signal.SIGUSR2, None)  # checkpoint() below, then requeue and exit
         return env.rank
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit's protocol: what to run when the job comes back (the same run; it resumes itself)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
 
 
 def submit(cfg, plain: dict, run_dir: str, corpus):

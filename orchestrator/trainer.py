@@ -12,7 +12,7 @@ import math
 import resource
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -66,7 +66,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, env: RankEnv, device: torch.device, run_dir: str, corpus: Corpus,
-                 resume: Optional[str] = None):
+                 resume: Optional[str] = None, should_stop: Optional[Callable[[], bool]] = None):
         self.cfg, self.env, self.device, self.run_dir = cfg, env, device, run_dir
         par, t = cfg.parallel, cfg.train
         self.dims = ParallelDims(par.tp, par.pp, par.dp)
@@ -94,8 +94,9 @@ class Trainer:
             )
         self.step = 0
         ck = cfg.checkpoint
-        self.saver = checkpoint.Saver(ck.dir, ck.keep, ck.async_save) if (ck.every or ck.at_end) else None
+        self.saver = checkpoint.Saver(ck.dir, ck.keep, ck.async_save)
         self.resumed_from = resume
+        self.should_stop = should_stop  # a preemption signal arrived on this rank
         if resume:
             self.step = checkpoint.load(self.modules, self.optimizers, Path(resume))
 
@@ -240,8 +241,16 @@ class Trainer:
                 self.logger.log(row)
             if self.is_logger and (self.step % lg.console_every == 0 or last or self.step == 1):
                 console(progress_line(self.step, t.steps, row, time.perf_counter() - start))
-        if self.saver is not None:
-            self.saver.wait()
+            if not last and self._stop_agreed():
+                if "checkpoint_blocked_s" not in row:
+                    self.last_checkpoint = self.saver.save(self.modules, self.optimizers, self.step,
+                                                           self._checkpoint_meta())
+                self.saver.wait()
+                if self.is_logger:
+                    console(f"trident: preempted at step {self.step}; checkpoint {self.last_checkpoint}")
+                self.logger.finish()
+                return {"steps": self.step, "preempted": True, "checkpoint": self.last_checkpoint}
+        self.saver.wait()
         summary = {
             "steps": self.step,
             "train_loss": row.get("loss"),
@@ -256,6 +265,14 @@ class Trainer:
             console(self._summary(summary))
         self.logger.finish()
         return summary
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop: agreed by all ranks at the same step boundary."""
+        if self.should_stop is None:
+            return False
+        flag = torch.tensor(float(self.should_stop()), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
 
     def _checkpoint_meta(self) -> dict:
         from omegaconf import OmegaConf
@@ -299,8 +316,8 @@ class Trainer:
 
 
 def run_worker(env: RankEnv, device: torch.device, cfg_dict: dict, run_dir: str, corpus: Corpus,
-               resume: Optional[str] = None) -> None:
-    """The per-rank entry point the launchers call."""
+               resume: Optional[str] = None, should_stop: Optional[Callable[[], bool]] = None) -> dict:
+    """The per-rank entry point the launchers call; returns the run's summary."""
     from omegaconf import OmegaConf
 
-    Trainer(OmegaConf.create(cfg_dict), env, device, run_dir, corpus, resume).fit()
+    return Trainer(OmegaConf.create(cfg_dict), env, device, run_dir, corpus, resume, should_stop).fit()

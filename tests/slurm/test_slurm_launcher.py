@@ -4,6 +4,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,55 @@ def test_without_wait_the_command_returns_once_the_job_is_queued(slurm_cluster, 
                     "launcher=slurm", timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"submitted SLURM job \d+", out.stdout) and "trident: done" not in out.stdout
+
+
+def job_state(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "State"], capture_output=True, text=True)
+    return out.stdout.strip().split("\n")[0].strip() if out.stdout.strip() else ""
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_usr2_before_a_time_limit_checkpoints_requeues_and_finishes_the_same_curve(slurm_cluster, tmp_path):
+    """scancel --signal=USR2 (what SLURM sends before a time limit): save, requeue, resume, same losses."""
+    layout = [*TINY, "parallel.dp=2", "train.steps=400", "train.eval_every=0", "logging.every=1"]
+    local = run_train(f"hydra.run.dir={tmp_path / 'local'}", *layout)
+    assert local.returncode == 0, local.stderr[-2000:]
+    run_dir = tmp_path / "slurm"
+    out = run_train(f"hydra.run.dir={run_dir}", *layout, "launcher=slurm", timeout=60)
+    job_id = re.search(r"submitted SLURM job (\d+)", out.stdout).group(1)
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 20, 120, "training to start")
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    wait_for(lambda: list((run_dir / "checkpoints").glob("step-*/trident.json")), 120, "the preemption checkpoint")
+    wait_for(lambda: job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the requeued job to end")
+    assert job_state(job_id) == "COMPLETED"
+    log = (run_dir / "slurm" / f"{job_id}_0_log.out").read_text()
+    assert "trident: preempted at step" in log and "resumed from" in log and "trident: done" in log
+    assert losses(run_dir) == losses(tmp_path / "local")
+
+
+def test_scontrol_requeue_restarts_the_job_and_it_resumes_from_its_periodic_checkpoint(slurm_cluster, tmp_path):
+    """Preemption: submitit does not checkpoint on it; the restarted job finds its newest checkpoint itself."""
+    layout = [*TINY, "parallel.dp=2", "train.steps=400", "train.eval_every=0", "checkpoint.every=25"]
+    local = run_train(f"hydra.run.dir={tmp_path / 'local'}", *layout)
+    assert local.returncode == 0, local.stderr[-2000:]
+    run_dir = tmp_path / "slurm"
+    out = run_train(f"hydra.run.dir={run_dir}", *layout, "launcher=slurm", timeout=60)
+    job_id = re.search(r"submitted SLURM job (\d+)", out.stdout).group(1)
+    wait_for(lambda: list((run_dir / "checkpoints").glob("step-*/trident.json")), 120, "a periodic checkpoint")
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    wait_for(lambda: job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the requeued job to end")
+    assert job_state(job_id) == "COMPLETED"
+    log = (run_dir / "slurm" / f"{job_id}_0_log.out").read_text()
+    assert "resumed from" in log and "trident: done" in log
+    # Steps after the resume point repeat the uninterrupted run exactly (the ones before it may be logged twice).
+    assert losses(run_dir) == losses(tmp_path / "local")
