@@ -16,6 +16,7 @@ from typing import Optional
 from launch.env import from_environ
 from launch.rank import pick_backend, run_rank
 
+
 def time_minutes(spec: str) -> int:
     """A SLURM time limit in whole minutes (rounded up).
 
@@ -30,10 +31,12 @@ def time_minutes(spec: str) -> int:
         raise ValueError(f"{spec!r} is not a SLURM time ([D-]HH:MM:SS)") from None
     if len(fields) > 3 or min(fields + [days]) < 0:
         raise ValueError(f"{spec!r} is not a SLURM time ([D-]HH:MM:SS)")
-    if text.count("-"):
+    if "-" in text:  # D-HH[:MM[:SS]]
         hours, minutes, seconds = (fields + [0, 0])[:3]
-    else:
-        hours, minutes, seconds = ([0] * (3 - len(fields)) + fields) if len(fields) == 3 else (0, *(fields + [0])[:2])
+    elif len(fields) == 3:  # HH:MM:SS
+        hours, minutes, seconds = fields
+    else:  # MM[:SS]
+        hours, (minutes, seconds) = 0, (fields + [0])[:2]
     return days * 1440 + hours * 60 + minutes + (1 if seconds else 0)
 
 
