@@ -22,7 +22,8 @@ from orchestrator.validate import validate
 from tests.conftest import make_cfg
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """The full value of a possibly sharded tensor (a collective for DTensors)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
 
 
@@ -41,9 +42,11 @@ def _worker(env, device, cfg_dict, run_dir, corpus):
     trainer = Trainer(cfg, env, device, run_dir, corpus)
     vocab = cfg.model.vocab_size  # padding rows (tp not dividing the vocabulary) are not compared
     named = [(name, p) for m in trainer.modules for name, p in m.named_parameters()]
-    init = {name: _full(p)[:vocab] if p.shape[0] > vocab else _full(p) for name, p in named}
+    vocab_rows = ("tok_embeddings.weight", "output.weight")
+    init = {name: gathered(p) for name, p in named}
+    init = {name: t[:vocab] if name in vocab_rows else t for name, t in init.items()}
     trainer.forward_backward(trainer.batches.step(1))
-    grads = {name: _full(p.grad) for name, p in named}
+    grads = {name: gathered(p.grad) for name, p in named}
     for opt in trainer.optimizers:
         opt.zero_grad(set_to_none=True)
     # One writer per pipeline stage: the rank at dp=0, tp=0 of each pp rank.

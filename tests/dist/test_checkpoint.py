@@ -13,6 +13,7 @@ from orchestrator import checkpoint
 from orchestrator.data import prepare
 from orchestrator.trainer import Trainer
 from tests.conftest import make_cfg
+from tests.dist.harness import gathered
 
 pytestmark = pytest.mark.dist
 
@@ -28,12 +29,11 @@ def _full_state(trainer) -> dict:
     out = {}
     for module, opt in zip(trainer.modules, trainer.optimizers):
         for name, p in module.named_parameters():
-            full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
-            out[name] = full(p)
+            out[name] = gathered(p)
             state = opt.state.get(p, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
-                    out[f"{name}/{key}"] = full(state[key])
+                    out[f"{name}/{key}"] = gathered(state[key])
     return out
 
 
