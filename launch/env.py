@@ -74,7 +74,7 @@ def from_environ(environ: Optional[Mapping[str, str]] = None) -> RankEnv:
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
-        job_id = env.get("SLURM_ARRAY_JOB_ID", "") + env.get("SLURM_ARRAY_TASK_ID", "") or env.get("SLURM_JOB_ID", "0")
+        job_id = env.get("SLURM_JOB_ID", "0")  # every array element has its own: ports differ between them
         tasks_per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "")
         world = int(env["SLURM_NTASKS"])
         return RankEnv(

@@ -62,6 +62,7 @@ class LauncherConfig:
     extra_sbatch: dict[str, Any] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)
     wait: Optional[bool] = None
+    array_parallelism: Optional[int] = None
     folder: Optional[str] = None
 
 

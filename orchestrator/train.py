@@ -3,7 +3,8 @@
 Compose the config, check it, prepare the data, then hand the ranks to the
 launcher: `local` spawns them here, `external` is already one of them
 (torchrun or srun started it), `slurm` submits a job whose tasks are the
-ranks. Nothing is spawned or submitted until every check passed.
+ranks (under `-m`, every point joins one job array: launch/sweep.py).
+Nothing is spawned or submitted until every check passed.
 """
 
 import sys
@@ -17,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from launch.env import from_environ
 from launch.local import RankFailed, spawn
 from launch.rank import pick_backend, run_rank
+from launch.slurm import check_cluster, submit, sweep_point
+from launch.sweep import active as active_sweep
 from orchestrator.checkpoint import CheckpointError, check_compatible, find_resume
 from orchestrator.config import register
 from orchestrator.data import prepare
@@ -65,7 +68,13 @@ def run(cfg: DictConfig, run_dir: str) -> None:
     check_corpus(cfg, corpus)
     resume = resume_path(cfg, env)
 
+    sweep = active_sweep()
+    if cfg.launcher.name == "slurm":
+        check_cluster(cfg)
     plain = OmegaConf.to_container(cfg, resolve=True)
+    if sweep is not None:  # this run is one point of a -m sweep: its W&B group and the overrides it varies
+        hc = HydraConfig.get()
+        plain["sweep"] = sweep.describe(hc.job.num, hc.overrides.task)
     if env is None or env.rank == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(plain), Path(run_dir) / "config.yaml")
@@ -73,9 +82,10 @@ def run(cfg: DictConfig, run_dir: str) -> None:
     from orchestrator.trainer import run_worker
 
     par = cfg.parallel
-    if cfg.launcher.name == "slurm":
-        from launch.slurm import submit
-
+    if cfg.launcher.name == "slurm" and sweep is not None:
+        label = " ".join(f"{k}={v}" for k, v in plain["sweep"]["overrides"].items())
+        sweep.pending.append(sweep_point(cfg, plain, run_dir, corpus, label))  # submitted with the others
+    elif cfg.launcher.name == "slurm":
         submit(cfg, plain, run_dir, corpus)
     elif env is None:
         world = par.tp * par.pp * par.dp

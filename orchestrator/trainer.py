@@ -111,10 +111,11 @@ class Trainer:
     def _make_logger(self):
         from omegaconf import OmegaConf
 
-        name = f"{self.cfg.model.name}-tp{self.dims.tp}-pp{self.dims.pp}-dp{self.dims.dp}"
-        return MetricsLogger(
-            self.run_dir, self.cfg.logging.wandb, OmegaConf.to_container(self.cfg), name, self.cfg.model.name
-        )
+        name, group = f"{self.cfg.model.name}-tp{self.dims.tp}-pp{self.dims.pp}-dp{self.dims.dp}", self.cfg.model.name
+        sweep = self.cfg.get("sweep")  # a -m sweep's point: its runs share a group and differ by a suffix
+        if sweep is not None:
+            name, group = f"{name}-{sweep.num}", sweep.id
+        return MetricsLogger(self.run_dir, self.cfg.logging.wandb, OmegaConf.to_container(self.cfg), name, group)
 
     def _dp_mean(self, total: torch.Tensor, count: torch.Tensor) -> float:
         both = torch.stack([total, count]).to(torch.float64)

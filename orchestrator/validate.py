@@ -92,6 +92,7 @@ def _check_slurm(cfg: DictConfig) -> list[str]:
     _at_least("launcher.cpus_per_task", la.cpus_per_task, 1)
     if la.tasks_per_node is None and world % la.nodes:
         raise ConfigError(
+    _at_least("launcher.array_parallelism", la.array_parallelism, 1)
             f"launcher.nodes={la.nodes} does not divide the world size tp*pp*dp={world} "
             f"(valid nodes: {', '.join(map(str, divisors(world)))}, or set launcher.tasks_per_node)"
         )

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 from hydra import compose, initialize_config_dir
 
@@ -47,12 +48,12 @@ def make_cfg(*overrides: str, tmp: Path = None):
         return compose(config_name="train", overrides=[*TINY, *extra, *overrides])
 
 
-def run_cmd(cmd: list, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a command from the project root as a user would, outside any rank environment."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+def run_cmd(cmd: list, timeout: float = 300, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """Run a command from the project root as a user would, outside any rank environment (plus `env`)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
+    return subprocess.run(cmd, cwd=ROOT, env={**base, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
-def run_train(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return run_cmd([sys.executable, "-m", "orchestrator.train", *overrides], timeout=timeout)
+def run_train(*overrides: str, timeout: float = 300, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    return run_cmd([sys.executable, "-m", "orchestrator.train", *overrides], timeout=timeout, env=env)
 

@@ -14,4 +14,5 @@ set -euo pipefail
 VENV=${TRIDENT_VENV:-$(cd "$(dirname "$0")/../.." 2>/dev/null && pwd)/.venv}
 [ -x "$VENV/bin/trident-train" ] || VENV=${SLURM_SUBMIT_DIR:-.}/.venv
 # Every rank must agree on the run dir: name it after the job.
-srun "$VENV/bin/trident-train" launcher=external hydra.run.dir="${TRIDENT_RUN_DIR:-runs/$SLURM_JOB_ID}" "$@"
+# --kill-on-bad-exit: one failing rank ends the job at once (FAILED), instead of the others waiting in a collective.
+srun --kill-on-bad-exit=1 "$VENV/bin/trident-train" launcher=external hydra.run.dir="${TRIDENT_RUN_DIR:-runs/$SLURM_JOB_ID}" "$@"

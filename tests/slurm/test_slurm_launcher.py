@@ -1,22 +1,16 @@
 """launcher=slurm against the real local SLURM cluster: a submitted job trains exactly like a local run."""
 
-import json
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, TINY, run_train
+from tests.slurm.jobs import job_state, losses, wait_for
 
 pytestmark = pytest.mark.slurm
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 LAYOUT = [*TINY, "parallel.tp=2", "parallel.pp=1", "parallel.dp=2", "train.steps=4"]
@@ -58,21 +52,6 @@ def test_without_wait_the_command_returns_once_the_job_is_queued(slurm_cluster, 
                     "launcher=slurm", timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"submitted SLURM job \d+", out.stdout) and "trident: done" not in out.stdout
-
-
-def job_state(job_id: str) -> str:
-    out = subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "State"], capture_output=True, text=True)
-    return out.stdout.strip().split("\n")[0].strip() if out.stdout.strip() else ""
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def local_and_submitted(tmp_path: Path, layout: list[str]) -> tuple[Path, str]:

@@ -1,0 +1,78 @@
+"""`trident-train -m ...`: a SLURM sweep is one job array, each point its own run.
+
+Hydra's basic launcher calls the task function once per point, in this
+process, each with its own output dir. This callback wraps the whole sweep:
+while it is active, a point with launcher=slurm is checked and prepared in
+its own dir but only recorded (`Sweep.pending`); a point with launcher=local
+trains right away as usual. When every point has passed its checks, the
+recorded points are submitted together through submitit (`submit_sweep`):
+one job array per resource shape, since an array has one set of resources
+for all its elements. If any point's config is invalid the sweep stops
+there and nothing is submitted.
+
+Every point also learns what the sweep varies (`Sweep.describe`), so its W&B
+run joins the sweep's group with those overrides in its config.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+def split_override(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def swept_keys(overrides: Sequence[str]) -> list[str]:
+    """The keys a `-m` command line sweeps (`parallel.tp=1,2,4`, `optim.lr=range(...)`), in its order."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [o.key_or_group for o in parsed if o.is_sweep_override()]
+
+
+@dataclass
+class Sweep:
+    """What the points of one `-m` invocation share."""
+
+    dir: str
+    keys: list[str]
+    pending: list = field(default_factory=list)  # launcher=slurm points, submitted together at the end
+
+    @property
+    def id(self) -> str:
+        """The sweep's name, e.g. `multirun/2026-11-25/15-48-11` -> `sweep-2026-11-25-15-48-11`."""
+        return "sweep-" + "-".join(Path(self.dir).parts[-2:])
+
+    def describe(self, num: int, task_overrides: Sequence[str]) -> dict[str, Any]:
+        """The point's place in the sweep, as it goes into the run's config (and so into W&B)."""
+        mine = dict(map(split_override, task_overrides))
+        return {"id": self.id, "dir": self.dir, "num": num,
+                "overrides": {k: mine[k] for k in self.keys if k in mine}}
+
+
+_ACTIVE: Optional[Sweep] = None
+
+
+def active() -> Optional[Sweep]:
+    """The sweep whose points are being prepared in this process, if any."""
+    return _ACTIVE
+
+
+class SweepCallback(Callback):
+    """Listed under `hydra.callbacks` in conf/train.yaml; Hydra calls it around every `-m` run."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _ACTIVE
+        _ACTIVE = Sweep(str(config.hydra.sweep.dir), swept_keys(config.hydra.overrides.task))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global _ACTIVE
+        sweep, _ACTIVE = _ACTIVE, None
+        if sweep is not None and sweep.pending:
+            from launch.slurm import submit_sweep
+
+            submit_sweep(sweep)

@@ -1,0 +1,26 @@
+"""What the slurm tests ask of a job: its state in sacct, its losses, and waiting for either."""
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def job_state(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "State"], capture_output=True, text=True)
+    return out.stdout.strip().split("\n")[0].strip() if out.stdout.strip() else ""
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
