@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from models.hf import load_hf
 from models.llama import ModelArgs, Transformer, full_init_value, num_params
 from models.plans import TP_PLANS, pipeline_cuts, stage_layers
+from orchestrator.levers import DTYPES, apply_levers
 from parallel.data import apply_fsdp, apply_replicate
 from parallel.pipeline import SPLIT_BACKWARD, stage_ids, stage_module, stages_per_rank
 from parallel.tensor import apply_tp, padded_vocab
@@ -62,7 +63,9 @@ def stage_plan(model_cfg, parallel_cfg, pp: int, pp_rank: int) -> tuple[list[int
     return stage_ids(parallel_cfg.schedule, pp_rank, pp, per_rank), stage_layers(model_cfg.n_layers, cuts), n_stages
 
 
-def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device, seed: int) -> ModelParts:
+def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device, seed: int,
+                train_cfg=None) -> ModelParts:
+    """train_cfg (the `train:` group) brings the levers (dtype, activation checkpointing, compile); None: none."""
     args = ModelArgs.from_config(model_cfg)
     tp, dp_mesh = mesh["tp"].size(), mesh["dp"]
     if tp > 1 and args.vocab_size % tp:
@@ -76,11 +79,16 @@ def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device,
         module = whole if n_stages == 1 else stage_module(whole, stage, n_stages, layers[stage])
         if tp > 1:
             apply_tp(module, mesh["tp"], TP_PLANS["llama"], parallel_cfg.sequence_parallel)
-        if dp_mesh.size() > 1 and parallel_cfg.dp_shard == "full":
-            apply_fsdp(module, dp_mesh, per_block=n_stages == 1 or parallel_cfg.schedule not in SPLIT_BACKWARD)
+        fsdp = dp_mesh.size() > 1 and parallel_cfg.dp_shard == "full"
+        if train_cfg is not None:
+            apply_levers(module, train_cfg, device, fsdp_mixed_precision=fsdp)
+        if fsdp:
+            apply_fsdp(module, dp_mesh, per_block=n_stages == 1 or parallel_cfg.schedule not in SPLIT_BACKWARD,
+                       param_dtype=DTYPES[train_cfg.dtype] if train_cfg is not None else torch.float32)
         module.to_empty(device=device)
         init_weights(module, seed, source)
-        replicate = dp_mesh.size() > 1 and parallel_cfg.dp_shard == "replicate"
+        # DDP cannot hold DTensors: with tp > 1 the loop reduces the gradients itself (parallel/data.py).
+        replicate = dp_mesh.size() > 1 and parallel_cfg.dp_shard == "replicate" and tp == 1
         parts.append(apply_replicate(module, dp_mesh) if replicate else module)
         modules.append(module)
     return ModelParts(parts, modules, ids, n_stages, num_params(whole), args)

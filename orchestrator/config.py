@@ -127,6 +127,9 @@ class LoopConfig:
     seed: int = MISSING
     eval_every: int = MISSING
     eval_sequences: int = MISSING
+    dtype: str = MISSING
+    activation_checkpointing: str = MISSING
+    compile: bool = MISSING
 
 
 @dataclass

@@ -26,7 +26,7 @@ from orchestrator.build import build_model
 from orchestrator.data import Batches, Corpus, eval_batches
 from orchestrator.flops import flops_per_token, peak_flops
 from orchestrator.metrics import MetricsLogger, NullLogger, console, fmt_count, fmt_duration, progress_line
-from parallel.data import grad_sync
+from parallel.data import broadcast_params, grad_sync, reduce_grads, reduces_after_backward, shard_owners
 from parallel.grad import clip_grads_
 from parallel.mesh import ParallelDims, build_mesh
 from parallel.pipeline import build_pipeline
@@ -45,11 +45,12 @@ def lr_at(step: int, o: DictConfig, steps: int) -> float:
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay the matrices of the blocks and the output; not norms, not the embedding."""
+def param_groups(module: torch.nn.Module, weight_decay: float, keep=lambda p: True) -> list[dict]:
+    """Decay the matrices of the blocks and the output; not norms, not the embedding. Only the params `keep` takes."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
-        (decay if p.ndim >= 2 and not name.startswith("tok_embeddings") else no_decay).append(p)
+        if keep(p):
+            (decay if p.ndim >= 2 and not name.startswith("tok_embeddings") else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -75,13 +76,18 @@ class Trainer:
         self.pp_group = self.mesh["pp"].get_group()
         dp_rank = self.mesh["dp"].get_local_rank()
 
-        built = build_model(cfg.model, par, self.mesh, device, t.seed)
+        built = build_model(cfg.model, par, self.mesh, device, t.seed, train_cfg=t)
         self.parts, self.modules, self.n_params = built.parts, built.modules, built.n_params
         self.params = [p for m in self.modules for p in m.parameters()]
+        self.reduce_dp = reduces_after_backward(par.dp_shard, par.dp, par.tp)
+        # ZeRO-1: this dp rank's optimizer holds (and steps) only the parameters it owns.
+        self.owners = shard_owners(self.params, par.dp) if par.dp_shard == "optimizer" and par.dp > 1 else None
+        owned = {id(p) for p, r in zip(self.params, self.owners or []) if r == dp_rank}
+        keep = (lambda p: id(p) in owned) if self.owners else (lambda p: True)
         o = cfg.optim
         # One optimizer per model part, as checkpointing helpers take one module per optimizer.
         self.optimizers = [
-            torch.optim.AdamW(param_groups(m, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+            torch.optim.AdamW(param_groups(m, o.weight_decay, keep), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
             for m in self.modules
         ]
         self.batches = Batches(corpus.train, t.seq_len, t.global_batch, t.micro_batch, t.seed, dp_rank, par.dp)
@@ -135,8 +141,18 @@ class Trainer:
             dist.all_reduce(value, group=self.pp_group)
         return value
 
+    def zero_grad(self) -> None:
+        for p in self.params:  # all of them: a ZeRO-1 optimizer knows only its own
+            p.grad = None
+
     def forward_backward(self, micro: list) -> torch.Tensor:
-        """Accumulate the gradient of the mean loss over the micro-batches; return the summed loss."""
+        """Accumulate the gradient of the mean loss over the micro-batches, averaged over dp; return the summed loss."""
+        loss_sum = self._forward_backward(micro)
+        if self.reduce_dp:
+            reduce_grads(self.params, self.dp_group)
+        return loss_sum
+
+    def _forward_backward(self, micro: list) -> torch.Tensor:
         loss_sum = torch.zeros((), device=self.device)
         if self.pipeline is not None:
             inputs = torch.cat([x for x, _ in micro]).to(self.device)
@@ -164,7 +180,9 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.step()
-            opt.zero_grad(set_to_none=True)
+        if self.owners is not None:
+            broadcast_params(self.params, self.owners, self.mesh["dp"])
+        self.zero_grad()
         loss = self._dp_mean(loss_sum, torch.tensor(float(len(micro)), device=self.device))
         row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item()}
         if self.pipeline is not None and self.pipeline.last_wait_s is not None:

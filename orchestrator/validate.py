@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from models.llama import ModelArgs
 from orchestrator.data import BIN_DTYPES, FORMATS
+from orchestrator.levers import AC_MODES, DTYPES
 from models.plans import pipeline_cuts
 from parallel.data import DP_SHARD_CHOICES
 from parallel.pipeline import SCHEDULES, SINGLE_STAGE, V_SHAPED, stages_per_rank
@@ -52,6 +53,7 @@ def validate(cfg: DictConfig, env=None) -> list[str]:
     _check_pp(cfg)
     _check_data(cfg)
     _check_optim_logging(cfg)
+    _check_levers(cfg)
     return warnings
 
 
@@ -90,9 +92,9 @@ def _check_slurm(cfg: DictConfig) -> list[str]:
     world = par.tp * par.pp * par.dp
     _at_least("launcher.nodes", la.nodes, 1)
     _at_least("launcher.cpus_per_task", la.cpus_per_task, 1)
+    _at_least("launcher.array_parallelism", la.array_parallelism, 1)
     if la.tasks_per_node is None and world % la.nodes:
         raise ConfigError(
-    _at_least("launcher.array_parallelism", la.array_parallelism, 1)
             f"launcher.nodes={la.nodes} does not divide the world size tp*pp*dp={world} "
             f"(valid nodes: {', '.join(map(str, divisors(world)))}, or set launcher.tasks_per_node)"
         )
@@ -145,12 +147,6 @@ def _check_tp(cfg: DictConfig) -> None:
         raise ConfigError(
             f"train.seq_len={cfg.train.seq_len} is not divisible by parallel.tp={tp}, which "
             "parallel.sequence_parallel=true splits it by (valid: a multiple of tp, or sequence_parallel=false)"
-        )
-    if par.dp_shard == "replicate" and par.dp > 1:
-        raise ConfigError(
-            f"parallel.dp_shard=replicate with parallel.tp={tp}: DDP cannot replicate a tensor-parallel model "
-            "(its parameter broadcast has no DTensor sharding strategy, and composable replicate yields no "
-            "gradients) (valid: parallel.dp_shard=full)"
         )
 
 
@@ -309,6 +305,12 @@ def _check_optim_logging(cfg: DictConfig) -> None:
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
     _at_least("logging.every", cfg.logging.every, 1)
     _at_least("logging.console_every", cfg.logging.console_every, 1)
+
+
+def _check_levers(cfg: DictConfig) -> None:
+    t = cfg.train
+    _choice("train.dtype", t.dtype, tuple(DTYPES))
+    _choice("train.activation_checkpointing", t.activation_checkpointing, AC_MODES)
 
 
 def check_corpus(cfg: DictConfig, corpus) -> None:

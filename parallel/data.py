@@ -1,39 +1,76 @@
-"""Data parallelism over the dp mesh: FSDP2 (`fully_shard`) or plain replication (DDP).
+"""Data parallelism over the dp mesh, at one of three levels (`parallel.dp_shard`).
 
-full      parameters, gradients and optimizer state sharded over dp (FSDP2 / ZeRO-3);
-          applied on the meta device, before the weights exist.
-replicate every rank holds the whole model and gradients are all-reduced (DDP);
-          applied to materialized weights.
+What each rank stores, for a model part of P parameters (P counts this rank's
+TP shard and pipeline stages only; dp = parallel.dp; optimizer = AdamW, two
+moments per parameter):
+
+  level      weights              gradients            AdamW state        how
+  full       P/dp fp32            P/dp fp32            2P/dp fp32         FSDP2 `fully_shard` (ZeRO-3): each block's
+                                                                          weights are all-gathered for its forward and
+                                                                          again for its backward (plus one block's worth
+                                                                          gathered at a time), gradients reduce-scattered
+  optimizer  P fp32               P fp32               2P/dp fp32         ZeRO-1: gradients all-reduced after backward;
+                                                                          each dp rank steps only the whole parameters
+                                                                          it owns (balanced by size) and broadcasts them
+  replicate  P fp32               P fp32               2P fp32            DDP at tp=1 (reduction overlapped with
+                                                                          backward); with tp>1 the same all-reduce as
+                                                                          `optimizer`, after backward (DDP cannot hold
+                                                                          DTensors)
+
+With dp=1 nothing is applied and every level stores P, P and 2P fp32.
+
+train.dtype=bf16 never changes what is stored above: the weights the
+optimizer steps, their gradients and the AdamW state all stay fp32. Under
+`full` (dp>1) FSDP2's MixedPrecisionPolicy gathers each unit's weights as
+bf16 (the transient all-gathered copy: 2 bytes per parameter of the units
+being computed, rather than 4), computes in bf16 and reduce-scatters
+gradients in fp32. Elsewhere forward runs under bf16 autocast: every matmul
+makes a transient bf16 copy of its weight, activations saved for backward
+are mostly bf16 (half of fp32), and gradients come out fp32, reduced in fp32.
+The `optimizer` and tp>1 `replicate` levels also hold one flat fp32 bucket
+of up to BUCKET elements while reducing or broadcasting.
 """
 
 import contextlib
 
+import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-DP_SHARD_CHOICES = ("full", "replicate")
+DP_SHARD_CHOICES = ("full", "optimizer", "replicate")
+BUCKET = 2**24  # elements per flat all-reduce / broadcast: bounds the extra memory
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, per_block: bool = True) -> nn.Module:
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, per_block: bool = True,
+               param_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Shard each transformer block as its own unit, then the rest (embedding, norm, head) at the root.
 
     per_block=False makes the whole module one unit: the zero-bubble pipeline
     schedules compute weight gradients after the stage's last backward, which
     per-block units would already have reduced (their gradients come out None).
+    A param_dtype below fp32 computes in it, with gradients reduced in fp32.
     """
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     if per_block:
         for layer in model.layers.values():
-            fully_shard(layer, mesh=dp_mesh)
+            fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
     # The root's parameters are needed again right away by backward: keep them gathered.
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp)
     return model
 
 
 def apply_replicate(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
     device_ids = None if model.rope.device.type == "cpu" else [model.rope.device]
     return DistributedDataParallel(model, process_group=dp_mesh.get_group(), device_ids=device_ids)
+
+
+def reduces_after_backward(dp_shard: str, dp: int, tp: int) -> bool:
+    """Whether the loop must average gradients over dp itself (no FSDP2 or DDP does it)."""
+    return dp > 1 and (dp_shard == "optimizer" or (dp_shard == "replicate" and tp > 1))
 
 
 @contextlib.contextmanager
@@ -47,3 +84,64 @@ def grad_sync(model: nn.Module, enabled: bool):
             yield
     else:
         yield
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds: a DTensor's local shard (a view; writing it writes the DTensor)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _buckets(tensors: list[torch.Tensor]):
+    """Consecutive runs of same-dtype tensors of at most BUCKET elements (a larger tensor alone)."""
+    run, size = [], 0
+    for t in tensors:
+        if run and (size + t.numel() > BUCKET or t.dtype != run[0].dtype):
+            yield run
+            run, size = [], 0
+        run.append(t)
+        size += t.numel()
+    if run:
+        yield run
+
+
+def _flat_collective(tensors: list[torch.Tensor], op) -> None:
+    for run in _buckets(tensors):
+        flat = torch.cat([t.reshape(-1) for t in run])
+        op(flat)
+        for t, part in zip(run, flat.split([t.numel() for t in run])):
+            t.copy_(part.view_as(t))
+
+
+@torch.no_grad()
+def reduce_grads(params: list[nn.Parameter], dp_group: dist.ProcessGroup) -> None:
+    """Average every gradient over the dp ranks, in place (flat buckets; Partial tp sums commute)."""
+    n = dist.get_world_size(dp_group)
+
+    def average(flat):
+        dist.all_reduce(flat, group=dp_group)
+        flat.div_(n)
+
+    _flat_collective([_local(p.grad) for p in params if p.grad is not None], average)
+
+
+def shard_owners(params: list[nn.Parameter], dp: int) -> list[int]:
+    """ZeRO-1: the dp rank that keeps each parameter's optimizer state, balancing whole sizes.
+
+    Largest first onto the least loaded rank, ties by position: every rank of a
+    dp group computes the same answer from the same (global) shapes.
+    """
+    load, owners = [0] * dp, [0] * len(params)
+    for i in sorted(range(len(params)), key=lambda i: (-params[i].numel(), i)):
+        owner = min(range(dp), key=lambda r: (load[r], r))
+        owners[i] = owner
+        load[owner] += params[i].numel()
+    return owners
+
+
+@torch.no_grad()
+def broadcast_params(params: list[nn.Parameter], owners: list[int], dp_mesh: DeviceMesh) -> None:
+    """ZeRO-1: after each rank stepped its own parameters, every rank gets everyone's new values."""
+    group = dp_mesh.get_group()
+    for owner in range(dp_mesh.size()):
+        mine = [_local(p) for p, o in zip(params, owners) if o == owner]
+        _flat_collective(mine, lambda flat: dist.broadcast(flat, group=group, group_src=owner))

@@ -165,7 +165,8 @@ class Pipeline:
                 if stage == self.n_stages - 1:
                     out = hidden
             elif prev == me:
-                dist.send(hidden.contiguous(), group=self.group, group_dst=owner)
+                # Always fp32 on the wire, whatever a stage computes in (train.dtype): the receiver expects it.
+                dist.send(hidden.float().contiguous(), group=self.group, group_dst=owner)
         return out
 
 

@@ -1,0 +1,114 @@
+"""Memory and speed levers applied to a plain model part: bf16 compute, activation checkpointing, compile.
+
+Each is a function applied from the outside, like the parallelisms: it
+replaces a module's `forward` on the instance, so no module is wrapped or
+renamed and every parameter keeps its name (checkpoints stay compatible
+whatever the levers). They compose with TP (DTensor), FSDP2 and pipeline
+stages, whose hooks sit on the modules' `__call__`, around the new forward.
+
+train.dtype=bf16             parameters stay fp32 (the master weights the optimizer steps);
+                             where FSDP2 shards them, its MixedPrecisionPolicy gathers them as
+                             bf16 and reduces gradients in fp32 (parallel/data.py); elsewhere
+                             the part's forward runs under bf16 autocast (matmuls and attention
+                             in bf16, norms and the loss in fp32, gradients fp32).
+activation_checkpointing     full: every transformer block keeps only its input and recomputes
+                             the rest in backward. selective: the same for every second block
+                             (even global layer index), halving the saving and the recompute.
+compile                      torch.compile of each block's attention and MLP (its norms and
+                             residual adds stay eager); if the compiler does not work here
+                             (checked once on a small function), a message says so and the
+                             run stays eager.
+"""
+
+import functools
+import sys
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+AC_MODES = ("none", "full", "selective")
+
+
+def _checkpointed(forward):
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def ac_layers(layer_ids: list[int], mode: str) -> list[int]:
+    """The global layer indices whose blocks are recomputed in backward."""
+    if mode == "full":
+        return list(layer_ids)
+    if mode == "selective":
+        return [i for i in layer_ids if i % 2 == 0]
+    return []
+
+
+def apply_ac(model: nn.Module, mode: str) -> nn.Module:
+    chosen = set(ac_layers([int(k) for k in model.layers.keys()], mode))
+    for key, block in model.layers.items():
+        if int(key) in chosen:
+            block.forward = _checkpointed(block.forward)
+    return model
+
+
+def apply_autocast(model: nn.Module, dtype: torch.dtype, device_type: str) -> nn.Module:
+    """Run the part's forward under autocast: fp32 weights, low-precision matmuls."""
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return forward(*args, **kwargs)
+
+    model.forward = run
+    return model
+
+
+_COMPILE_WORKS = None
+
+
+def compile_works() -> bool:
+    """Whether torch.compile can build forward and backward here (a small probe, once per process)."""
+    global _COMPILE_WORKS
+    if _COMPILE_WORKS is None:
+        try:
+            x = torch.ones(8, requires_grad=True)
+            torch.compile(lambda t: (t * 2).sin().sum())(x).backward()
+            _COMPILE_WORKS = True
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: stay eager
+            _COMPILE_WORKS = False
+            why = (str(e).splitlines() or [""])[0][:200]
+            print(f"trident: train.compile=true but torch.compile does not work here "
+                  f"({type(e).__name__}: {why}); running eager", file=sys.stderr)
+    return _COMPILE_WORKS
+
+
+def apply_compile(model: nn.Module) -> bool:
+    """Compile each block's attention and MLP; False (and eager blocks) where the compiler does not work.
+
+    Not the whole block: under TP its input is a plain tensor that hooks inside
+    turn into DTensors, and a compiled graph across that boundary gave wrong
+    input gradients (torch 2.13, seen here). The sub-blocks take and return
+    DTensors under TP (their hooks run outside, eagerly) and compile cleanly.
+    """
+    if not compile_works():
+        return False
+    for block in model.layers.values():
+        for sub in (block.attention, block.feed_forward):
+            sub.forward = torch.compile(sub.forward)
+    return True
+
+
+def apply_levers(model: nn.Module, train_cfg, device: torch.device, fsdp_mixed_precision: bool) -> nn.Module:
+    """Activation checkpointing (a block's recompute calls its compiled sub-blocks again), compile, autocast."""
+    apply_ac(model, train_cfg.activation_checkpointing)
+    if train_cfg.compile:
+        apply_compile(model)
+    if DTYPES[train_cfg.dtype] != torch.float32 and not fsdp_mixed_precision:
+        apply_autocast(model, DTYPES[train_cfg.dtype], device.type)
+    return model
