@@ -47,8 +47,7 @@ def _worker(env, device, cfg_dict, run_dir, corpus):
     init = {name: t[:vocab] if name in vocab_rows else t for name, t in init.items()}
     trainer.forward_backward(trainer.batches.step(1))
     grads = {name: gathered(p.grad) for name, p in named}
-    for opt in trainer.optimizers:
-        opt.zero_grad(set_to_none=True)
+    trainer.zero_grad()
     # One writer per pipeline stage: the rank at dp=0, tp=0 of each pp rank.
     if trainer.mesh["dp"].get_local_rank() == 0 and trainer.mesh["tp"].get_local_rank() == 0:
         ref = reference_grads(cfg, corpus)

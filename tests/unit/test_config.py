@@ -32,6 +32,14 @@ def test_typo_in_a_key_fails_at_composition():
     assert "stpes" in str(e.value.__cause__ or e.value)
 
 
+def test_levers_default_off_and_compile_takes_only_a_bool():
+    t = compose_as_shipped().train
+    assert (t.dtype, t.activation_checkpointing, t.compile) == ("fp32", "none", False)
+    with pytest.raises(ConfigCompositionException) as e:
+        make_cfg("train.compile=maybe")
+    assert "train.compile" in str(e.value.__cause__)
+
+
 def test_wrong_type_fails_at_composition():
     with pytest.raises(ConfigCompositionException) as e:
         make_cfg("train.steps=many")
@@ -59,8 +67,6 @@ def test_unknown_model_fails_naming_the_group():
         (["parallel.tp=2", "model.tie_embeddings=true"], ["model.tie_embeddings=true with parallel.tp=2"]),
         (["parallel.tp=4", "parallel.dp=1", "train.seq_len=30"],
          ["train.seq_len=30 is not divisible by parallel.tp=4", "sequence_parallel=false"]),
-        (["parallel.tp=2", "parallel.dp=2", "parallel.dp_shard=replicate"],
-         ["parallel.dp_shard=replicate with parallel.tp=2", "valid: parallel.dp_shard=full"]),
         (["parallel.pp=4", "parallel.dp=1", "model.n_layers=4", "train.micro_batch=4"],
          ["parallel.schedule=1f1b needs micro-batches at least parallel.pp=4, but there are 2"]),
         (["parallel.pp=2", "parallel.dp=1", "model.n_layers=4", "parallel.schedule=dualpipev", "train.micro_batch=4"],
@@ -84,7 +90,9 @@ def test_unknown_model_fails_naming_the_group():
                                                            "parallel.tp*pp*dp = 2"]),
         (["launcher=slurm", "launcher.gpus_per_node=1"], ["launcher.gpus_per_node=1 < 2 tasks per node"]),
         (["launcher=slurm", "launcher.time=soon"], ["launcher.time: 'soon' is not a SLURM time"]),
-        (["parallel.dp_shard=zero7"], ["parallel.dp_shard='zero7'", "full, replicate"]),
+        (["parallel.dp_shard=zero7"], ["parallel.dp_shard='zero7'", "full, optimizer, replicate"]),
+        (["train.dtype=fp16"], ["train.dtype='fp16'", "fp32, bf16"]),
+        (["train.activation_checkpointing=some"], ["train.activation_checkpointing='some'", "none, full, selective"]),
         (["launcher.backend=mpi"], ["launcher.backend='mpi'", "auto, gloo, nccl"]),
         (["data.path=/no/such/corpus"], ["data.path='/no/such/corpus'", "does not exist"]),
         (["data.format=csv"], ["data.format='csv'", "auto, text, bin"]),
