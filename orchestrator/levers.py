@@ -14,6 +14,11 @@ train.dtype=bf16             parameters stay fp32 (the master weights the optimi
 activation_checkpointing     full: every transformer block keeps only its input and recomputes
                              the rest in backward. selective: the same for every second block
                              (even global layer index), halving the saving and the recompute.
+                             Memory, per micro-batch in flight: a checkpointed block keeps one
+                             (batch, seq/tp under SP, dim) tensor in the compute dtype instead
+                             of its whole activations, plus one block's full activations while
+                             it is recomputed; the recompute costs about one more forward of
+                             those blocks (and, under TP/SP, their forward collectives again).
 compile                      torch.compile of each block's attention and MLP (its norms and
                              residual adds stay eager); if the compiler does not work here
                              (checked once on a small function), a message says so and the

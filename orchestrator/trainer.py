@@ -25,6 +25,7 @@ from orchestrator import checkpoint
 from orchestrator.build import build_model
 from orchestrator.data import Batches, Corpus, eval_batches
 from orchestrator.flops import flops_per_token, peak_flops
+from orchestrator.levers import compile_works
 from orchestrator.metrics import MetricsLogger, NullLogger, console, fmt_count, fmt_duration, progress_line
 from parallel.data import broadcast_params, grad_sync, reduce_grads, reduces_after_backward, shard_owners
 from parallel.grad import clip_grads_
@@ -309,9 +310,16 @@ class Trainer:
             f"resumed from {self.resumed_from} at step {self.step}" if first_eval is None
             else f"eval loss at step 0: {first_eval:.4f}"
         )
+        t = self.cfg.train
+        levers = [t.dtype]
+        if t.activation_checkpointing != "none":
+            levers.append(f"activation checkpointing {t.activation_checkpointing}")
+        if t.compile:
+            levers.append("compiled" if compile_works() else "eager (compile failed)")
         return (
             f"trident: {self.cfg.model.name} ({fmt_count(self.n_params)} parameters) on {d.world_size} rank(s) "
-            f"tp={d.tp} pp={d.pp} dp={d.dp} ({self.cfg.parallel.dp_shard}), {self.device.type}; {start}"
+            f"tp={d.tp} pp={d.pp} dp={d.dp} ({self.cfg.parallel.dp_shard}), {self.device.type}, "
+            f"{', '.join(levers)}; {start}"
         )
 
     def _summary(self, s: dict) -> str:
