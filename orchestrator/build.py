@@ -64,8 +64,13 @@ def stage_plan(model_cfg, parallel_cfg, pp: int, pp_rank: int) -> tuple[list[int
 
 
 def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device, seed: int,
-                train_cfg=None) -> ModelParts:
-    """train_cfg (the `train:` group) brings the levers (dtype, activation checkpointing, compile); None: none."""
+                train_cfg=None, materialize: bool = True) -> ModelParts:
+    """train_cfg (the `train:` group) brings the levers (dtype, activation checkpointing, compile); None: none.
+
+    materialize=False stops before any memory is allocated: the parts stay on the
+    meta device, TP'd and FSDP-sharded, with no weights (the planner and dry runs
+    count their shards).
+    """
     args = ModelArgs.from_config(model_cfg)
     tp, dp_mesh = mesh["tp"].size(), mesh["dp"]
     if tp > 1 and args.vocab_size % tp:
@@ -73,7 +78,7 @@ def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device,
     with torch.device("meta"):
         whole = Transformer(args)
     ids, layers, n_stages = stage_plan(model_cfg, parallel_cfg, mesh["pp"].size(), mesh["pp"].get_local_rank())
-    source = load_hf(model_cfg.init_from, args) if model_cfg.get("init_from") else None
+    source = load_hf(model_cfg.init_from, args) if materialize and model_cfg.get("init_from") else None
     parts, modules = [], []
     for stage in ids:
         module = whole if n_stages == 1 else stage_module(whole, stage, n_stages, layers[stage])
@@ -85,6 +90,10 @@ def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device,
         if fsdp:
             apply_fsdp(module, dp_mesh, per_block=n_stages == 1 or parallel_cfg.schedule not in SPLIT_BACKWARD,
                        param_dtype=DTYPES[train_cfg.dtype] if train_cfg is not None else torch.float32)
+        if not materialize:
+            parts.append(module)
+            modules.append(module)
+            continue
         module.to_empty(device=device)
         init_weights(module, seed, source)
         # DDP cannot hold DTensors: with tp > 1 the loop reduces the gradients itself (parallel/data.py).

@@ -142,8 +142,30 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    dry_run: bool = MISSING
+
+
+@dataclass
+class ClusterConfig:
+    name: str = MISSING
+    gpus: int = MISSING
+    gpus_per_node: int = MISSING
+    gpu_memory_gb: float = MISSING
+    memory_reserve_gb: float = MISSING
+    peak_tflops: float = MISSING
+    mfu: float = MISSING
+    intra_node_gbps: float = MISSING
+    inter_node_gbps: float = MISSING
+
+
+@dataclass
+class PlanConfig(TrainConfig):
+    """`trident-plan`: the training config plus the cluster it is planned for."""
+
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def register() -> None:
-    """Make the schema known to Hydra; `conf/train.yaml` extends it."""
+    """Make the schema known to Hydra; `conf/train.yaml` extends it, `conf/plan.yaml` the plan's."""
     ConfigStore.instance().store(name="trident_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="trident_plan_schema", node=PlanConfig)

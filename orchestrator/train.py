@@ -61,6 +61,12 @@ def run(cfg: DictConfig, run_dir: str) -> None:
     for warning in validate(cfg, env):
         if env is None or env.rank == 0:
             print(f"trident: warning: {warning}", file=sys.stderr, flush=True)
+    if cfg.dry_run:  # every pp rank's stages built on the meta device at the full world size; nothing spawned
+        from orchestrator.plan import dry_run
+
+        if env is None or env.rank == 0:
+            print(dry_run(cfg), flush=True)
+        return
     try:
         corpus = prepare(cfg.data)
     except FileNotFoundError as e:

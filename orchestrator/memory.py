@@ -1,0 +1,389 @@
+"""Per-rank memory of a layout, without a cluster: model state measured, activations from a formula.
+
+Model state (weights, gradients, AdamW state) is measured, not guessed: the
+real `build_model` runs on the meta device inside torch's fake process group
+at the layout's full world size, applying the real pipeline cut, TP plan and
+FSDP2 sharding, and we count each rank's local shards. FSDP2 and DTensor shard
+every parameter on its own (dim 0, torch.chunk sizes), so one transformer
+block's shards stand for all of them: a *probe* model with one layer per
+pipeline stage gives the embedding's, a block's and the head's shards at
+every rank, and a stage's bytes are those times its layer count. (`dry_run`
+builds the whole of every pp rank's stages instead; tests check the two
+agree, and that both equal what a real gloo run allocates, to the byte.)
+
+Activations are analytic: the bytes autograd saves for backward per token
+and layer, counted op by op for our Llama block (the analogue of Korthikanti
+et al.'s sbh(34 + 5as/h) for GPT), times the micro-batches a pipeline rank
+holds at once under its schedule.
+"""
+
+import contextlib
+from dataclasses import dataclass
+from functools import lru_cache
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from models.llama import ModelArgs
+from parallel.data import BUCKET, shard_owners
+from parallel.mesh import ParallelDims, build_mesh
+from parallel.pipeline import SINGLE_STAGE
+
+GiB = 2**30
+ADAM_MOMENTS = 2  # exp_avg and exp_avg_sq, each the dtype and shape of its parameter
+ADAM_STEP_BYTES = 4  # AdamW's per-tensor step count: a float32 scalar
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes per parameter element of each kind of model state."""
+
+    param: float
+    grad: float
+    optim: float  # optimizer state, with any fp32 master copy of low-precision weights
+
+
+# What this code stores, per train.dtype (parallel/data.py): bf16 changes only transient copies and activations.
+STORED = {"fp32": StateBytes(4, 4, 8), "bf16": StateBytes(4, 4, 8)}
+# The mixed-precision accounting of ZeRO and Megatron-LM: bf16 weights, fp32 gradients, fp32 master + 2 moments.
+PUBLISHED_MIXED = StateBytes(2, 4, 12)
+# Which kinds each parallel.dp_shard level shards over the dp ranks.
+SHARDED = {"full": ("param", "grad", "optim"), "optimizer": ("optim",), "replicate": ()}
+
+
+def state_bytes_per_param(b: StateBytes, level: str, dp: int) -> float:
+    """Bytes of model state per parameter on one rank, with `level` sharding over `dp` ranks."""
+    return sum(getattr(b, kind) / (dp if kind in SHARDED[level] else 1) for kind in ("param", "grad", "optim"))
+
+
+@contextlib.contextmanager
+def fake_world(world_size: int, rank: int):
+    """A default process group of `world_size` ranks that never communicates, as rank `rank`."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if "fake" not in dist.Backend.backend_list:  # older torch registers it on import of its testing module
+        import torch.testing._internal.distributed.fake_pg  # noqa: F401
+    dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One parameter as one rank holds it."""
+
+    numel: int  # of the whole parameter (what ZeRO-1 balances by)
+    local: int  # elements this rank stores
+    itemsize: int
+    grad: int  # elements of its gradient on this rank
+
+
+@dataclass
+class Shards:
+    """The parameters of the embedding, of one block and of the head (final norm + output), at one rank."""
+
+    embed: list[Shard]
+    block: list[Shard]
+    head: list[Shard]
+
+
+def whole_embedding_grad(cfg) -> bool:
+    """DTensor's vocab-parallel embedding backward gives a replicated gradient of the whole table (torch
+    2.13, measured): unless FSDP2 reduce-scatters it into a shard, every tp rank keeps all of it."""
+    par = cfg.parallel
+    return par.tp > 1 and not (par.dp > 1 and par.dp_shard == "full")
+
+
+def _shard(p, whole_grad: bool = False) -> Shard:
+    local = p.to_local() if hasattr(p, "to_local") else p
+    return Shard(p.numel(), local.numel(), local.element_size(), p.numel() if whole_grad else local.numel())
+
+
+def build_meta(cfg, rank: int):
+    """This rank's whole model parts on the meta device, sharded by the real build code, in a fake world."""
+    from orchestrator.build import build_model
+
+    par = cfg.parallel
+    with fake_world(par.tp * par.pp * par.dp, rank):
+        mesh = build_mesh(ParallelDims(par.tp, par.pp, par.dp), "cpu")
+        train = OmegaConf.merge(cfg.train, {"compile": False})  # nothing runs: compiling would only cost time
+        return build_model(cfg.model, par, mesh, torch.device("meta"), 0, train_cfg=train, materialize=False)
+
+
+def probe_shards(cfg, dp_rank: int = 0, tp_rank: int = 0) -> Shards:
+    """Measure the embedding's, a block's and the head's shards at (pp rank 0, dp_rank, tp_rank).
+
+    The probe is a one-layer model built by `build_model` in the layout's full
+    fake world, on the mesh of pp rank 0's dp x tp ranks: exactly the groups,
+    rank order and sharding of the real layout (ranks are ordered (pp, dp,
+    tp), so pp rank 0 holds ranks 0 .. dp*tp-1), without building pp stages.
+    Rank (0, 0) of each dp and tp group holds the largest shards (torch.chunk
+    gives any remainder to the last ranks).
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from orchestrator.build import build_model
+    from parallel.mesh import MESH_DIMS
+
+    par = cfg.parallel
+    model = OmegaConf.merge(cfg.model, {"n_layers": 1})
+    one_stage = OmegaConf.merge(par, {"pp": 1, "schedule": "1f1b", "stages_per_rank": None, "cut_points": None})
+    train = OmegaConf.merge(cfg.train, {"compile": False})  # nothing runs: compiling would only cost time
+    with fake_world(par.tp * par.pp * par.dp, dp_rank * par.tp + tp_rank):
+        mesh = DeviceMesh("cpu", torch.arange(par.dp * par.tp).view(1, par.dp, par.tp), mesh_dim_names=MESH_DIMS)
+        built = build_model(model, one_stage, mesh, torch.device("meta"), 0, train_cfg=train, materialize=False)
+    found = {"embed": [], "block": [], "head": []}
+    for name, p in built.modules[0].named_parameters():
+        kind = "block" if name.startswith("layers.") else "embed" if name.startswith("tok_embeddings") else "head"
+        found[kind].append(_shard(p, kind == "embed" and whole_embedding_grad(cfg)))
+    return Shards(**found)
+
+
+def rank_params(cfg, shards: Shards, pp_rank: int, stages=None) -> list[Shard]:
+    """This pp rank's parameters in the order its modules list them."""
+    ids_per_rank, layers, n_stages = stages or rank_stages(cfg)
+    ids = ids_per_rank[pp_rank]
+    out = []
+    for stage in ids:
+        out += shards.embed if stage == 0 else []
+        out += shards.block * len(layers[stage])
+        out += shards.head if stage == n_stages - 1 else []
+    return out
+
+
+def measured_params(cfg, built) -> list[Shard]:
+    """The same list from a full (dry-run) build."""
+    whole = whole_embedding_grad(cfg)
+    return [_shard(p, whole and name.startswith("tok_embeddings")) for m in built.modules
+            for name, p in m.named_parameters()]
+
+
+@dataclass
+class StateMemory:
+    params: int
+    grads: int
+    optim: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optim
+
+
+def state_memory(params: list[Shard], dp_shard: str, dp: int, dp_rank: int = 0) -> StateMemory:
+    """Bytes of weights, gradients and AdamW state this rank allocates."""
+    local = sum(s.local * s.itemsize for s in params)
+    grads = sum(s.grad * s.itemsize for s in params)
+    owned = params
+    if dp_shard == "optimizer" and dp > 1:
+        owners = shard_owners([SimpleNamespace(numel=lambda s=s: s.numel) for s in params], dp)
+        owned = [s for s, r in zip(params, owners) if r == dp_rank]
+    optim = sum(ADAM_MOMENTS * s.local * s.itemsize + ADAM_STEP_BYTES for s in owned)
+    return StateMemory(local, grads, optim)
+
+
+# ---- activations ----
+
+@dataclass(frozen=True)
+class ActivationModel:
+    """Bytes autograd saves per token: per block, and for the first and last stage's extras."""
+
+    block: float  # a block without activation checkpointing
+    block_input: float  # a checkpointed block: only its input
+    first: float  # the token ids
+    last: float  # final norm, output projection input, fp32 log-softmax
+
+
+def activation_model(cfg, args: ModelArgs = None) -> ActivationModel:
+    """Per-token saved bytes of our Llama block, op by op (checked against autograd on CPU).
+
+    Each RMSNorm saves its fp32 input (x.float()), its normalised output in the
+    stream's dtype, and a 4-byte rsqrt; the linears save their (gathered)
+    input; attention saves q, the repeated k and v, its output (in
+    `act` bytes) and a 4-byte log-sum-exp per head; the SwiGLU MLP saves w1's
+    and w3's outputs, silu's output and their product. With sequence
+    parallelism norms and the residual stream hold s/tp tokens, the linears'
+    inputs all s; everything inside attention and the MLP is split over tp.
+    """
+    args = args or ModelArgs.from_config(cfg.model)
+    par, t = cfg.parallel, cfg.train
+    tp = par.tp
+    sp = tp if (tp > 1 and par.sequence_parallel) else 1
+    h, f, heads = args.dim, args.ffn_hidden, args.n_heads
+    bf16 = t.get("dtype", "fp32") == "bf16"
+    fsdp_mp = bf16 and par.dp > 1 and par.dp_shard == "full"
+    act = 2 if bf16 else 4  # what matmuls output
+    stream = act if fsdp_mp else 4  # the residual stream: bf16 only when the weights themselves are gathered as bf16
+    normed = stream if not bf16 else (act if fsdp_mp else 4)
+    norm = (4 * h + normed * h + 4) / sp + act * h  # + the linears' input, gathered to the whole sequence
+    block = 2 * norm + (4 * act * h + 4 * heads + 4 * act * f) / tp
+    vocab = -(-args.vocab_size // tp) * tp
+    return ActivationModel(
+        block=block,
+        block_input=stream * h / sp,
+        first=8,
+        last=norm + 4 * vocab / tp,
+    )
+
+
+def stage_activation_bytes(am: ActivationModel, layer_ids, first: bool, last: bool, tokens: int,
+                           ac: str) -> tuple[float, float]:
+    """(bytes one micro-batch leaves saved on a stage, extra transient bytes while one block recomputes)."""
+    from orchestrator.levers import ac_layers
+
+    recomputed = set(ac_layers(list(layer_ids), ac))
+    per_token = sum(am.block_input if i in recomputed else am.block for i in layer_ids)
+    per_token += (am.first if first else 0) + (am.last if last else 0)
+    return per_token * tokens, (am.block * tokens if recomputed else 0.0)
+
+
+@lru_cache(maxsize=512)
+def schedule_orders(schedule: str, pp: int, m: int, per_rank) -> tuple[dict, int]:
+    """Each rank's compute actions (F, B, I, W per stage and micro-batch), from the schedule itself."""
+    from parallel.bubble import ensure_fake_world, pipeline_orders, single_stage_orders
+
+    if schedule in SINGLE_STAGE:
+        return single_stage_orders(schedule, pp, m), pp
+    ensure_fake_world(pp)
+    try:
+        return pipeline_orders(schedule, pp, m, per_rank)
+    finally:
+        dist.destroy_process_group()
+
+
+# What each action does to the activations of its stage's micro-batch: a split backward frees
+# half at its input-gradient step (I) and the rest at its weight-gradient step (W), which still
+# needs the linears' inputs.
+_LIVE = {"F": 1.0, "B": -1.0, "I": -0.5, "W": -0.5}
+
+
+@lru_cache(maxsize=512)
+def _live_steps(schedule: str, pp: int, m: int, per_rank) -> dict[int, list[tuple[int, float]]]:
+    from parallel.bubble import _ops
+
+    orders, _ = schedule_orders(schedule, pp, m, per_rank)
+    return {r: [(op.stage, _LIVE[op.kind]) for a in actions for op in _ops(a)] for r, actions in orders.items()}
+
+
+def peak_in_flight(steps: list[tuple[int, float]], stage_bytes: dict[int, float]) -> float:
+    """Walk one rank's actions: a forward adds its stage's activations, backward frees them."""
+    live = peak = 0.0
+    for stage, sign in steps:
+        live += sign * stage_bytes[stage]
+        peak = max(peak, live)
+    return peak
+
+
+def other_bytes(cfg, shards: Shards) -> float:
+    """Transient buffers beside state and activations, for the worst rank.
+
+    full (FSDP2, dp>1): the root unit (embedding, head) stays gathered all
+    step, plus two blocks gathered at a time (the one computing and the one
+    prefetched), in the compute dtype, and one block's unsharded fp32
+    gradients before their reduce-scatter. The levels that reduce in flat
+    buckets hold one fp32 bucket.
+    """
+    par, t = cfg.parallel, cfg.train
+    if par.dp == 1:
+        return 0.0
+    act = 2 if t.get("dtype", "fp32") == "bf16" else 4
+    tp_local = lambda shards_: sum(s.numel for s in shards_) / par.tp  # noqa: E731
+    if par.dp_shard == "full":
+        root = tp_local(shards.embed) + tp_local(shards.head)
+        block = tp_local(shards.block)
+        return root * (act + 4) + block * (2 * act + 4)
+    return BUCKET * 4
+
+
+def autocast_copy_bytes(cfg, shards: Shards) -> tuple[float, float]:
+    """(bytes per block, bytes of the head): bf16 without FSDP2 runs under autocast, which casts each
+    matmul's weight per micro-batch and keeps the copy until that micro-batch's backward (2 bytes per
+    TP-local matrix element)."""
+    par, t = cfg.parallel, cfg.train
+    if t.get("dtype", "fp32") != "bf16" or (par.dp > 1 and par.dp_shard == "full"):
+        return 0.0, 0.0
+    dim = cfg.model.dim
+    matrices = lambda shards_: 2 * sum(s.numel for s in shards_ if s.numel > dim) / par.tp  # noqa: E731 (not norms)
+    return matrices(shards.block), matrices(shards.head)
+
+
+def orders_microbatches(schedule: str, pp: int, m: int) -> int:
+    """Micro-batches to replay a multi-stage schedule with: its peak memory and idle time stop growing by 2 pp."""
+    return m if schedule in SINGLE_STAGE else min(m, 2 * pp)
+
+
+def rank_stages(cfg) -> tuple[list[list[int]], list[range], int]:
+    """(each pp rank's stage ids, every stage's layers, number of stages): build.stage_plan for every rank."""
+    from orchestrator.build import stage_plan
+    from parallel.pipeline import stage_ids, stages_per_rank
+
+    par = cfg.parallel
+    ids0, layers, n_stages = stage_plan(cfg.model, par, par.pp, 0)
+    if par.pp == 1:
+        return [ids0], layers, n_stages
+    v = stages_per_rank(par.schedule, par.stages_per_rank)
+    return [stage_ids(par.schedule, r, par.pp, v) for r in range(par.pp)], layers, n_stages
+
+
+def activation_peaks(cfg, shards: Shards, stages=None, args: ModelArgs = None) -> list[float]:
+    """Peak saved-activation bytes on each pp rank during one step."""
+    par, t = cfg.parallel, cfg.train
+    ids_per_rank, layers, n_stages = stages or rank_stages(cfg)
+    am = activation_model(cfg, args)
+    tokens = t.micro_batch * t.seq_len
+    ac = t.get("activation_checkpointing", "none")
+    copy_block, copy_head = autocast_copy_bytes(cfg, shards)
+    stage_bytes, recompute = {}, {}
+    for stage, ids in enumerate(layers):
+        first, last = stage == 0, stage == n_stages - 1
+        saved, recompute[stage] = stage_activation_bytes(am, ids, first, last, tokens, ac)
+        stage_bytes[stage] = saved + copy_block * len(ids) + (copy_head if last else 0.0)
+    if par.pp == 1:  # micro-batches run one after another (gradient accumulation)
+        return [stage_bytes[0] + recompute[0]]
+    m = t.global_batch // (t.micro_batch * par.dp)
+    peaks = []
+    for r, ids in enumerate(ids_per_rank):
+        if par.schedule == "gpipe":  # every micro-batch's forward before any backward
+            held = m * stage_bytes[r]
+        elif par.schedule == "1f1b":  # rank r warms up with pp - r forwards
+            held = min(par.pp - r, m) * stage_bytes[r]
+        else:
+            steps = _live_steps(par.schedule, par.pp, orders_microbatches(par.schedule, par.pp, m),
+                                par.stages_per_rank)
+            held = peak_in_flight(steps[r], stage_bytes)
+        peaks.append(held + max(recompute[s] for s in ids))
+    return peaks
+
+
+@dataclass
+class RankMemory:
+    """What one rank holds at its peak, in bytes."""
+
+    pp_rank: int
+    params: int
+    grads: int
+    optim: int
+    activations: float
+    other: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optim + self.activations + self.other
+
+
+def layout_memory(cfg, shards: Shards, args: ModelArgs = None) -> list[RankMemory]:
+    """Every pp rank's memory at its fullest dp rank (tp rank 0, whose shards are the largest)."""
+    par = cfg.parallel
+    stages = rank_stages(cfg)
+    acts = activation_peaks(cfg, shards, stages, args)
+    other = other_bytes(cfg, shards)
+    out = []
+    dp_ranks = range(par.dp) if par.dp_shard == "optimizer" else [0]  # ZeRO-1 owners differ by dp rank
+    for r in range(par.pp):
+        params = rank_params(cfg, shards, r, stages)
+        st = max((state_memory(params, par.dp_shard, par.dp, d) for d in dp_ranks), key=lambda m: m.total)
+        out.append(RankMemory(r, st.params, st.grads, st.optim, acts[r], other))
+    return out

@@ -1,0 +1,124 @@
+"""trident-plan and dry runs: byte accounting, layout validity, output forms, speed (one process, fake world)."""
+
+import json
+import sys
+import time
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from orchestrator.config import register
+from orchestrator.memory import (
+    PUBLISHED_MIXED, STORED, build_meta, layout_memory, measured_params, probe_shards, state_bytes_per_param,
+    state_memory,
+)
+from orchestrator.plan import as_json, plan, sweep_lines, table
+from orchestrator.train import CONF_DIR
+from tests.conftest import run_cmd
+
+
+def compose_plan(*overrides: str):
+    register()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="plan", overrides=["checkpoint.dir=/tmp/trident-plan-unused", *overrides])
+
+
+@pytest.mark.parametrize("dp", [1, 2, 8, 64])
+def test_published_bytes_per_param_18_unsharded_and_6_plus_12_over_d_with_sharded_optimizer(dp):
+    # bf16 weights (2) + fp32 gradients (4) + fp32 master and two Adam moments (12)
+    assert state_bytes_per_param(PUBLISHED_MIXED, "replicate", dp) == 18
+    assert state_bytes_per_param(PUBLISHED_MIXED, "optimizer", dp) == pytest.approx(6 + 12 / dp)
+    assert state_bytes_per_param(PUBLISHED_MIXED, "full", dp) == pytest.approx(18 / dp)
+    # What this code stores: fp32 weights are the master copy, whatever train.dtype.
+    assert state_bytes_per_param(STORED["bf16"], "replicate", dp) == 16
+
+
+def test_layouts_invalid_for_the_model_are_rejected_by_trident_train_validation():
+    # llama-debug: 4 heads, 2 kv heads, 4 layers. On 8 GPUs tp=8 splits no head evenly, pp=8 has no layer per stage.
+    cfg = compose_plan("cluster.gpus=8")
+    rows, info = plan(cfg)
+    assert rows and all(r.tp <= 2 for r in rows)  # kv heads 2: tp in {1, 2}
+    assert all(r.pp <= 4 for r in rows)
+    assert not any(r.pp == 4 and r.schedule in ("interleaved-1f1b", "zbv", "dualpipev") for r in rows)  # 8 stages
+    assert "parallel.tp" in info["rejected"] and "model.n_layers" in info["rejected"]  # the settings named
+    assert info["valid"] == len(rows) and info["valid"] + sum(info["rejected"].values()) == info["candidates"]
+
+
+def test_table_json_top_and_sweep_line_of_the_best_fitting_layouts():
+    cfg = compose_plan("model=llama3-8b", "cluster.gpus=8", "train.seq_len=8192", "train.global_batch=64",
+                       "train.dtype=bf16", "train.activation_checkpointing=full")
+    rows, info = plan(cfg)
+    assert [r.fits for r in rows] == sorted((r.fits for r in rows), reverse=True)  # fitting ones first
+    fitting = [r.step_s for r in rows if r.fits]
+    assert fitting == sorted(fitting) and rows[0].rel == 1.0
+    text = table(rows, cfg, info, top=5)
+    assert "params" in text and "optim" in text and "act" in text and f"... {len(rows) - 5} more" in text
+    assert len(text.splitlines()) == 2 + 1 + 5 + 1
+    doc = json.loads(as_json(rows, info, top=3))
+    assert len(doc["layouts"]) == 3 and set(doc["layouts"][0]["memory_gib"]) >= {"params", "grads", "optim",
+                                                                                    "activations", "total"}
+    lines = sweep_lines(rows, cfg, 3)
+    assert all(line.startswith("trident-train -m ") and "parallel='{tp:" in line for line in lines)
+    # FSDP over the node (tp1 dp8) is what torchtitan ships for this model: it must fit here.
+    assert any(r.tp == 1 and r.pp == 1 and r.dp == 8 and r.micro_batch == 1 and r.fits for r in rows)
+
+
+def test_cli_prints_top_k_as_json_and_a_sweep_line(tmp_path):
+    out = run_cmd([sys.executable, "-m", "orchestrator.plan", "cluster.gpus=4", "--top", "2", "--json",
+                   "--sweep", "2", f"checkpoint.dir={tmp_path}"], timeout=120)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert len(doc["layouts"]) == 2 and all(r["tp"] * r["pp"] * r["dp"] == 4 for r in doc["layouts"])
+    assert "trident-train -m" in out.stderr
+    bad = run_cmd([sys.executable, "-m", "orchestrator.plan", "cluster.gpus=4", "model.n_heads=3"], timeout=120)
+    assert bad.returncode == 2 and "config error" in bad.stderr
+
+
+@pytest.mark.parametrize("overrides", [
+    ("parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.dp_shard=full"),
+    ("parallel.tp=1", "parallel.pp=4", "parallel.dp=2", "parallel.schedule=interleaved-1f1b",
+     "model.n_layers=8", "parallel.dp_shard=replicate"),
+    ("parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.schedule=zbv", "parallel.dp_shard=optimizer"),
+])
+def test_probe_of_one_block_equals_the_whole_stage_build_on_every_pp_rank(overrides):
+    cfg = compose_plan(*overrides)
+    par = cfg.parallel
+    predicted = layout_memory(cfg, probe_shards(cfg))
+    for r in predicted:
+        built = build_meta(cfg, r.pp_rank * par.dp * par.tp)
+        whole = max((state_memory(measured_params(cfg, built), par.dp_shard, par.dp, d) for d in range(par.dp)),
+                    key=lambda m: m.total)
+        assert (whole.params, whole.grads, whole.optim) == (r.params, r.grads, r.optim)
+
+
+def test_a_1024_rank_world_shards_a_70b_model_in_seconds():
+    cfg = compose_plan("model=llama3-70b", "parallel.tp=8", "parallel.pp=16", "parallel.dp=8",
+                       "train.seq_len=8192", "train.global_batch=1024", "train.micro_batch=1")
+    start = time.perf_counter()
+    shards = probe_shards(cfg)
+    ranks = layout_memory(cfg, shards)
+    assert time.perf_counter() - start < 10
+    # 70.6B parameters over 1024 ranks, 4 bytes each, within the stage imbalance (embedding and head).
+    per_rank = 70.55e9 * 4 / 1024
+    assert all(0.7 * per_rank < r.params < 1.6 * per_rank for r in ranks)
+
+
+def test_planner_covers_256_gpus_for_llama3_70b_quickly():
+    cfg = compose_plan("model=llama3-70b", "cluster.gpus=256", "train.seq_len=8192", "train.global_batch=1024",
+                       "train.dtype=bf16", "train.activation_checkpointing=full")
+    rows, info = plan(cfg)
+    assert info["seconds"] < 60 and info["fit"] > 0
+    best = rows[0]
+    assert best.fits and best.tp * best.pp * best.dp == 256
+
+
+def test_dry_run_reports_every_pp_ranks_memory_without_spawning(tmp_path):
+    out = run_cmd([sys.executable, "-m", "orchestrator.train", "dry_run=true", "model=llama3-8b",
+                   "parallel.tp=4", "parallel.pp=4", "parallel.dp=16", "train.seq_len=8192", "train.global_batch=64",
+                   "train.micro_batch=1", f"hydra.run.dir={tmp_path}", "logging.wandb.mode=disabled"], timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "dry run of llama3-8b at tp=4 pp=4 dp=16 (256 ranks" in out.stdout
+    assert len([line for line in out.stdout.splitlines() if line.strip()[:1].isdigit()]) == 4
+    bad = run_cmd([sys.executable, "-m", "orchestrator.train", "dry_run=true", "parallel.tp=3",
+                   f"hydra.run.dir={tmp_path}"], timeout=120)
+    assert bad.returncode == 2 and "parallel.tp=3" in bad.stderr
