@@ -9,10 +9,21 @@ so its error stays well under one bf16 step: losses must agree within 2e-3
 relative (measured: under 2e-4 over 10 steps). First-step gradients pass
 through a few bf16 matmuls: within 3e-2 of their largest value (measured:
 about 1e-2), and further than 1e-4, which proves bf16 was really used.
+The ZeRO-1 run's checkpoint, where each dp rank holds the AdamW state of only
+the parameters it owns, must resume whole on one process.
 """
 
-import pytest
+import json
+from pathlib import Path
 
+import pytest
+from omegaconf import OmegaConf
+
+from launch.local import spawn
+from orchestrator import checkpoint
+from orchestrator.data import prepare
+from orchestrator.trainer import Trainer
+from tests.conftest import make_cfg
 from tests.dist.harness import Result, assert_same_run, run_layout
 
 pytestmark = pytest.mark.dist
@@ -31,10 +42,30 @@ def assert_bf16_run(got: Result, ref: Result) -> None:
     assert 1e-4 < max(got.grad_errors.values()) < BF16_GRAD_REL, got.grad_errors
 
 
-@pytest.mark.parametrize("ac, dp_shard", [("full", "optimizer"), ("selective", "replicate")])
-def test_tp2_pp2_dp2_activation_checkpointing_and_dp_level_match_single_process(single, tmp_path, ac, dp_shard):
-    got = run_layout(tmp_path, f"{ac}-{dp_shard}", 2, 2, f"train.activation_checkpointing={ac}",
-                     f"parallel.dp_shard={dp_shard}", pp=2)
+def _resume_and_evaluate(env, device, cfg_dict, corpus, run_dir, path):
+    trainer = Trainer(OmegaConf.create(cfg_dict), env, device, run_dir, corpus, resume=path)
+    with_state = sum(1 for opt in trainer.optimizers for p in trainer.params if "exp_avg" in opt.state.get(p, {}))
+    Path(run_dir, "resumed.json").write_text(json.dumps(
+        {"step": trainer.step, "eval_loss": trainer.evaluate(), "with_state": with_state, "params": len(trainer.params)}))
+
+
+def test_tp2_pp2_dp2_full_ac_zero1_matches_single_process_and_its_checkpoint_resumes_on_one_process(single, tmp_path):
+    got = run_layout(tmp_path, "full-optimizer", 2, 2, "train.activation_checkpointing=full",
+                     "parallel.dp_shard=optimizer", "checkpoint.at_end=true", pp=2)
+    assert_same_run(got, single)
+    # Each dp rank saved the AdamW state of the parameters it owns: together, every parameter's.
+    path = checkpoint.find_resume("auto", str(tmp_path / "checkpoints"))
+    cfg = make_cfg("parallel.dp=1", "train.steps=10", tmp=tmp_path)
+    spawn(_resume_and_evaluate, 1, OmegaConf.to_container(cfg, resolve=True), prepare(cfg.data), str(tmp_path),
+          str(path), timeout_s=60)
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["step"] == 10 and resumed["with_state"] == resumed["params"]
+    assert resumed["eval_loss"] == pytest.approx(got.rows[10]["eval_loss"], rel=1e-5)
+
+
+def test_tp2_pp2_dp2_selective_ac_replicate_matches_single_process(single, tmp_path):
+    got = run_layout(tmp_path, "selective-replicate", 2, 2, "train.activation_checkpointing=selective",
+                     "parallel.dp_shard=replicate", pp=2)
     assert_same_run(got, single)
 
 
