@@ -54,10 +54,20 @@ def test_without_wait_the_command_returns_once_the_job_is_queued(slurm_cluster, 
     assert re.search(r"submitted SLURM job \d+", out.stdout) and "trident: done" not in out.stdout
 
 
-def local_and_submitted(tmp_path: Path, layout: list[str]) -> tuple[Path, str]:
-    """Run the layout locally (the uninterrupted reference), then submit it without waiting: (run dir, job id)."""
-    local = run_train(f"hydra.run.dir={tmp_path / 'local'}", *layout)
+# The preemption tests' layout: long enough to interrupt; one local run is the uninterrupted reference for both.
+LONG = [*TINY, "parallel.dp=2", "train.steps=200", "train.eval_every=0", "logging.every=1"]
+
+
+@pytest.fixture(scope="module")
+def long_local_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("long") / "local"
+    local = run_train(f"hydra.run.dir={run_dir}", *LONG)
     assert local.returncode == 0, local.stderr[-2000:]
+    return run_dir
+
+
+def submitted(tmp_path: Path, layout: list[str]) -> tuple[Path, str]:
+    """Submit the layout without waiting: (run dir, job id)."""
     run_dir = tmp_path / "slurm"
     out = run_train(f"hydra.run.dir={run_dir}", *layout, "launcher=slurm", timeout=60)
     return run_dir, re.search(r"submitted SLURM job (\d+)", out.stdout).group(1)
@@ -70,26 +80,26 @@ def finished_log(run_dir: Path, job_id: str) -> str:
     return (run_dir / "slurm" / f"{job_id}_0_log.out").read_text()
 
 
-def test_usr2_before_a_time_limit_checkpoints_requeues_and_finishes_the_same_curve(slurm_cluster, tmp_path):
+def test_usr2_before_a_time_limit_checkpoints_requeues_and_finishes_the_same_curve(slurm_cluster, long_local_run,
+                                                                                   tmp_path):
     """scancel --signal=USR2 (what SLURM sends before a time limit): save, requeue, resume, same losses."""
-    layout = [*TINY, "parallel.dp=2", "train.steps=400", "train.eval_every=0", "logging.every=1"]
-    run_dir, job_id = local_and_submitted(tmp_path, layout)
+    run_dir, job_id = submitted(tmp_path, LONG)
     metrics = run_dir / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 20, 120, "training to start")
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     wait_for(lambda: list((run_dir / "checkpoints").glob("step-*/trident.json")), 120, "the preemption checkpoint")
     log = finished_log(run_dir, job_id)
     assert "trident: preempted at step" in log and "resumed from" in log and "trident: done" in log
-    assert losses(run_dir) == losses(tmp_path / "local")
+    assert losses(run_dir) == losses(long_local_run)
 
 
-def test_scontrol_requeue_restarts_the_job_and_it_resumes_from_its_periodic_checkpoint(slurm_cluster, tmp_path):
+def test_scontrol_requeue_restarts_the_job_and_it_resumes_from_its_periodic_checkpoint(slurm_cluster, long_local_run,
+                                                                                      tmp_path):
     """Preemption: submitit does not checkpoint on it; the restarted job finds its newest checkpoint itself."""
-    layout = [*TINY, "parallel.dp=2", "train.steps=400", "train.eval_every=0", "checkpoint.every=25"]
-    run_dir, job_id = local_and_submitted(tmp_path, layout)
+    run_dir, job_id = submitted(tmp_path, [*LONG, "checkpoint.every=20"])
     wait_for(lambda: list((run_dir / "checkpoints").glob("step-*/trident.json")), 120, "a periodic checkpoint")
     subprocess.run(["scontrol", "requeue", job_id], check=True)
     log = finished_log(run_dir, job_id)
     assert "resumed from" in log and "trident: done" in log
     # Steps after the resume point repeat the uninterrupted run exactly (the ones before it may be logged twice).
-    assert losses(run_dir) == losses(tmp_path / "local")
+    assert losses(run_dir) == losses(long_local_run)
