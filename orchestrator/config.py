@@ -152,7 +152,7 @@ class ClusterConfig:
     gpus_per_node: int = MISSING
     gpu_memory_gb: float = MISSING
     memory_reserve_gb: float = MISSING
-    peak_tflops: float = MISSING
+    peak_tflops: dict[str, float] = MISSING
     mfu: float = MISSING
     intra_node_gbps: float = MISSING
     inter_node_gbps: float = MISSING

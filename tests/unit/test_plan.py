@@ -9,11 +9,12 @@ from hydra import compose, initialize_config_dir
 
 from orchestrator.config import register
 from orchestrator.memory import (
-    PUBLISHED_MIXED, STORED, build_meta, layout_memory, measured_params, probe_shards, state_bytes_per_param,
+    GiB, PUBLISHED_MIXED, STORED, build_meta, layout_memory, measured_params, probe_shards, state_bytes_per_param,
     state_memory,
 )
 from orchestrator.plan import as_json, plan, sweep_lines, table
 from orchestrator.train import CONF_DIR
+from orchestrator.validate import validate
 from tests.conftest import run_cmd
 
 
@@ -122,3 +123,13 @@ def test_dry_run_reports_every_pp_ranks_memory_without_spawning(tmp_path):
     bad = run_cmd([sys.executable, "-m", "orchestrator.train", "dry_run=true", "parallel.tp=3",
                    f"hydra.run.dir={tmp_path}"], timeout=120)
     assert bad.returncode == 2 and "parallel.tp=3" in bad.stderr
+
+
+@pytest.mark.parametrize("preset", ["llama3-8b-1node", "llama3-70b-8nodes", "llama3-405b-64nodes"])
+def test_experiment_presets_are_valid_and_fit_80gb_at_their_full_world_size(preset):
+    cfg = compose_plan(f"+experiment={preset}")
+    validate(cfg)
+    par = cfg.parallel
+    ranks = layout_memory(cfg, probe_shards(cfg))
+    assert max(r.total for r in ranks) <= (cfg.cluster.gpu_memory_gb - cfg.cluster.memory_reserve_gb) * GiB
+    assert par.tp <= cfg.cluster.gpus_per_node and cfg.train.seq_len == 8192 and cfg.train.dtype == "bf16"
