@@ -48,7 +48,7 @@ from orchestrator.memory import (
 )
 from orchestrator.validate import ConfigError, divisors, validate
 from parallel.bubble import analytic_bubble, simulate
-from parallel.pipeline import SCHEDULES, SINGLE_STAGE, stages_per_rank
+from parallel.pipeline import SCHEDULES, stages_per_rank
 
 # Forward passes recomputed in backward, per block, by train.activation_checkpointing (levers.ac_layers).
 RECOMPUTED = {"none": 0.0, "selective": 0.5, "full": 1.0}
@@ -90,13 +90,6 @@ def candidates(cfg: DictConfig):
             for mb in divisors(t.global_batch // dp):
                 for schedule in (SCHEDULES if pp > 1 else [cfg.parallel.schedule]):
                     yield tp, pp, dp, mb, schedule
-
-
-def layout_cfg(cfg: DictConfig, tp, pp, dp, mb, schedule) -> DictConfig:
-    """The training config of one layout (a copy; what `trident-train` would get with these overrides)."""
-    c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    set_layout(c, tp, pp, dp, mb, schedule)
-    return c
 
 
 def set_layout(c: DictConfig, tp, pp, dp, mb, schedule) -> None:
@@ -222,18 +215,20 @@ def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
     return rows, info
 
 
-def _gib(x: float) -> str:
-    return f"{x / GiB:.1f}"
+def memory_unit(totals) -> tuple[str, int]:
+    """GiB, or MiB for models too small to show in GiB."""
+    return ("GiB", GiB) if max(totals, default=0) >= GiB else ("MiB", 2**20)
 
 
 def table(rows: list[Layout], cfg: DictConfig, info: dict, top=None) -> str:
     cl, t = cfg.cluster, cfg.train
+    unit, size = memory_unit(r.worst.total for r in rows[:top])
     head = (f"trident-plan: {cfg.model.name} ({info['n_params'] / 1e9:.2f}B parameters) on {cl.gpus} x {cl.name} "
             f"({cl.gpus_per_node} per node, {cl.gpu_memory_gb:g} GiB, {cl.memory_reserve_gb:g} reserved); "
             f"seq_len={t.seq_len} global_batch={t.global_batch} dtype={t.get('dtype', 'fp32')} "
             f"dp_shard={cfg.parallel.dp_shard} ac={t.get('activation_checkpointing', 'none')}\n"
             f"{info['valid']} valid layouts of {info['candidates']} ({info['fit']} fit); "
-            f"planned in {info['seconds']:.1f} s. Memory: GiB per GPU on the fullest rank.")
+            f"planned in {info['seconds']:.1f} s. Memory: {unit} per GPU on the fullest rank.")
     cols = ("tp", "pp", "dp", "mb", "schedule", "m", "params", "grads", "optim", "act", "other", "total", "fits",
             "bubble", "MFU", "step_s", "rel")
     lines = [head, "  ".join(f"{c:>8}" if i > 4 else f"{c:>4}" if c != "schedule" else f"{c:<16}"
@@ -241,10 +236,10 @@ def table(rows: list[Layout], cfg: DictConfig, info: dict, top=None) -> str:
     for r in rows[:top]:
         w = r.worst
         cells = [f"{r.tp:>4}", f"{r.pp:>4}", f"{r.dp:>4}", f"{r.micro_batch:>4}", f"{r.schedule:<16}",
-                 f"{r.microbatches:>8}", *(f"{_gib(x):>8}" for x in (w.params, w.grads, w.optim, w.activations,
+                 f"{r.microbatches:>8}", *(f"{x / size:>8.1f}" for x in (w.params, w.grads, w.optim, w.activations,
                                                                     w.other, w.total)),
                  f"{'yes' if r.fits else 'no':>8}", f"{r.bubble:>8.3f}", f"{100 * r.mfu:>7.1f}%",
-                 f"{r.step_s:>8.2f}", f"{r.rel:>8.2f}"]
+                 f"{r.step_s:>8.3g}", f"{r.rel:>8.2f}"]
         lines.append("  ".join(cells))
     if top is not None and len(rows) > top:
         lines.append(f"... {len(rows) - top} more (--top N)")
@@ -264,7 +259,7 @@ def sweep_lines(rows: list[Layout], cfg: DictConfig, k: int) -> list[str]:
     for mb, group in by_mb.items():
         values = ",".join(
             "'{" + ",".join(f"{k}:{v}" for k, v in r.overrides()["parallel"].items()) + "}'" for r in group)
-        lines.append(f"trident-train -m {' '.join(sys_overrides())} train.micro_batch={mb} parallel={values}")
+        lines.append(" ".join(["trident-train -m", *sys_overrides(), f"train.micro_batch={mb}", f"parallel={values}"]))
     return lines
 
 
@@ -300,7 +295,7 @@ def dry_run(cfg: DictConfig) -> str:
     started = time.perf_counter()
     shards = probe_shards(cfg)
     ranks = layout_memory(cfg, shards)
-    unit, size = ("GiB", GiB) if max(r.total for r in ranks) >= GiB else ("MiB", 2**20)
+    unit, size = memory_unit(r.total for r in ranks)
     lines = [f"trident: dry run of {cfg.model.name} at tp={par.tp} pp={par.pp} dp={par.dp} "
              f"({par.tp * par.pp * par.dp} ranks, dp_shard={par.dp_shard}, dtype={t.get('dtype', 'fp32')}, "
              f"micro_batch={t.micro_batch}, schedule={par.schedule if par.pp > 1 else '-'}): {unit} per rank"]
@@ -338,21 +333,18 @@ def _flags(argv: list[str]) -> tuple[dict, list[str]]:
     return flags, rest
 
 
-FLAGS: dict = {}
-
-
-def run(cfg: DictConfig) -> None:
+def run(cfg: DictConfig, flags: dict) -> None:
     rows, info = plan(cfg)
     if not rows:
         raise ConfigError(f"no valid layout of {cfg.model.name} on cluster.gpus={cfg.cluster.gpus}: "
                           + "; ".join(f"{n} rejected by {k}" for k, n in info["rejected"].items()))
-    top = FLAGS.get("top")
-    print(as_json(rows, info, top) if FLAGS.get("json") else table(rows, cfg, info, top))
-    if FLAGS.get("sweep"):
-        print("\n".join(sweep_lines(rows, cfg, FLAGS["sweep"])), file=sys.stderr if FLAGS.get("json") else sys.stdout)
+    top = flags["top"]
+    print(as_json(rows, info, top) if flags["json"] else table(rows, cfg, info, top))
+    if flags["sweep"]:
+        print("\n".join(sweep_lines(rows, cfg, flags["sweep"])), file=sys.stderr if flags["json"] else sys.stdout)
 
 
-def _hydra_app():
+def _hydra_app(flags: dict):
     import hydra
 
     from orchestrator.train import CONF_DIR
@@ -360,7 +352,7 @@ def _hydra_app():
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="plan")
     def app(cfg: DictConfig) -> None:
         try:
-            run(cfg)
+            run(cfg, flags)
         except ConfigError as e:
             print(f"trident-plan: config error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
@@ -372,9 +364,8 @@ def main() -> None:
     from orchestrator.config import register
 
     flags, sys.argv[1:] = _flags(sys.argv[1:])
-    FLAGS.update(flags)
     register()
-    _hydra_app()()
+    _hydra_app(flags)()
 
 
 if __name__ == "__main__":
