@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import InterpolationResolutionError
 
 from models.llama import ModelArgs
 from orchestrator.flops import flops_per_token
@@ -175,7 +176,10 @@ def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
     """Every valid layout, best first (fitting ones first, then by predicted step time)."""
     started = time.perf_counter()
     cl = cfg.cluster
-    work = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # resolved once, not per layout
+    try:  # resolved once, not per layout (${hydra:...} resolves only inside the Hydra app)
+        work = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    except InterpolationResolutionError:
+        work = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     rejected: dict[str, int] = {}
     valid = []
     for tp, pp, dp, mb, schedule in candidates(cfg):
@@ -307,7 +311,8 @@ def dry_run(cfg: DictConfig) -> str:
         assert (st.params, st.grads, st.optim) == (r.params, r.grads, r.optim), "probe and full build disagree"
         lines.append(f"  {r.pp_rank:>7}  " + "  ".join(f"{x / size:>8.1f}" for x in (
             r.params, r.grads, r.optim, r.activations, r.other, r.total)))
-    lines.append(f"  built {par.pp} stage set(s) in {time.perf_counter() - started:.1f} s; the config is valid. "
+    lines.append(f"  built {par.pp} pp rank(s)' stages in {time.perf_counter() - started:.1f} s; the config passed "
+                 "every check made before launch (the data is not read in a dry run). "
                  "`trident-plan` compares every layout against a GPU's memory.")
     return "\n".join(lines)
 
