@@ -19,7 +19,7 @@ from models.hf import load_hf
 from models.llama import ModelArgs, Transformer, full_init_value, num_params
 from models.plans import TP_PLANS, pipeline_cuts, stage_layers
 from orchestrator.levers import DTYPES, apply_levers
-from parallel.data import apply_fsdp, apply_replicate
+from parallel.data import apply_fsdp, apply_replicate, uses_ddp
 from parallel.pipeline import SPLIT_BACKWARD, stage_ids, stage_module, stages_per_rank
 from parallel.tensor import apply_tp, padded_vocab
 
@@ -97,7 +97,7 @@ def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device,
         module.to_empty(device=device)
         init_weights(module, seed, source)
         # DDP cannot hold DTensors: with tp > 1 the loop reduces the gradients itself (parallel/data.py).
-        replicate = dp_mesh.size() > 1 and parallel_cfg.dp_shard == "replicate" and tp == 1
+        replicate = uses_ddp(parallel_cfg.dp_shard, dp_mesh.size(), tp, mesh["pp"].size())
         parts.append(apply_replicate(module, dp_mesh) if replicate else module)
         modules.append(module)
     return ModelParts(parts, modules, ids, n_stages, num_params(whole), args)

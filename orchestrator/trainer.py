@@ -80,7 +80,7 @@ class Trainer:
         built = build_model(cfg.model, par, self.mesh, device, t.seed, train_cfg=t)
         self.parts, self.modules, self.n_params = built.parts, built.modules, built.n_params
         self.params = [p for m in self.modules for p in m.parameters()]
-        self.reduce_dp = reduces_after_backward(par.dp_shard, par.dp, par.tp)
+        self.reduce_dp = reduces_after_backward(par.dp_shard, par.dp, par.tp, par.pp)
         # ZeRO-1: this dp rank's optimizer holds (and steps) only the parameters it owns.
         self.owners = shard_owners(self.params, par.dp) if par.dp_shard == "optimizer" and par.dp > 1 else None
         owned = {id(p) for p, r in zip(self.params, self.owners or []) if r == dp_rank}

@@ -12,10 +12,11 @@ moments per parameter):
   optimizer  P fp32               P fp32               2P/dp fp32         ZeRO-1: gradients all-reduced after backward;
                                                                           each dp rank steps only the whole parameters
                                                                           it owns (balanced by size) and broadcasts them
-  replicate  P fp32               P fp32               2P fp32            DDP at tp=1 (reduction overlapped with
-                                                                          backward); with tp>1 the same all-reduce as
-                                                                          `optimizer`, after backward (DDP cannot hold
-                                                                          DTensors)
+  replicate  P fp32               P fp32               2P fp32            DDP at tp=pp=1 (reduction overlapped with
+                                                                          backward); with tp>1 or pp>1 the same
+                                                                          all-reduce as `optimizer`, after backward
+                                                                          (DDP cannot hold DTensors, nor follow a
+                                                                          pipeline schedule's backward)
 
 With dp=1 nothing is applied and every level stores P, P and 2P fp32.
 
@@ -27,7 +28,7 @@ being computed, rather than 4), computes in bf16 and reduce-scatters
 gradients in fp32. Elsewhere forward runs under bf16 autocast: every matmul
 makes a transient bf16 copy of its weight, activations saved for backward
 are mostly bf16 (half of fp32), and gradients come out fp32, reduced in fp32.
-The `optimizer` and tp>1 `replicate` levels also hold one flat fp32 bucket
+The `optimizer` level and `replicate` without DDP also hold one flat fp32 bucket
 of up to BUCKET elements while reducing or broadcasting.
 """
 
@@ -68,9 +69,15 @@ def apply_replicate(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
     return DistributedDataParallel(model, process_group=dp_mesh.get_group(), device_ids=device_ids)
 
 
-def reduces_after_backward(dp_shard: str, dp: int, tp: int) -> bool:
+def uses_ddp(dp_shard: str, dp: int, tp: int, pp: int) -> bool:
+    """DDP only for a plain model: it cannot hold DTensors (tp>1), and its reducer loses track of a
+    pipeline stage's parameters under the schedules' micro-batched backward (pp>1)."""
+    return dp > 1 and dp_shard == "replicate" and tp == 1 and pp == 1
+
+
+def reduces_after_backward(dp_shard: str, dp: int, tp: int, pp: int) -> bool:
     """Whether the loop must average gradients over dp itself (no FSDP2 or DDP does it)."""
-    return dp > 1 and (dp_shard == "optimizer" or (dp_shard == "replicate" and tp > 1))
+    return dp > 1 and (dp_shard == "optimizer" or (dp_shard == "replicate" and not uses_ddp(dp_shard, dp, tp, pp)))
 
 
 @contextlib.contextmanager

@@ -16,9 +16,10 @@ def test_single_process_learns_and_matches_a_plain_model(single):
     assert max(single.grad_errors.values()) < 1e-6
 
 
-@pytest.mark.parametrize("dp, dp_shard", [(2, "full"), (4, "full"), (2, "replicate")])
-def test_dp_loss_curve_grads_and_init_match_single_process(single, tmp_path, dp, dp_shard):
-    assert_same_run(run_layout(tmp_path, f"dp{dp}", 1, dp, f"parallel.dp_shard={dp_shard}"), single)
+@pytest.mark.parametrize("dp, pp, dp_shard", [(2, 1, "full"), (4, 1, "full"), (2, 1, "replicate"), (2, 2, "replicate")])
+def test_dp_loss_curve_grads_and_init_match_single_process(single, tmp_path, dp, pp, dp_shard):
+    """replicate is DDP at pp=1; under a pipeline schedule (pp=2) the loop all-reduces instead."""
+    assert_same_run(run_layout(tmp_path, f"dp{dp}", 1, dp, f"parallel.dp_shard={dp_shard}", pp=pp), single)
 
 
 def _fail_on_rank_one(env, device):
