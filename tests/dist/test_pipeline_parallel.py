@@ -30,9 +30,11 @@ def test_pp2_1f1b_loss_curve_grads_and_init_match_single_process(single, tmp_pat
         assert 0 < got.rows[s]["pp_bubble"] < 1 and got.rows[s]["pp_wait_s"] > 0
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b", "zero-bubble", "zbv", "dualpipev"])
-def test_pp4_dp2_every_schedule_matches_single_process(single_deep, tmp_path, schedule):
-    got = run_layout(tmp_path, schedule, 1, 2, *DEEP, f"parallel.schedule={schedule}", pp=4)
+# gpipe and 1f1b at dp=1 (1f1b with dp is above); the multi-stage schedules with FSDP over dp=2.
+@pytest.mark.parametrize("schedule, dp", [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zero-bubble", 2),
+                                          ("zbv", 2), ("dualpipev", 2)])
+def test_pp4_every_schedule_matches_single_process(single_deep, tmp_path, schedule, dp):
+    got = run_layout(tmp_path, schedule, 1, dp, *DEEP, f"parallel.schedule={schedule}", pp=4)
     assert_same_run(got, single_deep)
 
 

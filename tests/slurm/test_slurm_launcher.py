@@ -38,12 +38,17 @@ def test_a_hand_written_sbatch_script_with_srun_and_launcher_external_trains_the
                                                                                     tmp_path):
     script = ROOT / "launch/slurm/sbatch_template.sh"
     out = subprocess.run(
-        ["sbatch", "--wait", "--parsable", f"--output={tmp_path}/%j.out", str(script), *LAYOUT],
+        ["sbatch", "--parsable", f"--output={tmp_path}/%j.out", str(script), *LAYOUT],
         cwd=ROOT, env={**os.environ, "TRIDENT_RUN_DIR": str(tmp_path / "run")},
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=60,
     )
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip().split(";")[0]
+    # Polled: `sbatch --wait` notices the end of a job 2-10 s late here.
+    state = wait_for(lambda: job_state(job_id) if job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED") else "",
+                     300, "the batch job to end")
     log = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
-    assert out.returncode == 0, out.stderr + log[-3000:]
+    assert state == "COMPLETED", log[-3000:]
     assert losses(tmp_path / "run") == losses(local_run)
 
 
