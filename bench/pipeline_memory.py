@@ -13,65 +13,25 @@ import argparse
 import json
 import sys
 import tempfile
-import weakref
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from launch.local import spawn  # noqa: E402
 from orchestrator.config import register  # noqa: E402
 from orchestrator.data import prepare  # noqa: E402
+from orchestrator.memory import SavedTensorMeter  # noqa: E402
 from orchestrator.train import CONF_DIR  # noqa: E402
 from orchestrator.trainer import Trainer  # noqa: E402
 
 
-class Saved:
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor):
-        self.tensor = tensor
-
-
-class ActivationMeter:
-    """Live bytes of tensors saved for backward, and their peak."""
-
-    def __init__(self, params):
-        self.param_storages = {p.untyped_storage().data_ptr() for p in params}
-        self.live: dict[int, int] = {}  # storage pointer -> bytes
-        self.refs: dict[int, int] = {}
-        self.now = self.peak = 0
-
-    def pack(self, t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in self.param_storages or t.device.type == "meta":
-            return t
-        if self.refs.get(ptr, 0) == 0:
-            self.live[ptr] = t.untyped_storage().nbytes()
-            self.now += self.live[ptr]
-            self.peak = max(self.peak, self.now)
-        self.refs[ptr] = self.refs.get(ptr, 0) + 1
-        holder = Saved(t)
-        weakref.finalize(holder, self._release, ptr)
-        return holder
-
-    def _release(self, ptr):
-        self.refs[ptr] -= 1
-        if self.refs[ptr] == 0:
-            self.now -= self.live.pop(ptr)
-
-    @staticmethod
-    def unpack(x):
-        return x.tensor if isinstance(x, Saved) else x
-
-
 def worker(env, device, cfg_dict, corpus, out_dir):
     trainer = Trainer(OmegaConf.create(cfg_dict), env, device, out_dir, corpus)
-    meter = ActivationMeter(trainer.params)
-    with torch.autograd.graph.saved_tensors_hooks(meter.pack, ActivationMeter.unpack):
+    meter = SavedTensorMeter(trainer.modules)
+    with meter.measuring():
         trainer.forward_backward(trainer.batches.step(1))
     Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps({"peak_bytes": meter.peak}))
 

@@ -18,12 +18,14 @@ holds at once under its schedule.
 """
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from omegaconf import OmegaConf
 
 from models.llama import ModelArgs
@@ -397,3 +399,65 @@ def layout_memory(cfg, shards: Shards, args: ModelArgs = None) -> list[RankMemor
         st = max((state_memory(params, par.dp_shard, par.dp, d) for d in dp_ranks), key=lambda m: m.total)
         out.append(RankMemory(r, st.params, st.grads, st.optim, acts[r], other))
     return out
+
+
+# --- measuring what the model above predicts ------------------------------------------------
+
+class _Saved:
+    __slots__ = ("value", "__weakref__")
+
+    def __init__(self, value):
+        self.value = value
+
+
+class SavedTensorMeter:
+    """Live bytes of the tensors autograd saves for backward, and their peak: activation memory measured.
+
+    Storages of parameters (FSDP2's gathered ones included) and buffers are not
+    activations; a storage saved twice counts once. On a GPU the allocator shows
+    the same; on CPU this count is the direct measure. Use as
+    `with meter.measuring(): forward and backward`.
+    """
+
+    def __init__(self, modules):
+        self.modules = modules
+        self.live: dict[int, int] = {}  # storage pointer -> bytes
+        self.refs: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def measuring(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    def _excluded(self) -> set:
+        out = set()
+        for m in self.modules:
+            for t in [*m.parameters(), *m.buffers()]:
+                local = t.to_local() if isinstance(t, DTensor) else t
+                out.add(local.untyped_storage().data_ptr())
+        return out
+
+    def pack(self, t):
+        local = t.to_local() if isinstance(t, DTensor) else t
+        try:
+            ptr = local.untyped_storage().data_ptr()
+        except RuntimeError:  # a fake or meta tensor: the pipeline's shape inference, not the step
+            return t
+        if ptr in self._excluded():
+            return t
+        if self.refs.get(ptr, 0) == 0:
+            self.live[ptr] = local.untyped_storage().nbytes()
+            self.now += self.live[ptr]
+            self.peak = max(self.peak, self.now)
+        self.refs[ptr] = self.refs.get(ptr, 0) + 1
+        box = _Saved([t])
+        weakref.finalize(box, self._release, ptr)
+        return box
+
+    def _release(self, ptr):
+        self.refs[ptr] -= 1
+        if self.refs[ptr] == 0:
+            self.now -= self.live.pop(ptr)
+
+    @staticmethod
+    def unpack(x):
+        return x.value[0] if isinstance(x, _Saved) else x

@@ -8,7 +8,6 @@ the meta device) and the activations by formula.
 """
 
 import json
-import weakref
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from launch.local import spawn
 from orchestrator.data import prepare
-from orchestrator.memory import activation_peaks, probe_shards, rank_params, state_memory
+from orchestrator.memory import SavedTensorMeter, activation_peaks, probe_shards, rank_params, state_memory
 from orchestrator.trainer import Trainer
 from orchestrator.validate import validate
 from parallel.mesh import ParallelDims
@@ -42,62 +41,6 @@ DEFAULT = "default"
 DEFAULT_BF16 = "default-bf16"  # the same with FSDP2 mixed precision
 
 
-class SavedBytes:
-    """Live bytes of the tensors autograd saves for backward, and their peak.
-
-    Storages of parameters (FSDP2's gathered ones included) and buffers are not
-    activations; a storage saved twice counts once.
-    """
-
-    def __init__(self, modules):
-        self.modules = modules
-        self.live: dict[int, int] = {}
-        self.refs: dict[int, int] = {}
-        self.now = self.peak = 0
-
-    def _excluded(self) -> set:
-        out = set()
-        for m in self.modules:
-            for t in [*m.parameters(), *m.buffers()]:
-                local = t.to_local() if isinstance(t, DTensor) else t
-                out.add(local.untyped_storage().data_ptr())
-        return out
-
-    def pack(self, t):
-        local = t.to_local() if isinstance(t, DTensor) else t
-        try:
-            ptr = local.untyped_storage().data_ptr()
-        except RuntimeError:  # a fake tensor: the pipeline's shape inference, not the step
-            return t
-        if ptr in self._excluded():
-            return t
-        if self.refs.get(ptr, 0) == 0:
-            self.live[ptr] = local.untyped_storage().nbytes()
-            self.now += self.live[ptr]
-            self.peak = max(self.peak, self.now)
-        self.refs[ptr] = self.refs.get(ptr, 0) + 1
-        holder = [t]
-        box = _Box(holder)
-        weakref.finalize(box, self._release, ptr)
-        return box
-
-    def _release(self, ptr):
-        self.refs[ptr] -= 1
-        if self.refs[ptr] == 0:
-            self.now -= self.live.pop(ptr)
-
-    @staticmethod
-    def unpack(x):
-        return x.value[0] if isinstance(x, _Box) else x
-
-
-class _Box:
-    __slots__ = ("value", "__weakref__")
-
-    def __init__(self, value):
-        self.value = value
-
-
 def _bytes(t: torch.Tensor) -> int:
     local = t.to_local() if isinstance(t, DTensor) else t
     return local.numel() * local.element_size()
@@ -110,8 +53,8 @@ def _worker(env, device, layouts: dict, run_dir: str, corpus):
         # The first step also runs the pipeline's shape inference: measure a steady-state step.
         trainer.forward_backward(trainer.batches.step(1))
         trainer.zero_grad()
-        meter = SavedBytes(trainer.modules)
-        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        meter = SavedTensorMeter(trainer.modules)
+        with meter.measuring():
             trainer.forward_backward(trainer.batches.step(2))
         grads = sum(_bytes(p.grad) for p in trainer.params if p.grad is not None)
         for opt in trainer.optimizers:
