@@ -14,6 +14,7 @@ Every point also learns what the sweep varies (`Sweep.describe`), so its W&B
 run joins the sweep's group with those overrides in its config.
 """
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -68,6 +69,10 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _ACTIVE
         _ACTIVE = Sweep(str(config.hydra.sweep.dir), swept_keys(config.hydra.overrides.task))
+        if config.launcher.name == "slurm":
+            # Hydra's basic launcher would announce "Launching N jobs locally": here it only prepares them.
+            logging.getLogger("hydra._internal.core_plugins.basic_launcher").setLevel(logging.WARNING)
+            print(f"trident: checking {config.hydra.sweep.dir}'s points before submitting them to SLURM", flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global _ACTIVE

@@ -94,3 +94,10 @@ def test_an_unknown_partition_is_refused_before_anything_is_submitted(slurm_clus
 
 def test_the_sbatch_template_kills_every_task_when_one_fails():
     assert "srun --kill-on-bad-exit=1" in (ROOT / "launch/slurm/sbatch_template.sh").read_text()
+
+
+def test_a_sweep_with_one_invalid_point_submits_none_of_them(slurm_cluster, tmp_path):
+    out = run_train("-m", f"hydra.sweep.dir={tmp_path}", *TINY, "launcher=slurm", "parallel.dp=2,3", timeout=120)
+    assert out.returncode == 2
+    assert "config error: parallel.dp=3 with train.micro_batch=2 does not divide train.global_batch=8" in out.stderr
+    assert "submitted" not in out.stdout and not (tmp_path / "slurm").exists()
