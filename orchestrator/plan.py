@@ -263,7 +263,10 @@ def sweep_lines(rows: list[Layout], cfg: DictConfig, k: int) -> list[str]:
     for mb, group in by_mb.items():
         values = ",".join(
             "'{" + ",".join(f"{k}:{v}" for k, v in r.overrides()["parallel"].items()) + "}'" for r in group)
-        lines.append(" ".join(["trident-train -m", *sys_overrides(), f"train.micro_batch={mb}", f"parallel={values}"]))
+        # The line sets these itself: the user's own values for them would clash (Hydra refuses a key twice).
+        taken = {"train.micro_batch"} | {f"parallel.{key}" for r in group for key in r.overrides()["parallel"]}
+        mine = [o for o in sys_overrides() if o.partition("=")[0].lstrip("+~") not in taken]
+        lines.append(" ".join(["trident-train -m", *mine, f"train.micro_batch={mb}", f"parallel={values}"]))
     return lines
 
 

@@ -66,11 +66,14 @@ def test_table_json_top_and_sweep_line_of_the_best_fitting_layouts():
 
 def test_cli_prints_top_k_as_json_and_a_sweep_line(tmp_path):
     out = run_cmd([sys.executable, "-m", "orchestrator.plan", "cluster.gpus=4", "--top", "2", "--json",
-                   "--sweep", "2", f"checkpoint.dir={tmp_path}"], timeout=120)
+                   "--sweep", "2", f"checkpoint.dir={tmp_path}", "train.micro_batch=2", "parallel.tp=4"], timeout=120)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert len(doc["layouts"]) == 2 and all(r["tp"] * r["pp"] * r["dp"] == 4 for r in doc["layouts"])
-    assert "trident-train -m" in out.stderr
+    line = next(x for x in out.stderr.splitlines() if x.startswith("trident-train -m"))
+    # The line sets micro-batch and layout itself, in place of the user's own values; the rest it keeps.
+    assert line.count("train.micro_batch=") == 1 and "parallel.tp=4" not in line
+    assert f"checkpoint.dir={tmp_path}" in line
     bad = run_cmd([sys.executable, "-m", "orchestrator.plan", "cluster.gpus=4", "model.n_heads=3"], timeout=120)
     assert bad.returncode == 2 and "config error" in bad.stderr
 
