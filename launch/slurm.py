@@ -17,6 +17,7 @@ the sbatch script only the launcher's settings. A W&B key stays in the
 environment, which sbatch passes to the job when it starts.
 """
 
+import functools
 import json
 import re
 import shutil
@@ -168,16 +169,22 @@ def check_partition(launcher, tasks: int, partitions: list[Partition]) -> None:
         )
 
 
+@functools.lru_cache(maxsize=1)
+def partitions() -> list[Partition]:
+    """The cluster's partitions, asked once per process (a sweep checks every point against them)."""
+    out = subprocess.run(["sinfo", "-h", "-o", "%P %G"], capture_output=True, text=True, timeout=60)
+    if out.returncode:
+        raise ConfigError(f"launcher=slurm: sinfo failed, is the cluster up? {out.stderr.strip()}")
+    return parse_sinfo(out.stdout)
+
+
 def check_cluster(cfg) -> None:
     """What only the cluster can tell, asked before anything is submitted."""
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
         raise ConfigError("launcher=slurm needs SLURM's sbatch and sinfo on PATH: submit from a login node "
                           "(or start a local cluster: launch/slurm/start-cluster.sh)")
-    out = subprocess.run(["sinfo", "-h", "-o", "%P %G"], capture_output=True, text=True, timeout=60)
-    if out.returncode:
-        raise ConfigError(f"launcher=slurm: sinfo failed, is the cluster up? {out.stderr.strip()}")
     world = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp
-    check_partition(cfg.launcher, tasks_per_node(cfg.launcher, world), parse_sinfo(out.stdout))
+    check_partition(cfg.launcher, tasks_per_node(cfg.launcher, world), partitions())
     check_no_secrets(cfg.launcher)
 
 
@@ -245,8 +252,10 @@ class SweepPoint:
     label: str
 
 
-def sweep_point(cfg, plain: dict, run_dir: str, corpus, label: str) -> SweepPoint:
+def sweep_point(cfg, plain: dict, run_dir: str, corpus) -> SweepPoint:
+    """A sweep's point (`plain` holds its `sweep` entry), ready to join the array."""
     run = SlurmRun(plain, run_dir, corpus, cfg.launcher.backend, cfg.parallel.timeout_s)
+    label = " ".join(f"{k}={v}" for k, v in plain["sweep"]["overrides"].items())
     return SweepPoint(run, executor_params(cfg), cfg.launcher.array_parallelism, cfg.launcher.wait, label)
 
 

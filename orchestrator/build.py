@@ -96,7 +96,7 @@ def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device,
             continue
         module.to_empty(device=device)
         init_weights(module, seed, source)
-        # DDP cannot hold DTensors: with tp > 1 the loop reduces the gradients itself (parallel/data.py).
+        # DDP only for a plain model (tp = pp = 1); otherwise the loop reduces the gradients (parallel/data.py).
         replicate = uses_ddp(parallel_cfg.dp_shard, dp_mesh.size(), tp, mesh["pp"].size())
         parts.append(apply_replicate(module, dp_mesh) if replicate else module)
         modules.append(module)

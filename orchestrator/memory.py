@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 
 from models.llama import ModelArgs
 from parallel.data import BUCKET, shard_owners
-from parallel.mesh import ParallelDims, build_mesh
+from parallel.mesh import ParallelDims, build_mesh, init_fake_world
 from parallel.pipeline import SINGLE_STAGE
 
 GiB = 2**30
@@ -62,12 +62,8 @@ def state_bytes_per_param(b: StateBytes, level: str, dp: int) -> float:
 
 @contextlib.contextmanager
 def fake_world(world_size: int, rank: int):
-    """A default process group of `world_size` ranks that never communicates, as rank `rank`."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if "fake" not in dist.Backend.backend_list:  # older torch registers it on import of its testing module
-        import torch.testing._internal.distributed.fake_pg  # noqa: F401
-    dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)
+    """A fake default process group of `world_size` ranks, as rank `rank`, for the block's duration."""
+    init_fake_world(world_size, rank)
     try:
         yield
     finally:

@@ -89,8 +89,7 @@ def run(cfg: DictConfig, run_dir: str) -> None:
 
     par = cfg.parallel
     if cfg.launcher.name == "slurm" and sweep is not None:
-        label = " ".join(f"{k}={v}" for k, v in plain["sweep"]["overrides"].items())
-        sweep.pending.append(sweep_point(cfg, plain, run_dir, corpus, label))  # submitted with the others
+        sweep.pending.append(sweep_point(cfg, plain, run_dir, corpus))  # submitted with the others
     elif cfg.launcher.name == "slurm":
         submit(cfg, plain, run_dir, corpus)
     elif env is None:

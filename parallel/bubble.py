@@ -155,13 +155,10 @@ def pipeline_orders(schedule: str, pp: int, m: int, requested_stages_per_rank=No
 
 
 def ensure_fake_world(world_size: int) -> None:
-    """A default process group of `world_size` ranks that never communicates (torch's fake backend)."""
+    """A fake default process group of `world_size` ranks (kept if one of that size exists)."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        if dist.get_world_size() == world_size:
-            return
-        dist.destroy_process_group()
-    if "fake" not in dist.Backend.backend_list:  # older torch registers it on import of its testing module
-        import torch.testing._internal.distributed.fake_pg  # noqa: F401
-    dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=world_size)
+    from parallel.mesh import init_fake_world
+
+    if not (dist.is_initialized() and dist.get_world_size() == world_size):
+        init_fake_world(world_size)

@@ -7,6 +7,7 @@ torchtitan.
 
 from dataclasses import dataclass
 
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_DIMS = ("pp", "dp", "tp")
@@ -34,3 +35,17 @@ class ParallelDims:
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
     """The world's DeviceMesh; slice it by name (`mesh["dp"]`) for each parallelism."""
     return init_device_mesh(device_type, (dims.pp, dims.dp, dims.tp), mesh_dim_names=MESH_DIMS)
+
+
+def init_fake_world(world_size: int, rank: int = 0) -> None:
+    """Make the default process group one of `world_size` ranks that never communicates, as `rank`.
+
+    torch's fake backend: meshes, DTensor sharding and pipeline schedules
+    construct as at full scale, on one machine (the planner, dry runs, the
+    bubble simulator). Any existing default group is destroyed first.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if "fake" not in dist.Backend.backend_list:  # older torch registers it on import of its testing module
+        import torch.testing._internal.distributed.fake_pg  # noqa: F401
+    dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)
