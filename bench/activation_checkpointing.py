@@ -32,7 +32,7 @@ from models.llama import ModelArgs, Transformer  # noqa: E402
 from orchestrator.build import init_weights  # noqa: E402
 from orchestrator.config import register  # noqa: E402
 from orchestrator.levers import AC_MODES, apply_ac  # noqa: E402
-from orchestrator.train import CONF_DIR  # noqa: E402
+from orchestrator.config import CONF_DIR  # noqa: E402
 
 
 class StorageMeter(TorchDispatchMode):

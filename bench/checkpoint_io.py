@@ -23,7 +23,7 @@ from launch.local import spawn  # noqa: E402
 from orchestrator import checkpoint  # noqa: E402
 from orchestrator.config import register  # noqa: E402
 from orchestrator.data import prepare  # noqa: E402
-from orchestrator.train import CONF_DIR  # noqa: E402
+from orchestrator.config import CONF_DIR  # noqa: E402
 from orchestrator.trainer import Trainer  # noqa: E402
 
 

@@ -25,7 +25,7 @@ from models.llama import ModelArgs, Transformer  # noqa: E402
 from orchestrator.build import init_weights  # noqa: E402
 from orchestrator.config import register  # noqa: E402
 from orchestrator.data import Batches, prepare  # noqa: E402
-from orchestrator.train import CONF_DIR  # noqa: E402
+from orchestrator.config import CONF_DIR  # noqa: E402
 from orchestrator.trainer import Trainer, lr_at  # noqa: E402
 
 ROUNDS, STEPS_PER_ROUND = 4, 15

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from parallel.bubble import analytic_bubble, ensure_fake_world, pipeline_orders, simulate  # noqa: E402
-from parallel.pipeline import SCHEDULES  # noqa: E402
+from orchestrator.planner.bubble import analytic_bubble, pipeline_orders, simulate  # noqa: E402
+from parallel.pipeline_parallel import SCHEDULES  # noqa: E402
 
 COLOURS = {"F": (66, 110, 220), "B": (40, 160, 70), "I": (120, 200, 120), "W": (240, 150, 40)}
 
@@ -60,7 +60,6 @@ def main():
     ap.add_argument("--pp", type=int, default=4)
     ap.add_argument("--png", type=Path, default=None)
     args = ap.parse_args()
-    ensure_fake_world(args.pp)
     out = {"pp": args.pp, "costs": {"F": 1, "B": 2, "I": 1, "W": 1}, "schedules": {}}
     for name in SCHEDULES:
         rows = {}

@@ -23,8 +23,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from launch.local import spawn  # noqa: E402
 from orchestrator.config import register  # noqa: E402
 from orchestrator.data import prepare  # noqa: E402
-from orchestrator.memory import SavedTensorMeter  # noqa: E402
-from orchestrator.train import CONF_DIR  # noqa: E402
+from orchestrator.planner.meter import SavedTensorMeter  # noqa: E402
+from orchestrator.config import CONF_DIR  # noqa: E402
 from orchestrator.trainer import Trainer  # noqa: E402
 
 

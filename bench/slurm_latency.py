@@ -1,6 +1,6 @@
 """SLURM round trips on the local cluster: submit to first step, and USR2 preemption to the resumed step.
 
-Starts the project's single-machine cluster (launch/slurm/start-cluster.sh,
+Starts the project's single-machine cluster (launch/cluster/start-cluster.sh,
 with the fast-requeue settings the tests use unless --stock), submits a tiny
 dp=2 run with launcher=slurm, and times from the file system what a user
 sees: when `trident-train` returns, when the first step is logged, and after
@@ -48,13 +48,13 @@ def main() -> None:
     if not args.stock:
         cluster |= {"SLURM_CRED_EXPIRE": "10", "SLURM_EXTRA_CONF": "SchedulerParameters=sched_interval=2,bf_interval=2"}
     env = {**os.environ, **cluster}
-    subprocess.run(["bash", str(ROOT / "launch/slurm/start-cluster.sh")], env=env, check=True, capture_output=True)
+    subprocess.run(["bash", str(ROOT / "launch/cluster/start-cluster.sh")], env=env, check=True, capture_output=True)
     env["SLURM_CONF"] = f"{cluster['SLURM_BASE']}/etc/slurm.conf"
     run_dir = Path(tempfile.mkdtemp(prefix="trident-bench-")) / "run"
     metrics = run_dir / "metrics.jsonl"
     try:
         t0 = time.monotonic()
-        out = subprocess.run([sys.executable, "-m", "orchestrator.train", f"hydra.run.dir={run_dir}", *TINY,
+        out = subprocess.run([sys.executable, "-m", "orchestrator.cli.train", f"hydra.run.dir={run_dir}", *TINY,
                               "launcher=slurm"], cwd=ROOT, env=env, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"trident-train failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
@@ -82,7 +82,7 @@ def main() -> None:
         if (run_dir / "slurm_job.json").exists():
             job = json.loads((run_dir / "slurm_job.json").read_text())["job_id"]
             subprocess.run(["scancel", "--full", job], env=env)
-        subprocess.run(["bash", str(ROOT / "launch/slurm/stop-cluster.sh"), "--clean"], env=env, capture_output=True)
+        subprocess.run(["bash", str(ROOT / "launch/cluster/stop-cluster.sh"), "--clean"], env=env, capture_output=True)
 
 
 if __name__ == "__main__":

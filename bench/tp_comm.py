@@ -29,9 +29,9 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from launch.local import spawn  # noqa: E402
 from orchestrator.build import build_model  # noqa: E402
 from orchestrator.config import register  # noqa: E402
-from orchestrator.train import CONF_DIR  # noqa: E402
+from orchestrator.config import CONF_DIR  # noqa: E402
 from parallel.mesh import ParallelDims, build_mesh  # noqa: E402
-from parallel.tensor import loss_context  # noqa: E402
+from parallel.tensor_parallel import loss_context  # noqa: E402
 
 COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor")
 

@@ -182,7 +182,7 @@ def check_cluster(cfg) -> None:
     """What only the cluster can tell, asked before anything is submitted."""
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
         raise ConfigError("launcher=slurm needs SLURM's sbatch and sinfo on PATH: submit from a login node "
-                          "(or start a local cluster: launch/slurm/start-cluster.sh)")
+                          "(or start a local cluster: launch/cluster/start-cluster.sh)")
     world = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp
     check_partition(cfg.launcher, tasks_per_node(cfg.launcher, world), partitions())
     check_no_secrets(cfg.launcher)

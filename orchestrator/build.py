@@ -19,9 +19,9 @@ from models.hf import load_hf
 from models.llama import ModelArgs, Transformer, full_init_value, num_params
 from models.plans import TP_PLANS, pipeline_cuts, stage_layers
 from orchestrator.levers import DTYPES, apply_levers
-from parallel.data import apply_fsdp, apply_replicate, uses_ddp
-from parallel.pipeline import SPLIT_BACKWARD, stage_ids, stage_module, stages_per_rank
-from parallel.tensor import apply_tp, padded_vocab
+from parallel.data_parallel import apply_fsdp, apply_replicate, uses_ddp
+from parallel.pipeline_parallel import SPLIT_BACKWARD, stage_ids, stage_module, stages_per_rank
+from parallel.tensor_parallel import apply_tp, padded_vocab
 
 
 @dataclass
@@ -96,7 +96,7 @@ def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device,
             continue
         module.to_empty(device=device)
         init_weights(module, seed, source)
-        # DDP only for a plain model (tp = pp = 1); otherwise the loop reduces the gradients (parallel/data.py).
+        # DDP only for a plain model (tp = pp = 1); otherwise the loop reduces the gradients (parallel/data_parallel.py).
         replicate = uses_ddp(parallel_cfg.dp_shard, dp_mesh.size(), tp, mesh["pp"].size())
         parts.append(apply_replicate(module, dp_mesh) if replicate else module)
         modules.append(module)

@@ -6,10 +6,13 @@ composes the config. No defaults here: a knob has exactly one home, its YAML.
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the config tree every CLI composes
 
 
 @dataclass

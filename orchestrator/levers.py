@@ -8,7 +8,7 @@ stages, whose hooks sit on the modules' `__call__`, around the new forward.
 
 train.dtype=bf16             parameters stay fp32 (the master weights the optimizer steps);
                              where FSDP2 shards them, its MixedPrecisionPolicy gathers them as
-                             bf16 and reduces gradients in fp32 (parallel/data.py); elsewhere
+                             bf16 and reduces gradients in fp32 (parallel/data_parallel.py); elsewhere
                              the part's forward runs under bf16 autocast (matmuls and attention
                              in bf16, norms and the loss in fp32, gradients fp32).
 activation_checkpointing     full: every transformer block keeps only its input and recomputes
@@ -34,6 +34,11 @@ from torch.utils.checkpoint import checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 AC_MODES = ("none", "full", "selective")
+
+
+def dtype_bytes(name: str) -> int:
+    """Bytes per element of train.dtype: what matmuls output and activations are saved in."""
+    return DTYPES[name].itemsize
 
 
 def _checkpointed(forward):

@@ -1,13 +1,11 @@
-"""`trident-status [DIR ...] [--json]`: where a run's or a sweep's SLURM jobs stand.
+"""Where a run's or a sweep's SLURM jobs stand: one row per run (the library behind `trident-status`).
 
 For each run: its job id, SLURM's state (from sacct), the last logged step and
 loss (from metrics.jsonl), what the sweep varied, rank 0's log, and for a
-failed run the failing rank's error and its log. DIR is a run dir, a sweep
-dir (its points are the subdirs), or left out: the newest under `multirun/`
-and `outputs/`.
+failed run the failing rank's error and its log. A sweep dir's points are
+its subdirs.
 """
 
-import argparse
 import json
 import re
 import shutil
@@ -142,29 +140,3 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
             print(f"{'':<10} error: {r['error']}", file=out)
             print(f"{'':<10} log:   {r['error_log'] or r['run_dir']}", file=out)
     out.flush()
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="trident-status", description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="*", type=Path, help="run or sweep dirs (default: the newest)")
-    parser.add_argument("--json", action="store_true", help="one JSON list of rows instead of a table")
-    args = parser.parse_args(argv)
-    paths = args.paths or [p for p in [newest()] if p is not None]
-    if not paths:
-        print("trident-status: no runs under multirun/ or outputs/; name a run or sweep dir", file=sys.stderr)
-        return 2
-    rows = []
-    for path in paths:
-        if not path.is_dir():
-            print(f"trident-status: {path} is not a directory", file=sys.stderr)
-            return 2
-        rows += sweep_status(path)
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print_table(rows)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

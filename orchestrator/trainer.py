@@ -27,11 +27,11 @@ from orchestrator.data import Batches, Corpus, eval_batches
 from orchestrator.flops import flops_per_token, peak_flops
 from orchestrator.levers import compile_works
 from orchestrator.metrics import MetricsLogger, NullLogger, console, fmt_count, fmt_duration, progress_line
-from parallel.data import broadcast_params, grad_sync, reduce_grads, reduces_after_backward, shard_owners
+from parallel.data_parallel import broadcast_params, grad_sync, reduce_grads, reduces_after_backward, shard_owners
 from parallel.grad import clip_grads_
 from parallel.mesh import ParallelDims, build_mesh
-from parallel.pipeline import build_pipeline
-from parallel.tensor import loss_context
+from parallel.pipeline_parallel import build_pipeline
+from parallel.tensor_parallel import loss_context
 
 
 def lr_at(step: int, o: DictConfig, steps: int) -> float:

@@ -14,8 +14,8 @@ from models.llama import ModelArgs
 from orchestrator.data import BIN_DTYPES, FORMATS
 from orchestrator.levers import AC_MODES, DTYPES
 from models.plans import pipeline_cuts
-from parallel.data import DP_SHARD_CHOICES
-from parallel.pipeline import SCHEDULES, SINGLE_STAGE, V_SHAPED, stages_per_rank
+from parallel.data_parallel import DP_SHARD_CHOICES
+from parallel.pipeline_parallel import SCHEDULES, SINGLE_STAGE, V_SHAPED, stages_per_rank
 
 LAUNCHERS = ("local", "external", "slurm")
 BACKENDS = ("auto", "gloo", "nccl")

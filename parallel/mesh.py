@@ -5,6 +5,7 @@ communication-heavy dimension) stays inside a node, as in Megatron-LM and
 torchtitan.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -37,15 +38,22 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
     return init_device_mesh(device_type, (dims.pp, dims.dp, dims.tp), mesh_dim_names=MESH_DIMS)
 
 
-def init_fake_world(world_size: int, rank: int = 0) -> None:
-    """Make the default process group one of `world_size` ranks that never communicates, as `rank`.
+@contextlib.contextmanager
+def fake_world(world_size: int, rank: int = 0):
+    """A default process group of `world_size` ranks that never communicates, as `rank`, for the block.
 
     torch's fake backend: meshes, DTensor sharding and pipeline schedules
     construct as at full scale, on one machine (the planner, dry runs, the
-    bubble simulator). Any existing default group is destroyed first.
+    bubble simulator). It must not run inside a real process group: the
+    default group is the process's own.
     """
     if dist.is_initialized():
-        dist.destroy_process_group()
-    if "fake" not in dist.Backend.backend_list:  # older torch registers it on import of its testing module
+        raise RuntimeError("fake_world inside an initialised process group")
+    if "fake" not in dist.Backend.backend_list:
+        # torch < 2.12 registers the fake backend only when its testing module is imported.
         import torch.testing._internal.distributed.fake_pg  # noqa: F401
     dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

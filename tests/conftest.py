@@ -9,7 +9,7 @@ from typing import Optional
 from hydra import compose, initialize_config_dir
 
 from orchestrator.config import register
-from orchestrator.train import CONF_DIR
+from orchestrator.config import CONF_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,5 +55,5 @@ def run_cmd(cmd: list, timeout: float = 300, env: Optional[dict] = None) -> subp
 
 
 def run_train(*overrides: str, timeout: float = 300, env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    return run_cmd([sys.executable, "-m", "orchestrator.train", *overrides], timeout=timeout, env=env)
+    return run_cmd([sys.executable, "-m", "orchestrator.cli.train", *overrides], timeout=timeout, env=env)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.wandb_history import read_run
+from tests.wandb_history import read_run
 from tests.conftest import TINY, run_cmd, run_train
 
 pytestmark = pytest.mark.dist
@@ -67,7 +67,7 @@ def test_torchrun_with_launcher_external_trains_the_same_run(local_run, tmp_path
     run_dir, _ = local_run
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     ext_dir = tmp_path / "external"
-    out = run_cmd([torchrun, "--standalone", "--nproc_per_node=2", "-m", "orchestrator.train",
+    out = run_cmd([torchrun, "--standalone", "--nproc_per_node=2", "-m", "orchestrator.cli.train",
                    "launcher=external", f"hydra.run.dir={ext_dir}", *TINY, f"train.steps={STEPS}", "parallel.dp=2", "parallel.tp=1"])
     assert out.returncode == 0, out.stderr[-3000:]
     ref, got = metrics(run_dir), metrics(ext_dir)

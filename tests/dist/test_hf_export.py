@@ -10,7 +10,7 @@ from launch.local import spawn
 from models.hf import load_hf
 from orchestrator import checkpoint
 from orchestrator.data import prepare
-from orchestrator.export import load_full_model, main as export_main
+from orchestrator.cli.export import load_full_model, main as export_main
 from orchestrator.trainer import Trainer
 from tests.conftest import make_cfg
 from tests.dist.harness import run_layout

@@ -17,7 +17,8 @@ from torch.distributed.tensor import DTensor
 
 from launch.local import spawn
 from orchestrator.data import prepare
-from orchestrator.memory import SavedTensorMeter, activation_peaks, probe_shards, rank_params, state_memory
+from orchestrator.planner.meter import SavedTensorMeter
+from orchestrator.planner.memory import activation_peaks, probe_shards, rank_params, state_memory
 from orchestrator.trainer import Trainer
 from orchestrator.validate import validate
 from parallel.mesh import ParallelDims

@@ -12,7 +12,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 from launch.local import spawn
 from orchestrator.build import build_model
 from parallel.mesh import ParallelDims, build_mesh
-from parallel.tensor import loss_context
+from parallel.tensor_parallel import loss_context
 from tests.conftest import make_cfg
 from tests.dist.harness import assert_same_run, run_layout
 

@@ -20,7 +20,7 @@ CLUSTER_ENV = {
 @pytest.fixture(scope="session")
 def slurm_cluster():
     env = {**os.environ, **CLUSTER_ENV}
-    start = subprocess.run(["bash", str(ROOT / "launch/slurm/start-cluster.sh")], env=env,
+    start = subprocess.run(["bash", str(ROOT / "launch/cluster/start-cluster.sh")], env=env,
                            capture_output=True, text=True, timeout=600)
     assert start.returncode == 0, start.stdout[-3000:] + start.stderr[-3000:]
     conf = f"{CLUSTER_ENV['SLURM_BASE']}/etc/slurm.conf"
@@ -31,5 +31,5 @@ def slurm_cluster():
         os.environ.pop("SLURM_CONF", None)
     else:
         os.environ["SLURM_CONF"] = previous
-    subprocess.run(["bash", str(ROOT / "launch/slurm/stop-cluster.sh"), "--clean"], env=env,
+    subprocess.run(["bash", str(ROOT / "launch/cluster/stop-cluster.sh"), "--clean"], env=env,
                    capture_output=True, timeout=120)

@@ -36,7 +36,7 @@ def test_a_4_task_slurm_job_trains_like_the_local_launcher(slurm_cluster, local_
 
 def test_a_hand_written_sbatch_script_with_srun_and_launcher_external_trains_the_same(slurm_cluster, local_run,
                                                                                     tmp_path):
-    script = ROOT / "launch/slurm/sbatch_template.sh"
+    script = ROOT / "launch/cluster/sbatch_template.sh"
     out = subprocess.run(
         ["sbatch", "--parsable", f"--output={tmp_path}/%j.out", str(script), *LAYOUT],
         cwd=ROOT, env={**os.environ, "TRIDENT_RUN_DIR": str(tmp_path / "run")},

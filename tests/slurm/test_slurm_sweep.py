@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.wandb_history import read_run
+from tests.wandb_history import read_run
 from tests.conftest import ROOT, TINY, run_cmd, run_train
 from tests.slurm.jobs import job_state, losses, wait_for
 
@@ -18,7 +18,7 @@ SECRET = "trident-test-secret-0f9e8d7c"
 
 
 def status(path: Path) -> list[dict]:
-    out = run_cmd([sys.executable, "-m", "orchestrator.status", "--json", str(path)])
+    out = run_cmd([sys.executable, "-m", "orchestrator.cli.status", "--json", str(path)])
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -81,7 +81,7 @@ def test_a_crashing_rank_0_or_1_fails_the_job_once_with_its_error_in_trident_sta
         # Not requeued: SLURM ran it exactly once.
         runs = subprocess.run(["sacct", "-n", "-X", "-D", "-j", job_id, "-o", "State"], capture_output=True, text=True)
         assert runs.stdout.split() == ["FAILED"]
-    table = run_cmd([sys.executable, "-m", "orchestrator.status", str(tmp_path / "rank1")]).stdout
+    table = run_cmd([sys.executable, "-m", "orchestrator.cli.status", str(tmp_path / "rank1")]).stdout
     assert "FAILED" in table and "error: rank 1: RuntimeError" in table and "_1_log.err" in table
 
 
@@ -93,7 +93,7 @@ def test_an_unknown_partition_is_refused_before_anything_is_submitted(slurm_clus
 
 
 def test_the_sbatch_template_kills_every_task_when_one_fails():
-    assert "srun --kill-on-bad-exit=1" in (ROOT / "launch/slurm/sbatch_template.sh").read_text()
+    assert "srun --kill-on-bad-exit=1" in (ROOT / "launch/cluster/sbatch_template.sh").read_text()
 
 
 def test_a_sweep_with_one_invalid_point_submits_none_of_them(slurm_cluster, tmp_path):

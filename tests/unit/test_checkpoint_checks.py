@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import orchestrator.train as train_app
+import orchestrator.cli.train as train_app
 from orchestrator import checkpoint
 from orchestrator.validate import ConfigError
 from tests.conftest import make_cfg

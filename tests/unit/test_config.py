@@ -4,7 +4,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-import orchestrator.train as train_app
+import orchestrator.cli.train as train_app
 from orchestrator.validate import ConfigError
 from tests.conftest import ROOT, compose_as_shipped, make_cfg, run_train
 

@@ -8,12 +8,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from orchestrator.config import register
-from orchestrator.memory import (
-    GiB, PUBLISHED_MIXED, STORED, build_meta, layout_memory, measured_params, probe_shards, state_bytes_per_param,
-    state_memory,
-)
-from orchestrator.plan import as_json, plan, sweep_lines, table
-from orchestrator.train import CONF_DIR
+from orchestrator.planner.layouts import plan
+from orchestrator.planner.memory import GiB, build_meta, layout_memory, measured_params, probe_shards, state_memory
+from orchestrator.planner.render import as_json, sweep_lines, table
+from orchestrator.config import CONF_DIR
 from orchestrator.validate import validate
 from tests.conftest import run_cmd
 
@@ -22,16 +20,6 @@ def compose_plan(*overrides: str):
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name="plan", overrides=["checkpoint.dir=/tmp/trident-plan-unused", *overrides])
-
-
-@pytest.mark.parametrize("dp", [1, 2, 8, 64])
-def test_published_bytes_per_param_18_unsharded_and_6_plus_12_over_d_with_sharded_optimizer(dp):
-    # bf16 weights (2) + fp32 gradients (4) + fp32 master and two Adam moments (12)
-    assert state_bytes_per_param(PUBLISHED_MIXED, "replicate", dp) == 18
-    assert state_bytes_per_param(PUBLISHED_MIXED, "optimizer", dp) == pytest.approx(6 + 12 / dp)
-    assert state_bytes_per_param(PUBLISHED_MIXED, "full", dp) == pytest.approx(18 / dp)
-    # What this code stores: fp32 weights are the master copy, whatever train.dtype.
-    assert state_bytes_per_param(STORED["bf16"], "replicate", dp) == 16
 
 
 def test_layouts_invalid_for_the_model_are_rejected_by_trident_train_validation():
@@ -58,14 +46,14 @@ def test_table_json_top_and_sweep_line_of_the_best_fitting_layouts():
     doc = json.loads(as_json(rows, info, top=3))
     assert len(doc["layouts"]) == 3 and set(doc["layouts"][0]["memory_gib"]) >= {"params", "grads", "optim",
                                                                                     "activations", "total"}
-    lines = sweep_lines(rows, cfg, 3)
+    lines = sweep_lines(rows, 3, [])
     assert all(line.startswith("trident-train -m ") and "parallel='{tp:" in line for line in lines)
     # FSDP over the node (tp1 dp8) is what torchtitan ships for this model: it must fit here.
     assert any(r.tp == 1 and r.pp == 1 and r.dp == 8 and r.micro_batch == 1 and r.fits for r in rows)
 
 
 def test_cli_prints_top_k_as_json_and_a_sweep_line(tmp_path):
-    out = run_cmd([sys.executable, "-m", "orchestrator.plan", "cluster.gpus=4", "--top", "2", "--json",
+    out = run_cmd([sys.executable, "-m", "orchestrator.cli.plan", "cluster.gpus=4", "--top", "2", "--json",
                    "--sweep", "2", f"checkpoint.dir={tmp_path}", "train.micro_batch=2", "parallel.tp=4"], timeout=120)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
@@ -74,7 +62,7 @@ def test_cli_prints_top_k_as_json_and_a_sweep_line(tmp_path):
     # The line sets micro-batch and layout itself, in place of the user's own values; the rest it keeps.
     assert line.count("train.micro_batch=") == 1 and "parallel.tp=4" not in line
     assert f"checkpoint.dir={tmp_path}" in line
-    bad = run_cmd([sys.executable, "-m", "orchestrator.plan", "cluster.gpus=4", "model.n_heads=3"], timeout=120)
+    bad = run_cmd([sys.executable, "-m", "orchestrator.cli.plan", "cluster.gpus=4", "model.n_heads=3"], timeout=120)
     assert bad.returncode == 2 and "config error" in bad.stderr
 
 
@@ -117,13 +105,13 @@ def test_planner_covers_256_gpus_for_llama3_70b_quickly():
 
 
 def test_dry_run_reports_every_pp_ranks_memory_without_spawning(tmp_path):
-    out = run_cmd([sys.executable, "-m", "orchestrator.train", "dry_run=true", "model=llama3-8b",
+    out = run_cmd([sys.executable, "-m", "orchestrator.cli.train", "dry_run=true", "model=llama3-8b",
                    "parallel.tp=4", "parallel.pp=4", "parallel.dp=16", "train.seq_len=8192", "train.global_batch=64",
                    "train.micro_batch=1", f"hydra.run.dir={tmp_path}", "logging.wandb.mode=disabled"], timeout=120)
     assert out.returncode == 0, out.stderr
     assert "dry run of llama3-8b at tp=4 pp=4 dp=16 (256 ranks" in out.stdout
     assert len([line for line in out.stdout.splitlines() if line.strip()[:1].isdigit()]) == 4
-    bad = run_cmd([sys.executable, "-m", "orchestrator.train", "dry_run=true", "parallel.tp=3",
+    bad = run_cmd([sys.executable, "-m", "orchestrator.cli.train", "dry_run=true", "parallel.tp=3",
                    f"hydra.run.dir={tmp_path}"], timeout=120)
     assert bad.returncode == 2 and "parallel.tp=3" in bad.stderr
 

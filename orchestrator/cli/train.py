@@ -1,4 +1,4 @@
-"""`trident-train` / `python -m orchestrator.train`: the Hydra app.
+"""`trident-train` / `python -m orchestrator.cli.train`: the Hydra app.
 
 Compose the config, check it, prepare the data, then hand the ranks to the
 launcher: `local` spawns them here, `external` is already one of them
@@ -21,12 +21,10 @@ from launch.rank import pick_backend, run_rank
 from launch.slurm import check_cluster, submit, sweep_point
 from launch.sweep import active as active_sweep
 from orchestrator.checkpoint import CheckpointError, check_compatible, find_resume
-from orchestrator.config import register
+from orchestrator.config import CONF_DIR, register
 from orchestrator.data import prepare
+from orchestrator.planner.dry_run import dry_run
 from orchestrator.validate import ConfigError, check_corpus, validate
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
 
 def rank_env(cfg: DictConfig):
     """launcher=external: the environment torchrun or srun gave this process (None for local)."""
@@ -62,8 +60,6 @@ def run(cfg: DictConfig, run_dir: str) -> None:
         if env is None or env.rank == 0:
             print(f"trident: warning: {warning}", file=sys.stderr, flush=True)
     if cfg.dry_run:  # every pp rank's stages built on the meta device at the full world size; nothing spawned
-        from orchestrator.plan import dry_run
-
         if env is None or env.rank == 0:
             print(dry_run(cfg), flush=True)
         return

@@ -17,21 +17,21 @@ et al.'s sbh(34 + 5as/h) for GPT), times the micro-batches a pipeline rank
 holds at once under its schedule.
 """
 
-import contextlib
-import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from omegaconf import OmegaConf
+from torch.distributed.device_mesh import DeviceMesh
 
 from models.llama import ModelArgs
-from parallel.data import BUCKET, shard_owners
-from parallel.mesh import ParallelDims, build_mesh, init_fake_world
-from parallel.pipeline import SINGLE_STAGE
+from orchestrator.build import build_model, stage_plan
+from orchestrator.levers import ac_layers, dtype_bytes
+from orchestrator.planner.bubble import ops_of, pipeline_orders
+from parallel.data_parallel import BUCKET, shard_owners
+from parallel.mesh import MESH_DIMS, ParallelDims, build_mesh, fake_world
+from parallel.pipeline_parallel import SINGLE_STAGE, stage_ids, stages_per_rank
 
 GiB = 2**30
 ADAM_MOMENTS = 2  # exp_avg and exp_avg_sq, each the dtype and shape of its parameter
@@ -39,39 +39,7 @@ ADAM_STEP_BYTES = 4  # AdamW's per-tensor step count: a float32 scalar
 
 
 @dataclass(frozen=True)
-class StateBytes:
-    """Bytes per parameter element of each kind of model state."""
-
-    param: float
-    grad: float
-    optim: float  # optimizer state, with any fp32 master copy of low-precision weights
-
-
-# What this code stores, per train.dtype (parallel/data.py): bf16 changes only transient copies and activations.
-STORED = {"fp32": StateBytes(4, 4, 8), "bf16": StateBytes(4, 4, 8)}
-# The mixed-precision accounting of ZeRO and Megatron-LM: bf16 weights, fp32 gradients, fp32 master + 2 moments.
-PUBLISHED_MIXED = StateBytes(2, 4, 12)
-# Which kinds each parallel.dp_shard level shards over the dp ranks.
-SHARDED = {"full": ("param", "grad", "optim"), "optimizer": ("optim",), "replicate": ()}
-
-
-def state_bytes_per_param(b: StateBytes, level: str, dp: int) -> float:
-    """Bytes of model state per parameter on one rank, with `level` sharding over `dp` ranks."""
-    return sum(getattr(b, kind) / (dp if kind in SHARDED[level] else 1) for kind in ("param", "grad", "optim"))
-
-
-@contextlib.contextmanager
-def fake_world(world_size: int, rank: int):
-    """A fake default process group of `world_size` ranks, as rank `rank`, for the block's duration."""
-    init_fake_world(world_size, rank)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-@dataclass(frozen=True)
-class Shard:
+class ParamShard:
     """One parameter as one rank holds it."""
 
     numel: int  # of the whole parameter (what ZeRO-1 balances by)
@@ -81,12 +49,12 @@ class Shard:
 
 
 @dataclass
-class Shards:
+class ModelShards:
     """The parameters of the embedding, of one block and of the head (final norm + output), at one rank."""
 
-    embed: list[Shard]
-    block: list[Shard]
-    head: list[Shard]
+    embed: list[ParamShard]
+    block: list[ParamShard]
+    head: list[ParamShard]
 
 
 def whole_embedding_grad(cfg) -> bool:
@@ -96,15 +64,13 @@ def whole_embedding_grad(cfg) -> bool:
     return par.tp > 1 and not (par.dp > 1 and par.dp_shard == "full")
 
 
-def _shard(p, whole_grad: bool = False) -> Shard:
+def _shard(p, whole_grad: bool = False) -> ParamShard:
     local = p.to_local() if hasattr(p, "to_local") else p
-    return Shard(p.numel(), local.numel(), local.element_size(), p.numel() if whole_grad else local.numel())
+    return ParamShard(p.numel(), local.numel(), local.element_size(), p.numel() if whole_grad else local.numel())
 
 
 def build_meta(cfg, rank: int):
     """This rank's whole model parts on the meta device, sharded by the real build code, in a fake world."""
-    from orchestrator.build import build_model
-
     par = cfg.parallel
     with fake_world(par.tp * par.pp * par.dp, rank):
         mesh = build_mesh(ParallelDims(par.tp, par.pp, par.dp), "cpu")
@@ -112,7 +78,7 @@ def build_meta(cfg, rank: int):
         return build_model(cfg.model, par, mesh, torch.device("meta"), 0, train_cfg=train, materialize=False)
 
 
-def probe_shards(cfg, dp_rank: int = 0, tp_rank: int = 0) -> Shards:
+def probe_shards(cfg, dp_rank: int = 0, tp_rank: int = 0) -> ModelShards:
     """Measure the embedding's, a block's and the head's shards at (pp rank 0, dp_rank, tp_rank).
 
     The probe is a one-layer model built by `build_model` in the layout's full
@@ -122,11 +88,6 @@ def probe_shards(cfg, dp_rank: int = 0, tp_rank: int = 0) -> Shards:
     Rank (0, 0) of each dp and tp group holds the largest shards (torch.chunk
     gives any remainder to the last ranks).
     """
-    from torch.distributed.device_mesh import DeviceMesh
-
-    from orchestrator.build import build_model
-    from parallel.mesh import MESH_DIMS
-
     par = cfg.parallel
     model = OmegaConf.merge(cfg.model, {"n_layers": 1})
     one_stage = OmegaConf.merge(par, {"pp": 1, "schedule": "1f1b", "stages_per_rank": None, "cut_points": None})
@@ -138,10 +99,10 @@ def probe_shards(cfg, dp_rank: int = 0, tp_rank: int = 0) -> Shards:
     for name, p in built.modules[0].named_parameters():
         kind = "block" if name.startswith("layers.") else "embed" if name.startswith("tok_embeddings") else "head"
         found[kind].append(_shard(p, kind == "embed" and whole_embedding_grad(cfg)))
-    return Shards(**found)
+    return ModelShards(**found)
 
 
-def rank_params(cfg, shards: Shards, pp_rank: int, stages=None) -> list[Shard]:
+def rank_params(cfg, shards: ModelShards, pp_rank: int, stages=None) -> list[ParamShard]:
     """This pp rank's parameters in the order its modules list them."""
     ids_per_rank, layers, n_stages = stages or rank_stages(cfg)
     ids = ids_per_rank[pp_rank]
@@ -153,7 +114,7 @@ def rank_params(cfg, shards: Shards, pp_rank: int, stages=None) -> list[Shard]:
     return out
 
 
-def measured_params(cfg, built) -> list[Shard]:
+def measured_params(cfg, built) -> list[ParamShard]:
     """The same list from a full (dry-run) build."""
     whole = whole_embedding_grad(cfg)
     return [_shard(p, whole and name.startswith("tok_embeddings")) for m in built.modules
@@ -171,7 +132,7 @@ class StateMemory:
         return self.params + self.grads + self.optim
 
 
-def state_memory(params: list[Shard], dp_shard: str, dp: int, dp_rank: int = 0) -> StateMemory:
+def state_memory(params: list[ParamShard], dp_shard: str, dp: int, dp_rank: int = 0) -> StateMemory:
     """Bytes of weights, gradients and AdamW state this rank allocates."""
     local = sum(s.local * s.itemsize for s in params)
     grads = sum(s.grad * s.itemsize for s in params)
@@ -211,9 +172,9 @@ def activation_model(cfg, args: ModelArgs = None) -> ActivationModel:
     tp = par.tp
     sp = tp if (tp > 1 and par.sequence_parallel) else 1
     h, f, heads = args.dim, args.ffn_hidden, args.n_heads
-    bf16 = t.get("dtype", "fp32") == "bf16"
+    bf16 = t.dtype == "bf16"
     fsdp_mp = bf16 and par.dp > 1 and par.dp_shard == "full"
-    act = 2 if bf16 else 4  # what matmuls output
+    act = dtype_bytes(t.dtype)  # what matmuls output
     stream = act if fsdp_mp else 4  # the residual stream: bf16 only when the weights themselves are gathered as bf16
     normed = stream if not bf16 else (act if fsdp_mp else 4)
     norm = (4 * h + normed * h + 4) / sp + act * h  # + the linears' input, gathered to the whole sequence
@@ -235,8 +196,6 @@ def stage_activation_bytes(am: ActivationModel, layer_ids, first: bool, last: bo
     peak only if it is the stage's last block; any earlier one recomputes
     after a later block's activations were freed.
     """
-    from orchestrator.levers import ac_layers
-
     recomputed = set(ac_layers(list(layer_ids), ac))
     per_token = sum(am.block_input if i in recomputed else am.block for i in layer_ids)
     per_token += (am.first if first else 0) + (am.last if last else 0)
@@ -247,15 +206,7 @@ def stage_activation_bytes(am: ActivationModel, layer_ids, first: bool, last: bo
 @lru_cache(maxsize=512)
 def schedule_orders(schedule: str, pp: int, m: int, per_rank) -> tuple[dict, int]:
     """Each rank's compute actions (F, B, I, W per stage and micro-batch), from the schedule itself."""
-    from parallel.bubble import ensure_fake_world, pipeline_orders, single_stage_orders
-
-    if schedule in SINGLE_STAGE:
-        return single_stage_orders(schedule, pp, m), pp
-    ensure_fake_world(pp)
-    try:
-        return pipeline_orders(schedule, pp, m, per_rank)
-    finally:
-        dist.destroy_process_group()
+    return pipeline_orders(schedule, pp, m, per_rank)
 
 
 # What each action does to the activations of its stage's micro-batch: a split backward frees
@@ -266,10 +217,8 @@ _LIVE = {"F": 1.0, "B": -1.0, "I": -0.5, "W": -0.5}
 
 @lru_cache(maxsize=512)
 def _live_steps(schedule: str, pp: int, m: int, per_rank) -> dict[int, list[tuple[int, float]]]:
-    from parallel.bubble import _ops
-
     orders, _ = schedule_orders(schedule, pp, m, per_rank)
-    return {r: [(op.stage, _LIVE[op.kind]) for a in actions for op in _ops(a)] for r, actions in orders.items()}
+    return {r: [(op.stage, _LIVE[op.kind]) for a in actions for op in ops_of(a)] for r, actions in orders.items()}
 
 
 def peak_in_flight(steps: list[tuple[int, float]], stage_bytes: dict[int, float]) -> float:
@@ -281,7 +230,7 @@ def peak_in_flight(steps: list[tuple[int, float]], stage_bytes: dict[int, float]
     return peak
 
 
-def other_bytes(cfg, shards: Shards) -> float:
+def other_bytes(cfg, shards: ModelShards) -> float:
     """Transient buffers beside state and activations, for the worst rank.
 
     full (FSDP2, dp>1): the root unit (embedding, head) stays gathered all
@@ -293,7 +242,7 @@ def other_bytes(cfg, shards: Shards) -> float:
     par, t = cfg.parallel, cfg.train
     if par.dp == 1:
         return 0.0
-    act = 2 if t.get("dtype", "fp32") == "bf16" else 4
+    act = dtype_bytes(t.dtype)
     tp_local = lambda shards_: sum(s.numel for s in shards_) / par.tp  # noqa: E731
     if par.dp_shard == "full":
         root = tp_local(shards.embed) + tp_local(shards.head)
@@ -302,12 +251,12 @@ def other_bytes(cfg, shards: Shards) -> float:
     return BUCKET * 4
 
 
-def autocast_copy_bytes(cfg, shards: Shards) -> tuple[float, float]:
+def autocast_copy_bytes(cfg, shards: ModelShards) -> tuple[float, float]:
     """(bytes per block, bytes of the head): bf16 without FSDP2 runs under autocast, which casts each
     matmul's weight per micro-batch and keeps the copy until that micro-batch's backward (2 bytes per
     TP-local matrix element)."""
     par, t = cfg.parallel, cfg.train
-    if t.get("dtype", "fp32") != "bf16" or (par.dp > 1 and par.dp_shard == "full"):
+    if t.dtype != "bf16" or (par.dp > 1 and par.dp_shard == "full"):
         return 0.0, 0.0
     dim = cfg.model.dim
     matrices = lambda shards_: 2 * sum(s.numel for s in shards_ if s.numel > dim) / par.tp  # noqa: E731 (not norms)
@@ -321,9 +270,6 @@ def orders_microbatches(schedule: str, pp: int, m: int) -> int:
 
 def rank_stages(cfg) -> tuple[list[list[int]], list[range], int]:
     """(each pp rank's stage ids, every stage's layers, number of stages): build.stage_plan for every rank."""
-    from orchestrator.build import stage_plan
-    from parallel.pipeline import stage_ids, stages_per_rank
-
     par = cfg.parallel
     ids0, layers, n_stages = stage_plan(cfg.model, par, par.pp, 0)
     if par.pp == 1:
@@ -332,15 +278,13 @@ def rank_stages(cfg) -> tuple[list[list[int]], list[range], int]:
     return [stage_ids(par.schedule, r, par.pp, v) for r in range(par.pp)], layers, n_stages
 
 
-def activation_peaks(cfg, shards: Shards, stages=None, args: ModelArgs = None) -> list[float]:
+def activation_peaks(cfg, shards: ModelShards, stages=None, args: ModelArgs = None) -> list[float]:
     """Peak saved-activation bytes on each pp rank during one step."""
-    from orchestrator.levers import ac_layers
-
     par, t = cfg.parallel, cfg.train
     ids_per_rank, layers, n_stages = stages or rank_stages(cfg)
     am = activation_model(cfg, args)
     tokens = t.micro_batch * t.seq_len
-    ac = t.get("activation_checkpointing", "none")
+    ac = t.activation_checkpointing
     copy_block, copy_head = autocast_copy_bytes(cfg, shards)
     stage_bytes, recompute = {}, {}
     for stage, ids in enumerate(layers):
@@ -382,7 +326,7 @@ class RankMemory:
         return self.params + self.grads + self.optim + self.activations + self.other
 
 
-def layout_memory(cfg, shards: Shards, args: ModelArgs = None) -> list[RankMemory]:
+def layout_memory(cfg, shards: ModelShards, args: ModelArgs = None) -> list[RankMemory]:
     """Every pp rank's memory at its fullest dp rank (tp rank 0, whose shards are the largest)."""
     par = cfg.parallel
     stages = rank_stages(cfg)
@@ -395,65 +339,3 @@ def layout_memory(cfg, shards: Shards, args: ModelArgs = None) -> list[RankMemor
         st = max((state_memory(params, par.dp_shard, par.dp, d) for d in dp_ranks), key=lambda m: m.total)
         out.append(RankMemory(r, st.params, st.grads, st.optim, acts[r], other))
     return out
-
-
-# --- measuring what the model above predicts ------------------------------------------------
-
-class _Saved:
-    __slots__ = ("value", "__weakref__")
-
-    def __init__(self, value):
-        self.value = value
-
-
-class SavedTensorMeter:
-    """Live bytes of the tensors autograd saves for backward, and their peak: activation memory measured.
-
-    Storages of parameters (FSDP2's gathered ones included) and buffers are not
-    activations; a storage saved twice counts once. On a GPU the allocator shows
-    the same; on CPU this count is the direct measure. Use as
-    `with meter.measuring(): forward and backward`.
-    """
-
-    def __init__(self, modules):
-        self.modules = modules
-        self.live: dict[int, int] = {}  # storage pointer -> bytes
-        self.refs: dict[int, int] = {}
-        self.now = self.peak = 0
-
-    def measuring(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-
-    def _excluded(self) -> set:
-        out = set()
-        for m in self.modules:
-            for t in [*m.parameters(), *m.buffers()]:
-                local = t.to_local() if isinstance(t, DTensor) else t
-                out.add(local.untyped_storage().data_ptr())
-        return out
-
-    def pack(self, t):
-        local = t.to_local() if isinstance(t, DTensor) else t
-        try:
-            ptr = local.untyped_storage().data_ptr()
-        except RuntimeError:  # a fake or meta tensor: the pipeline's shape inference, not the step
-            return t
-        if ptr in self._excluded():
-            return t
-        if self.refs.get(ptr, 0) == 0:
-            self.live[ptr] = local.untyped_storage().nbytes()
-            self.now += self.live[ptr]
-            self.peak = max(self.peak, self.now)
-        self.refs[ptr] = self.refs.get(ptr, 0) + 1
-        box = _Saved([t])
-        weakref.finalize(box, self._release, ptr)
-        return box
-
-    def _release(self, ptr):
-        self.refs[ptr] -= 1
-        if self.refs[ptr] == 0:
-            self.now -= self.live.pop(ptr)
-
-    @staticmethod
-    def unpack(x):
-        return x.value[0] if isinstance(x, _Saved) else x

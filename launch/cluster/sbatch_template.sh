@@ -2,7 +2,7 @@
 # A hand-written batch script for trident: one task per rank, srun starts them,
 # trident-train joins them with launcher=external. Copy it, set the #SBATCH lines
 # to your layout (nodes x ntasks-per-node = tp * pp * dp), and submit:
-#   sbatch launch/slurm/sbatch_template.sh parallel.tp=2 parallel.dp=2 train.steps=100
+#   sbatch launch/cluster/sbatch_template.sh parallel.tp=2 parallel.dp=2 train.steps=100
 #SBATCH --job-name=trident
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=4

@@ -16,7 +16,12 @@ The zero-bubble schedules have no closed form; they are simulated only.
 
 from dataclasses import dataclass
 
-from parallel.pipeline import SINGLE_STAGE, stages_per_rank
+import torch
+import torch.distributed as dist
+from torch.distributed.pipelining import PipelineStage
+
+from parallel.mesh import fake_world
+from parallel.pipeline_parallel import SCHEDULES, SINGLE_STAGE, stage_ids, stages_per_rank
 
 # Unit costs: backward is twice forward; split, its input and weight halves cost one each.
 UNIT_COSTS = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}
@@ -37,7 +42,7 @@ def analytic_bubble(schedule: str, pp: int, m: int, v: int):
     return None
 
 
-def _ops(action) -> list[Op]:
+def ops_of(action) -> list[Op]:
     """Compute ops of one torch `_Action` (an overlapped F+B action holds two); comm and FSDP ops drop out."""
     if action is None:
         return []
@@ -45,7 +50,7 @@ def _ops(action) -> list[Op]:
         return [action]
     subs = getattr(action, "sub_actions", None)
     if subs:
-        return [op for sub in subs for op in _ops(sub)]
+        return [op for sub in subs for op in ops_of(sub)]
     kind = str(getattr(action.computation_type, "value", action.computation_type))
     kind = {"FULL_BACKWARD": "B", "BACKWARD_INPUT": "I", "BACKWARD_WEIGHT": "W", "FORWARD": "F"}.get(kind, kind)
     if kind not in UNIT_COSTS:
@@ -55,7 +60,7 @@ def _ops(action) -> list[Op]:
 
 def simulate(orders: dict[int, list], n_stages: int, costs: dict[str, float] = UNIT_COSTS) -> dict:
     """Replay each rank's ops; return the timeline, makespan and idle fractions."""
-    queues = {rank: [op for a in actions for op in _ops(a)] for rank, actions in orders.items()}
+    queues = {rank: [op for a in actions for op in ops_of(a)] for rank, actions in orders.items()}
     done: dict[tuple, float] = {}  # (kind, stage, mb) -> finish time; I and B both count as "grad ready"
     free = {rank: 0.0 for rank in queues}
     pos = {rank: 0 for rank in queues}
@@ -132,33 +137,14 @@ def pipeline_orders(schedule: str, pp: int, m: int, requested_stages_per_rank=No
     """Each rank's action list for a schedule: (orders, number of stages).
 
     The multi-stage schedules execute torch's own `pipeline_order`, built here
-    without real processes: that needs a default process group of world size
-    pp, so call from a process of its own (`ensure_fake_world`).
+    in a fake process group of pp ranks (so not inside a real one).
     """
     if schedule in SINGLE_STAGE:
         return single_stage_orders(schedule, pp, m), pp
-    import torch
-    import torch.distributed as dist
-
-    from parallel.pipeline import SCHEDULES, stage_ids
-
     v = stages_per_rank(schedule, requested_stages_per_rank)
     n_stages = pp * v
-    stages = []
-    from torch.distributed.pipelining import PipelineStage
-
-    for sid in stage_ids(schedule, 0, pp, v):
-        stages.append(PipelineStage(torch.nn.Linear(1, 1), sid, n_stages, torch.device("cpu"), group=dist.group.WORLD))
-    cls = SCHEDULES[schedule]
-    sched = cls(stages[0], m) if schedule in SINGLE_STAGE else cls(stages, m)
-    return sched.pipeline_order, n_stages
-
-
-def ensure_fake_world(world_size: int) -> None:
-    """A fake default process group of `world_size` ranks (kept if one of that size exists)."""
-    import torch.distributed as dist
-
-    from parallel.mesh import init_fake_world
-
-    if not (dist.is_initialized() and dist.get_world_size() == world_size):
-        init_fake_world(world_size)
+    with fake_world(pp):
+        stages = [PipelineStage(torch.nn.Linear(1, 1), sid, n_stages, torch.device("cpu"), group=dist.group.WORLD)
+                  for sid in stage_ids(schedule, 0, pp, v)]
+        cls = SCHEDULES[schedule]
+        return cls(stages, m).pipeline_order, n_stages

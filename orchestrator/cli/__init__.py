@@ -1,0 +1,1 @@
+"""Entry points: thin shells (Hydra apps and argparse) over the library; nothing imports them."""

@@ -1,0 +1,191 @@
+"""Every layout of a model on a cluster that trident-train would accept, ranked.
+
+The same conf/ tree as trident-train plus a `cluster`; parallel.tp/pp/dp,
+train.micro_batch and parallel.schedule vary, and exactly the layouts that
+trident-train's own validation accepts are kept. For each: the worst rank's
+memory (orchestrator/planner/memory.py) and a predicted step time
+(orchestrator/planner/cost.py). `rel` is a layout's step time over the best
+fitting one's.
+"""
+
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import InterpolationResolutionError
+
+from models.llama import ModelArgs, Transformer, num_params
+from orchestrator.planner.cost import bubble_of, step_time
+from orchestrator.planner.memory import GiB, RankMemory, layout_memory, probe_shards
+from orchestrator.validate import ConfigError, divisors, validate
+from parallel.pipeline_parallel import SCHEDULES
+
+
+@dataclass
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    schedule: str  # "-" without pipeline parallelism
+    microbatches: int  # per dp rank and step
+    worst: RankMemory  # the pp rank with the most memory
+    fits: bool
+    bubble: float
+    compute_s: float
+    tp_s: float
+    pp_s: float
+    dp_s: float  # the exposed part
+    step_s: float
+    mfu: float
+    rel: float = 0.0
+
+    def overrides(self) -> dict:
+        sched = {} if self.pp == 1 else {"schedule": self.schedule}
+        return {"parallel": {"tp": self.tp, "pp": self.pp, "dp": self.dp, **sched},
+                "train": {"micro_batch": self.micro_batch}}
+
+
+def candidates(cfg: DictConfig):
+    """Every (tp, pp, dp, micro_batch, schedule) on cluster.gpus, before validation."""
+    gpus, t = cfg.cluster.gpus, cfg.train
+    for tp in divisors(gpus):
+        for pp in divisors(gpus // tp):
+            dp = gpus // (tp * pp)
+            if t.global_batch % dp:
+                continue
+            for mb in divisors(t.global_batch // dp):
+                for schedule in (SCHEDULES if pp > 1 else [cfg.parallel.schedule]):
+                    yield tp, pp, dp, mb, schedule
+
+
+def set_layout(c: DictConfig, tp, pp, dp, mb, schedule) -> None:
+    with open_dict(c):
+        c.parallel.tp, c.parallel.pp, c.parallel.dp, c.parallel.schedule = tp, pp, dp, schedule
+        c.parallel.microbatches = None
+        c.parallel.cut_points = None
+        c.train.micro_batch = mb
+        c.launcher.nprocs = None
+
+
+def candidates(cfg: DictConfig):
+    """Every (tp, pp, dp, micro_batch, schedule) on cluster.gpus, before validation."""
+    gpus, t = cfg.cluster.gpus, cfg.train
+    for tp in divisors(gpus):
+        for pp in divisors(gpus // tp):
+            dp = gpus // (tp * pp)
+            if t.global_batch % dp:
+                continue
+            for mb in divisors(t.global_batch // dp):
+                for schedule in (SCHEDULES if pp > 1 else [cfg.parallel.schedule]):
+                    yield tp, pp, dp, mb, schedule
+
+
+def set_layout(c: DictConfig, tp, pp, dp, mb, schedule) -> None:
+    with open_dict(c):
+        c.parallel.tp, c.parallel.pp, c.parallel.dp, c.parallel.schedule = tp, pp, dp, schedule
+        c.parallel.microbatches = None
+        c.parallel.cut_points = None
+        c.train.micro_batch = mb
+        c.launcher.nprocs = None
+
+
+def n_params_of(cfg: DictConfig) -> int:
+    with torch.device("meta"):
+        return num_params(Transformer(ModelArgs.from_config(cfg.model)))
+
+
+def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
+    """Every valid layout, best first (fitting ones first, then by predicted step time)."""
+    started = time.perf_counter()
+    cl = cfg.cluster
+    try:  # resolved once, not per layout (${hydra:...} resolves only inside the Hydra app)
+        work = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    except InterpolationResolutionError:
+        work = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    rejected: dict[str, int] = {}
+    valid = []
+    for tp, pp, dp, mb, schedule in candidates(cfg):
+        set_layout(work, tp, pp, dp, mb, schedule)
+        try:
+            validate(work)
+        except ConfigError as e:
+            reason = re.match(r"[\w.]+", str(e)).group(0)  # the setting it names
+            rejected[reason] = rejected.get(reason, 0) + 1
+            continue
+        valid.append((tp, pp, dp, mb, schedule))
+    n_params = n_params_of(cfg)
+    args = ModelArgs.from_config(cfg.model)
+    shards = {}
+    for tp, pp, dp, _, _ in valid:
+        if (tp, pp, dp) not in shards:
+            set_layout(work, tp, pp, dp, 1, "1f1b")
+            shards[tp, pp, dp] = probe_shards(work)
+    rows = []
+    budget = (cl.gpu_memory_gb - cl.memory_reserve_gb) * GiB
+    for tp, pp, dp, mb, schedule in valid:
+        set_layout(work, tp, pp, dp, mb, schedule)
+        ranks = layout_memory(work, shards[tp, pp, dp], args)
+        worst = max(ranks, key=lambda r: r.total)
+        m = cfg.train.global_batch // (mb * dp)
+        bubble = bubble_of(schedule, pp, m, cfg.parallel.stages_per_rank)
+        times = step_time(work, worst, n_params, bubble, args)
+        rows.append(Layout(tp, pp, dp, mb, schedule if pp > 1 else "-", m, worst, worst.total <= budget, bubble,
+                           **times))
+    rows.sort(key=lambda r: (not r.fits, r.step_s))
+    best = next((r.step_s for r in rows if r.fits), rows[0].step_s if rows else 1.0)
+    for r in rows:
+        r.rel = r.step_s / best
+    info = {"candidates": len(valid) + sum(rejected.values()), "valid": len(valid),
+            "fit": sum(r.fits for r in rows), "rejected": rejected, "n_params": n_params,
+            "seconds": time.perf_counter() - started}
+    return rows, info
+
+
+def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
+    """Every valid layout, best first (fitting ones first, then by predicted step time)."""
+    started = time.perf_counter()
+    cl = cfg.cluster
+    try:  # resolved once, not per layout (${hydra:...} resolves only inside the Hydra app)
+        work = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    except InterpolationResolutionError:
+        work = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    rejected: dict[str, int] = {}
+    valid = []
+    for tp, pp, dp, mb, schedule in candidates(cfg):
+        set_layout(work, tp, pp, dp, mb, schedule)
+        try:
+            validate(work)
+        except ConfigError as e:
+            reason = re.match(r"[\w.]+", str(e)).group(0)  # the setting it names
+            rejected[reason] = rejected.get(reason, 0) + 1
+            continue
+        valid.append((tp, pp, dp, mb, schedule))
+    n_params = n_params_of(cfg)
+    args = ModelArgs.from_config(cfg.model)
+    shards = {}
+    for tp, pp, dp, _, _ in valid:
+        if (tp, pp, dp) not in shards:
+            set_layout(work, tp, pp, dp, 1, "1f1b")
+            shards[tp, pp, dp] = probe_shards(work)
+    rows = []
+    budget = (cl.gpu_memory_gb - cl.memory_reserve_gb) * GiB
+    for tp, pp, dp, mb, schedule in valid:
+        set_layout(work, tp, pp, dp, mb, schedule)
+        ranks = layout_memory(work, shards[tp, pp, dp], args)
+        worst = max(ranks, key=lambda r: r.total)
+        m = cfg.train.global_batch // (mb * dp)
+        bubble = bubble_of(schedule, pp, m, cfg.parallel.stages_per_rank)
+        times = step_time(work, worst, n_params, bubble, args)
+        rows.append(Layout(tp, pp, dp, mb, schedule if pp > 1 else "-", m, worst, worst.total <= budget, bubble,
+                           **times))
+    rows.sort(key=lambda r: (not r.fits, r.step_s))
+    best = next((r.step_s for r in rows if r.fits), rows[0].step_s if rows else 1.0)
+    for r in rows:
+        r.rel = r.step_s / best
+    info = {"candidates": len(valid) + sum(rejected.values()), "valid": len(valid),
+            "fit": sum(r.fits for r in rows), "rejected": rejected, "n_params": n_params,
+            "seconds": time.perf_counter() - started}
+    return rows, info

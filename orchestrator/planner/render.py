@@ -1,0 +1,75 @@
+"""The planner's output: a table for people, JSON for programs, Hydra -m lines for trident-train."""
+
+import json
+from dataclasses import asdict
+
+from omegaconf import DictConfig
+
+from orchestrator.planner.layouts import Layout
+from orchestrator.planner.memory import GiB
+
+
+def memory_unit(totals) -> tuple[str, int]:
+    """GiB, or MiB for models too small to show in GiB."""
+    return ("GiB", GiB) if max(totals, default=0) >= GiB else ("MiB", 2**20)
+
+
+def table(rows: list[Layout], cfg: DictConfig, info: dict, top=None) -> str:
+    cl, t = cfg.cluster, cfg.train
+    unit, size = memory_unit(r.worst.total for r in rows[:top])
+    head = (f"trident-plan: {cfg.model.name} ({info['n_params'] / 1e9:.2f}B parameters) on {cl.gpus} x {cl.name} "
+            f"({cl.gpus_per_node} per node, {cl.gpu_memory_gb:g} GiB, {cl.memory_reserve_gb:g} reserved); "
+            f"seq_len={t.seq_len} global_batch={t.global_batch} dtype={t.dtype} "
+            f"dp_shard={cfg.parallel.dp_shard} ac={t.activation_checkpointing}\n"
+            f"{info['valid']} valid layouts of {info['candidates']} ({info['fit']} fit); "
+            f"planned in {info['seconds']:.1f} s. Memory: {unit} per GPU on the fullest rank.")
+    cols = ("tp", "pp", "dp", "mb", "schedule", "m", "params", "grads", "optim", "act", "other", "total", "fits",
+            "bubble", "MFU", "step_s", "rel")
+    lines = [head, "  ".join(f"{c:>8}" if i > 4 else f"{c:>4}" if c != "schedule" else f"{c:<16}"
+                             for i, c in enumerate(cols))]
+    for r in rows[:top]:
+        w = r.worst
+        cells = [f"{r.tp:>4}", f"{r.pp:>4}", f"{r.dp:>4}", f"{r.micro_batch:>4}", f"{r.schedule:<16}",
+                 f"{r.microbatches:>8}", *(f"{x / size:>8.1f}" for x in (w.params, w.grads, w.optim, w.activations,
+                                                                    w.other, w.total)),
+                 f"{'yes' if r.fits else 'no':>8}", f"{r.bubble:>8.3f}", f"{100 * r.mfu:>7.1f}%",
+                 f"{r.step_s:>8.3g}", f"{r.rel:>8.2f}"]
+        lines.append("  ".join(cells))
+    if top is not None and len(rows) > top:
+        lines.append(f"... {len(rows) - top} more (--top N)")
+    if not info["fit"]:
+        lines.append("No layout fits: try train.dtype=bf16, train.activation_checkpointing=full, more GPUs "
+                     "(cluster.gpus) or a shorter train.seq_len.")
+    return "\n".join(lines)
+
+
+def sweep_lines(rows: list[Layout], k: int, user_overrides: list[str]) -> list[str]:
+    """The best k fitting layouts as trident-train -m lines (one per micro-batch size: a sweep is a product).
+
+    user_overrides: the user's own command-line overrides, kept on each line.
+    """
+    best = [r for r in rows if r.fits][:k]
+    by_mb: dict[int, list[Layout]] = {}
+    for r in best:
+        by_mb.setdefault(r.micro_batch, []).append(r)
+    lines = []
+    for mb, group in by_mb.items():
+        values = ",".join(
+            "'{" + ",".join(f"{k}:{v}" for k, v in r.overrides()["parallel"].items()) + "}'" for r in group)
+        # The line sets these itself: the user's own values for them would clash (Hydra refuses a key twice).
+        taken = {"train.micro_batch"} | {f"parallel.{key}" for r in group for key in r.overrides()["parallel"]}
+        mine = [o for o in user_overrides if o.partition("=")[0].lstrip("+~") not in taken]
+        lines.append(" ".join(["trident-train -m", *mine, f"train.micro_batch={mb}", f"parallel={values}"]))
+    return lines
+
+
+def as_json(rows: list[Layout], info: dict, top=None) -> str:
+    out = []
+    for r in rows[:top]:
+        d = asdict(r)
+        w = d.pop("worst")
+        d["memory_gib"] = {k: w[k] / GiB for k in ("params", "grads", "optim", "activations", "other")}
+        d["memory_gib"]["total"] = r.worst.total / GiB
+        d["worst_pp_rank"] = w["pp_rank"]
+        out.append(d)
+    return json.dumps({**info, "layouts": out}, indent=1)
