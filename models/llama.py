@@ -102,7 +102,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """mask: None for plain causal attention, else (batch, 1, seq, seq) bool, True where a query may attend."""
         bsz, seq, _ = x.shape
         # -1 rather than the head counts: under tensor parallelism a rank holds a
         # slice of the heads, and the same code must work on it unchanged.
@@ -114,9 +115,11 @@ class Attention(nn.Module):
         if repeat > 1:
             k = k.repeat_interleave(repeat, dim=2)
             v = v.repeat_interleave(repeat, dim=2)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
@@ -139,8 +142,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -158,11 +161,18 @@ class Transformer(nn.Module):
             "rope", rope_table(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False
         )
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (batch, seq) -> logits (batch, seq, vocab)."""
+    def forward(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab).
+
+        doc_ids (batch, seq), optional: the document of each token; a token then attends only to
+        earlier tokens of its own document. (Rotary embeddings depend on relative positions only,
+        so each document is computed as if it stood alone.) A pipeline stage gets hidden states
+        as `tokens` and the same doc_ids.
+        """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        mask = document_mask(doc_ids) if doc_ids is not None else None
         for layer in self.layers.values():
-            h = layer(h, self.rope)
+            h = layer(h, self.rope, mask)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
@@ -171,6 +181,13 @@ class Transformer(nn.Module):
         self.rope = rope_table(
             self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=self.rope.device
         )
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, seq, seq) bool: query i may attend key j iff j <= i and both are in one document."""
+    seq = doc_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
+    return (doc_ids[:, :, None] == doc_ids[:, None, :]).unsqueeze(1) & causal
 
 
 def num_params(model: nn.Module, exclude_embedding: bool = False) -> int:

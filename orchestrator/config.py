@@ -77,6 +77,11 @@ class DataConfig:
     bin_dtype: str = MISSING
     eval_fraction: float = MISSING
     cache_dir: str = MISSING
+    tokenizer: str = MISSING
+    text_key: str = MISSING
+    eos_token: Optional[str] = MISSING
+    mask_across_documents: bool = MISSING
+    tokenize_workers: Optional[int] = MISSING
 
 
 @dataclass
@@ -168,7 +173,20 @@ class PlanConfig(TrainConfig):
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
+def hf_config_value(folder: Optional[str], key: str):
+    """`${hf:${model.init_from},hidden_size}`: a field of a Hugging Face model folder's config.json."""
+    from models.hf import hf_value, read_config
+
+    if folder is None:
+        raise ValueError(f"${{hf:...,{key}}} needs model.init_from (a Hugging Face Llama folder); it is null")
+    return hf_value(read_config(folder), key)
+
+
 def register() -> None:
     """Make the schema known to Hydra; `conf/train.yaml` extends it, `conf/plan.yaml` the plan's."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("hf"):
+        OmegaConf.register_new_resolver("hf", hf_config_value)
     ConfigStore.instance().store(name="trident_schema", node=TrainConfig)
     ConfigStore.instance().store(name="trident_plan_schema", node=PlanConfig)

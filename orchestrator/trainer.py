@@ -91,8 +91,9 @@ class Trainer:
             torch.optim.AdamW(param_groups(m, o.weight_decay, keep), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
             for m in self.modules
         ]
-        self.batches = Batches(corpus.train, t.seq_len, t.global_batch, t.micro_batch, t.seed, dp_rank, par.dp)
-        self.eval_data = eval_batches(corpus.eval, t.seq_len, t.eval_sequences, t.micro_batch, dp_rank, par.dp)
+        mask = cfg.data.mask_across_documents  # micro-batches then carry doc_ids (orchestrator/data.py)
+        self.batches = Batches(corpus.train, t.seq_len, t.global_batch, t.micro_batch, t.seed, dp_rank, par.dp, mask)
+        self.eval_data = eval_batches(corpus.eval, t.seq_len, t.eval_sequences, t.micro_batch, dp_rank, par.dp, mask)
         self.pipeline = None
         if par.pp > 1:
             self.pipeline = build_pipeline(
@@ -133,8 +134,9 @@ class Trainer:
     def _loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
-    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self._loss_fn(self.parts[0](inputs.to(self.device)), targets.to(self.device))
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        args = (inputs.to(self.device),) if doc_ids is None else (inputs.to(self.device), doc_ids.to(self.device))
+        return self._loss_fn(self.parts[0](*args), targets.to(self.device))
 
     def _pp_sum(self, value: torch.Tensor) -> torch.Tensor:
         """The loss lives on the last stage: share it with every pp rank (the others add zero)."""
@@ -156,17 +158,16 @@ class Trainer:
     def _forward_backward(self, micro: list) -> torch.Tensor:
         loss_sum = torch.zeros((), device=self.device)
         if self.pipeline is not None:
-            inputs = torch.cat([x for x, _ in micro]).to(self.device)
-            targets = torch.cat([y for _, y in micro]).to(self.device)
+            inputs, targets, *doc_ids = (torch.cat(column).to(self.device) for column in zip(*micro))
             with loss_context(self.dims.tp):
-                losses = self.pipeline.step(inputs, targets)
+                losses = self.pipeline.step(inputs, targets, *doc_ids)
             for loss in losses:
                 loss_sum += _value(loss.detach())
             return self._pp_sum(loss_sum)
         model = self.parts[0]
-        for i, (inputs, targets) in enumerate(micro):
+        for i, batch in enumerate(micro):  # (inputs, targets[, doc_ids])
             with grad_sync(model, enabled=i == len(micro) - 1), loss_context(self.dims.tp):
-                loss = self._loss(inputs, targets)
+                loss = self._loss(*batch)
                 (loss / len(micro)).backward()
             loss_sum += _value(loss.detach())
         return loss_sum
@@ -192,13 +193,14 @@ class Trainer:
             row["pp_wait_s"] = wait.item() / self.dims.pp  # mean over the pipeline's ranks
         return row
 
-    def _eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.pipeline is None:
-            return _value(self._loss(inputs, targets))
+            return _value(self._loss(inputs, targets, doc_ids))
         t, m = self.cfg.train, self.cfg.model
         sp = self.dims.tp > 1 and self.cfg.parallel.sequence_parallel
         shape = (inputs.shape[0], t.seq_len // self.dims.tp if sp else t.seq_len, m.dim)
-        logits = self.pipeline.forward_only(inputs.to(self.device), shape, torch.float32)
+        doc_ids = doc_ids.to(self.device) if doc_ids is not None else None
+        logits = self.pipeline.forward_only(inputs.to(self.device), shape, torch.float32, doc_ids)
         loss = _value(self._loss_fn(logits, targets.to(self.device))) if logits is not None else torch.zeros((), device=self.device)
         return self._pp_sum(loss)
 
@@ -208,9 +210,10 @@ class Trainer:
             part.eval()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
-        for inputs, targets in self.eval_data:
+        for batch in self.eval_data:  # (inputs, targets[, doc_ids])
+            inputs = batch[0]
             with loss_context(self.dims.tp):
-                loss = self._eval_loss(inputs, targets)
+                loss = self._eval_loss(*batch)
             total += loss.double() * inputs.shape[0]
             count += inputs.shape[0]
         for part in self.parts:

@@ -5,13 +5,17 @@ what would be valid: a user's mistake is one clear line, never a hang or a
 traceback from deep inside torch.
 """
 
+import functools
 import os
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from models.llama import ModelArgs
-from orchestrator.data import BIN_DTYPES, FORMATS
+from orchestrator.corpus import CorpusError, check_source, file_kind
+from orchestrator.data import BIN_DTYPES, FORMATS, resolve_format, text_files
+from orchestrator.tokenizer import TokenizerError
+from orchestrator.tokenizer import load as load_tokenizer
 from orchestrator.levers import AC_MODES, DTYPES
 from models.plans import pipeline_cuts
 from parallel.data_parallel import DP_SHARD_CHOICES
@@ -51,7 +55,7 @@ def validate(cfg: DictConfig, env=None) -> list[str]:
     warnings = _check_parallel(cfg, env)
     _check_batch(cfg)
     _check_pp(cfg)
-    _check_data(cfg)
+    check_data(cfg)
     _check_optim_logging(cfg)
     _check_levers(cfg)
     return warnings
@@ -172,14 +176,24 @@ def _check_model(cfg: DictConfig) -> None:
 def _check_init_from(m) -> None:
     import json
 
-    from models.hf import args_from_hf
+    from models.hf import args_from_hf, rope_type
 
     folder = Path(m.init_from).expanduser()
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise ConfigError(
             f"model.init_from={m.init_from!r} is not a Hugging Face Llama folder (config.json + model.safetensors)"
         )
-    theirs = args_from_hf(json.loads((folder / "config.json").read_text()))
+    config = json.loads((folder / "config.json").read_text())
+    if rope_type(config) != "default":
+        raise ConfigError(
+            f"model.init_from={m.init_from!r} scales its rotary embeddings (rope_type={rope_type(config)!r}), "
+            "which trident's model does not implement (valid: a Llama with plain RoPE, rope_type 'default')"
+        )
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if head_dim * config["num_attention_heads"] != config["hidden_size"]:
+        raise ConfigError(f"model.init_from={m.init_from!r} has head_dim={head_dim} x {config['num_attention_heads']} "
+                          f"heads != hidden_size={config['hidden_size']}, which trident's model requires")
+    theirs = args_from_hf(config)
     args = ModelArgs.from_config(m)
     ours = {**{k: m[k] for k in theirs if k in m}, "n_kv_heads": args.kv_heads, "ffn_hidden": args.ffn_hidden}
     diffs = [f"{k}={theirs[k]!r} there, {ours[k]!r} here" for k in theirs if theirs[k] != ours[k]]
@@ -278,18 +292,64 @@ def _check_pp(cfg: DictConfig) -> None:
         )
 
 
-def _check_data(cfg: DictConfig) -> None:
+def check_data(cfg: DictConfig, against_model: bool = True) -> None:
+    """The data settings, the tokenizer (and, against_model, its vocabulary against the model's), the sources."""
     d = cfg.data
     _choice("data.format", d.format, FORMATS)
     _choice("data.bin_dtype", d.bin_dtype, tuple(BIN_DTYPES))
     if not 0 < d.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be between 0 and 1")
+    if d.tokenize_workers is not None:
+        _at_least("data.tokenize_workers", d.tokenize_workers, 1)
     if d.path is not None:
         path = Path(d.path).expanduser()
         if not path.exists():
-            raise ConfigError(f"data.path={d.path!r} does not exist (give a text file, a folder of text files, or a .bin of tokens)")
+            raise ConfigError(f"data.path={d.path!r} does not exist (give a text file, a folder of text files, "
+                              "a .jsonl / .jsonl.gz / .parquet file, or a .bin of tokens)")
         if not os.access(path, os.R_OK):
             raise ConfigError(f"data.path={d.path!r} is not readable")
+    _check_tokenizer(cfg, against_model)
+    root = Path(d.path).expanduser() if d.path is not None else None
+    if root is not None and resolve_format(root, d.format) == "bin":
+        if d.mask_across_documents:
+            raise ConfigError(f"data.mask_across_documents=true with data.path={d.path!r}: a pre-tokenized .bin "
+                              "holds no document boundaries (valid: false, or a text, JSONL or Parquet corpus)")
+        return
+    if root is not None:
+        try:
+            _check_sources(str(root), d.pattern, d.format, d.text_key, root.stat().st_mtime_ns)
+        except CorpusError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _check_tokenizer(cfg: DictConfig, against_model: bool = True) -> None:
+    """The tokenizer loads, and the model has a row for each of its ids."""
+    d, m = cfg.data, cfg.model
+    try:
+        tok = load_tokenizer(d.tokenizer, m.init_from, d.eos_token)
+    except TokenizerError as e:
+        raise ConfigError(str(e)) from None
+    if against_model and tok.vocab_size > m.vocab_size:
+        raise ConfigError(
+            f"data.tokenizer={d.tokenizer!r} has a vocabulary of {tok.vocab_size} tokens, more than "
+            f"model.vocab_size={m.vocab_size} (a tokenizer smaller than the model is allowed, a larger one is not: "
+            f"valid: model.vocab_size >= {tok.vocab_size})"
+        )
+
+
+@functools.lru_cache(maxsize=16)
+def _check_sources(root: str, pattern: str, fmt: str, text_key: str, _mtime_ns: int) -> None:
+    """The first JSONL and Parquet file of the corpus hold data.text_key (once per corpus: the planner asks often)."""
+    path = Path(root)
+    files = [path] if path.is_file() else text_files(path, pattern)
+    if not files:
+        raise CorpusError(f"data.path={root!r}: no files match data.pattern={pattern!r}")
+    seen = set()
+    for f in files:
+        kind = file_kind(f, resolve_format(path, fmt))
+        if kind != "text" and kind not in seen:
+            seen.add(kind)
+            check_source(f, kind, text_key)
 
 
 def _check_optim_logging(cfg: DictConfig) -> None:

@@ -22,8 +22,10 @@ from launch.slurm import check_cluster, submit, sweep_point
 from launch.sweep import active as active_sweep
 from orchestrator.checkpoint import CheckpointError, check_compatible, find_resume
 from orchestrator.config import CONF_DIR, register
+from orchestrator.corpus import CorpusError
 from orchestrator.data import prepare
 from orchestrator.planner.dry_run import dry_run
+from orchestrator.tokenizer import TokenizerError
 from orchestrator.validate import ConfigError, check_corpus, validate
 
 def rank_env(cfg: DictConfig):
@@ -64,9 +66,12 @@ def run(cfg: DictConfig, run_dir: str) -> None:
             print(dry_run(cfg), flush=True)
         return
     try:
-        corpus = prepare(cfg.data)
+        # Tokenized here, once, before any rank starts (under SLURM: before submission); ranks memory-map it.
+        corpus = prepare(cfg.data, cfg.model.init_from)
     except FileNotFoundError as e:
         raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
+    except (CorpusError, TokenizerError) as e:
+        raise ConfigError(str(e)) from None
     check_corpus(cfg, corpus)
     resume = resume_path(cfg, env)
 

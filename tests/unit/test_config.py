@@ -95,7 +95,7 @@ def test_unknown_model_fails_naming_the_group():
         (["train.activation_checkpointing=some"], ["train.activation_checkpointing='some'", "none, full, selective"]),
         (["launcher.backend=mpi"], ["launcher.backend='mpi'", "auto, gloo, nccl"]),
         (["data.path=/no/such/corpus"], ["data.path='/no/such/corpus'", "does not exist"]),
-        (["data.format=csv"], ["data.format='csv'", "auto, text, bin"]),
+        (["data.format=csv"], ["data.format='csv'", "auto, text, jsonl, parquet, bin"]),
         (["model.n_kv_heads=3"], ["model.n_kv_heads=3", "valid: 1, 2, 4, 8"]),
         (["model.dim=36"], ["model.dim=36", "model.n_heads=8"]),
         (["train.seq_len=4096"], ["train.seq_len=4096", "model.max_seq_len=2048"]),
