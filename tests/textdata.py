@@ -41,8 +41,12 @@ def bare_tokenizer(folder: Path, vocab_size: int = 2048) -> Path:
 
 
 def hf_llama(folder: Path, tokenizer_json: Path, dim: int = 32, layers: int = 4, heads: int = 4, kv_heads: int = 2,
-             intermediate: int = 96, seed: int = 0) -> Path:
-    """A tiny random Llama saved by transformers, with the tokenizer saved beside it (tokenizer_config.json too)."""
+             intermediate: int = 96, seed: int = 0, init_std: float = 0.2) -> Path:
+    """A tiny random Llama saved by transformers, with the tokenizer saved beside it (tokenizer_config.json too).
+
+    init_std: larger than a real init's 0.02, so that its predictions depend on the context and
+    what attention may see (document masking) moves the loss well beyond float error.
+    """
     import torch
     import transformers
     from tokenizers import Tokenizer
@@ -54,7 +58,7 @@ def hf_llama(folder: Path, tokenizer_json: Path, dim: int = 32, layers: int = 4,
         vocab_size=tok.get_vocab_size(), hidden_size=dim, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256, rms_norm_eps=1e-5,
         rope_theta=10000.0, bos_token_id=tok.token_to_id(BOS), eos_token_id=tok.token_to_id(EOS),
-        tie_word_embeddings=False,
+        tie_word_embeddings=False, initializer_range=init_std,
     )
     torch.manual_seed(seed)
     transformers.LlamaForCausalLM(config).save_pretrained(str(folder))
@@ -66,3 +70,8 @@ def write_jsonl(path: Path, docs: list[str], key: str = "text") -> Path:
         for i, d in enumerate(docs):
             f.write(json.dumps({"id": i, key: d}) + "\n")
     return path
+
+
+def short_documents(n_files: int = 60) -> list[str]:
+    """Paragraphs of stdlib source, 40-300 characters: a 32-token window often holds several."""
+    return [p for t in stdlib_texts(n_files, start=3, step=11) for p in t.split("\n\n") if 40 <= len(p) <= 300]
