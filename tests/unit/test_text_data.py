@@ -225,3 +225,23 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_waited_for(tmp_path, bpe_json
     waited = C.tokenize_cached(files, tok, "text", tmp_path / "c", "d", workers=1, progress=False)
     done.join()
     assert waited.cached and waited.num_tokens == got.num_tokens
+
+
+def test_byte_corpus_keeps_its_bytes_and_masks_at_its_file_boundaries(tmp_path):
+    (tmp_path / "docs").mkdir()
+    texts = [f"file {i}: " + "x" * (5 + 3 * i) for i in range(12)]
+    for i, t in enumerate(texts):
+        (tmp_path / "docs" / f"{i:02d}.txt").write_text(t)
+    cfg = make_cfg(f"data.path={tmp_path / 'docs'}", "data.pattern=*.txt", "data.mask_across_documents=true",
+                   "data.eval_fraction=0.1", tmp=tmp_path)
+    validate(cfg)
+    corpus = prepare(cfg.data)
+    stream = bytes(corpus.train.tokens()) + b"\n\n" + bytes(corpus.eval.tokens())
+    assert corpus.train.dtype == "uint8" and sorted(stream.split(b"\n\n")) == sorted(t.encode() for t in texts)
+    starts = corpus.train.doc_starts()
+    assert [bytes(corpus.train.tokens()[s : s + 5]) for s in starts] == [b"file "] * len(starts)
+    (x, y, doc_ids), = Batches(corpus.train, 16, 4, 4, 0, 0, 1, mask_documents=True).step(1)
+    (px, py), = Batches(corpus.train, 16, 4, 4, 0, 0, 1).step(1)
+    crossing = doc_ids[:, 1:] != doc_ids[:, :-1]
+    assert crossing.any() and torch.equal(x, px) and torch.equal((y == IGNORE)[:, :-1], crossing)
+    assert torch.equal(py[y == IGNORE], torch.full_like(py[y == IGNORE], ord("f")))  # the next file's first byte
