@@ -427,9 +427,10 @@ def default_workers() -> int:
 def tokenize(files: list[tuple[Path, str]], tokenizer, text_key: str, out: Path, label: str,
              workers: Optional[int] = None, progress: bool = True, chunk_bytes: int = CHUNK_BYTES) -> TokenFile:
     """Tokenize the files into the folder `out` (built under a temporary name, then renamed)."""
-    workers = workers or default_workers()
     dtype = np.dtype(token_dtype(tokenizer.vocab_size))
     total = sum(p.stat().st_size for p, _ in files)
+    # No more workers than units of work (a small corpus is encoded here, without a pool).
+    workers = max(1, min(workers or default_workers(), -(-total // chunk_bytes)))
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
