@@ -6,18 +6,21 @@ traceback from deep inside torch.
 """
 
 import functools
+import json
 import os
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from launch.slurm import time_minutes
+from models.hf import args_from_hf, rope_type
 from models.llama import ModelArgs
+from models.plans import pipeline_cuts
 from orchestrator.corpus import CorpusError, check_source, file_kind
 from orchestrator.data import BIN_DTYPES, FORMATS, resolve_format, text_files
+from orchestrator.levers import AC_MODES, DTYPES
 from orchestrator.tokenizer import TokenizerError
 from orchestrator.tokenizer import load as load_tokenizer
-from orchestrator.levers import AC_MODES, DTYPES
-from models.plans import pipeline_cuts
 from parallel.data_parallel import DP_SHARD_CHOICES
 from parallel.pipeline_parallel import SCHEDULES, SINGLE_STAGE, V_SHAPED, stages_per_rank
 
@@ -90,8 +93,6 @@ def _check_parallel(cfg: DictConfig, env) -> list[str]:
 
 
 def _check_slurm(cfg: DictConfig) -> list[str]:
-    from launch.slurm import time_minutes
-
     la, par = cfg.launcher, cfg.parallel
     world = par.tp * par.pp * par.dp
     _at_least("launcher.nodes", la.nodes, 1)
@@ -174,10 +175,6 @@ def _check_model(cfg: DictConfig) -> None:
 
 
 def _check_init_from(m) -> None:
-    import json
-
-    from models.hf import args_from_hf, rope_type
-
     folder = Path(m.init_from).expanduser()
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise ConfigError(
