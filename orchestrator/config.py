@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the config tree every CLI composes
 
@@ -175,7 +175,7 @@ class PlanConfig(TrainConfig):
 
 def hf_config_value(folder: Optional[str], key: str):
     """`${hf:${model.init_from},hidden_size}`: a field of a Hugging Face model folder's config.json."""
-    from models.hf import hf_value, read_config
+    from models.hf import hf_value, read_config  # torch comes with it: only when a preset reads a HF folder
 
     if folder is None:
         raise ValueError(f"${{hf:...,{key}}} needs model.init_from (a Hugging Face Llama folder); it is null")
@@ -184,8 +184,6 @@ def hf_config_value(folder: Optional[str], key: str):
 
 def register() -> None:
     """Make the schema known to Hydra; `conf/train.yaml` extends it, `conf/plan.yaml` the plan's."""
-    from omegaconf import OmegaConf
-
     if not OmegaConf.has_resolver("hf"):
         OmegaConf.register_new_resolver("hf", hf_config_value)
     ConfigStore.instance().store(name="trident_schema", node=TrainConfig)

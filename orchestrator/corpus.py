@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from orchestrator.tokenizer import ByteTokenizer
 
@@ -148,7 +149,7 @@ def _gz_units(path: Path, chunk_bytes: int) -> Iterator[Unit]:
 
 
 def _parquet_file(path: Path):
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # a heavy import, for Parquet corpora only
 
     return pq.ParquetFile(path)
 
@@ -196,11 +197,7 @@ def _init_worker(tokenizer_json: Optional[str], bos: Optional[int], eos: Optiona
                  in_pool: bool) -> None:
     if in_pool:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
-    tok = None
-    if tokenizer_json is not None:
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_str(tokenizer_json)
+    tok = Tokenizer.from_str(tokenizer_json) if tokenizer_json is not None else None
     _WORKER.update(tok=tok, bos=bos, eos=eos, text_key=text_key)
 
 

@@ -18,8 +18,11 @@ processes import it.
 import functools
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Optional
+
+from tokenizers import Tokenizer
 
 BYTES = "bytes"
 INIT_FROM = "init_from"
@@ -55,8 +58,6 @@ class HFTokenizer:
     """A Hugging Face `tokenizer.json` with the BOS/EOS that frame each document."""
 
     def __init__(self, path: Path, eos_token: Optional[str] = None, key: str = "data.tokenizer"):
-        from tokenizers import Tokenizer
-
         self.path = Path(path)
         self.name = str(self.path)
         self.json = self.path.read_text(encoding="utf-8", errors="replace")
@@ -174,8 +175,6 @@ def copy_tokenizer(spec: str, init_from: Optional[str], out: Path, eos_token: Op
     A Hugging Face folder's tokenizer files are copied as they are; a bare tokenizer.json gets a
     tokenizer_config.json naming its BOS/EOS. Returns the files written (none for bytes).
     """
-    import shutil
-
     tok = load(spec, init_from, eos_token)
     if isinstance(tok, ByteTokenizer):
         return []
