@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# One thread per process, as in trident's pool: one worker is then one core's throughput.
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 from orchestrator.corpus import tokenize  # noqa: E402
 from orchestrator.data import stdlib_dir, text_files  # noqa: E402

@@ -67,6 +67,7 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
         "vocab_size": args.vocab_size,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
+        **({"rope_scaling": {"rope_type": "llama3", **args.rope_scaling}} if args.rope_scaling else {}),
         "max_position_embeddings": args.max_seq_len,
         "tie_word_embeddings": args.tie_embeddings,
         "hidden_act": "silu",
@@ -86,6 +87,17 @@ def rope_type(config: dict) -> str:
     return rope.get("rope_type", rope.get("type")) or "default"
 
 
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_scaling(config: dict):
+    """Our ModelArgs.rope_scaling from a HF config: the llama3 parameters, or None for plain RoPE."""
+    if rope_type(config) != "llama3":
+        return None
+    rope = _rope(config)
+    return {k: rope[k] for k in LLAMA3_SCALING_KEYS}
+
+
 def hf_value(config: dict, key: str):
     """One field of a HF Llama config.json, with transformers' defaults where a field may be absent."""
     defaults = {
@@ -94,6 +106,8 @@ def hf_value(config: dict, key: str):
         "tie_word_embeddings": False,
         "max_position_embeddings": 2048,
     }
+    if key == "rope_scaling":
+        return rope_scaling(config)
     if key in config and config[key] is not None:
         return config[key]
     if key in defaults:
@@ -111,6 +125,7 @@ def args_from_hf(config: dict) -> dict:
         "vocab_size": config["vocab_size"],
         "norm_eps": config["rms_norm_eps"],
         "rope_theta": hf_value(config, "rope_theta"),
+        "rope_scaling": rope_scaling(config),
         "tie_embeddings": hf_value(config, "tie_word_embeddings"),
         "ffn_hidden": config["intermediate_size"],
     }

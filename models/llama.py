@@ -29,6 +29,9 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
+    # Llama 3.1's long-context rotary scaling, as in a HF config.json: {factor, low_freq_factor,
+    # high_freq_factor, original_max_position_embeddings}; None = plain RoPE.
+    rope_scaling: Optional[dict] = None
     max_seq_len: int = 8192
     tie_embeddings: bool = False
     # Rows of the embedding and output projection; more than vocab_size when a
@@ -38,7 +41,10 @@ class ModelArgs:
     @classmethod
     def from_config(cls, cfg) -> "ModelArgs":
         """Take the fields of ModelArgs from a config node (extra keys, like name, are ignored)."""
-        return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
+        values = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg}
+        if values.get("rope_scaling") is not None:
+            values["rope_scaling"] = dict(values["rope_scaling"])  # a plain dict, not a config node
+        return cls(**values)
 
     @property
     def vocab_rows(self) -> int:
@@ -73,9 +79,22 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_table(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
+def llama3_scaled(freqs: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's rotary scaling: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_context / low, freqs / factor, freqs)
+    medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope_table(head_dim: int, max_seq_len: int, theta: float, device=None, scaling: Optional[dict] = None) -> torch.Tensor:
     """cos and sin of every (position, frequency), stacked: shape (max_seq_len, head_dim // 2, 2)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        freqs = llama3_scaled(freqs, scaling)
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
@@ -158,7 +177,8 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer(
-            "rope", rope_table(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False
+            "rope", rope_table(args.head_dim, args.max_seq_len, args.rope_theta, scaling=args.rope_scaling),
+            persistent=False
         )
 
     def forward(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -179,7 +199,8 @@ class Transformer(nn.Module):
     def reset_buffers(self) -> None:
         """Recompute the rotary table (after `to_empty` from the meta device)."""
         self.rope = rope_table(
-            self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=self.rope.device
+            self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=self.rope.device,
+            scaling=self.args.rope_scaling,
         )
 
 

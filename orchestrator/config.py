@@ -27,6 +27,7 @@ class ModelConfig:
     ffn_dim_multiplier: Optional[float] = MISSING
     norm_eps: float = MISSING
     rope_theta: float = MISSING
+    rope_scaling: Any = MISSING  # a dict or null; untyped so that the fine-tune preset may interpolate it
     max_seq_len: int = MISSING
     tie_embeddings: bool = MISSING
     init_from: Optional[str] = MISSING

@@ -72,13 +72,14 @@ class Unit:
     """A piece of work: a byte range of a text or JSONL file, a row group of a Parquet file, or records in hand."""
 
     path: str
-    kind: str  # text | jsonl | parquet | records (jsonl.gz lines read by the parent)
+    kind: str  # text | texts (whole small files) | jsonl | parquet | records (jsonl.gz lines read by the parent)
     start: int = 0  # byte offset, or the row group
     end: int = 0
     opens: bool = True  # text: this piece starts its document (BOS)
     closes: bool = True  # text: this piece ends it (EOS)
     weight: int = 0  # bytes on disk it stands for (progress)
     data: bytes = b""
+    paths: tuple = ()  # texts: the files, one document each
 
 
 def _cut_text(data: bytes, size: int) -> list[int]:
@@ -114,11 +115,16 @@ def _line_ranges(path: Path, size: int) -> list[tuple[int, int]]:
 
 
 def units(files: list[tuple[Path, str]], chunk_bytes: int = CHUNK_BYTES) -> Iterator[Unit]:
+    small, small_bytes = [], 0  # consecutive small text files go together: one tokenizer call for many documents
     for path, kind in files:
         size = path.stat().st_size
+        if small and (kind != "text" or size > chunk_bytes or small_bytes >= chunk_bytes):
+            yield Unit(small[0], "texts", weight=small_bytes, paths=tuple(small))
+            small, small_bytes = [], 0
         if kind == "text":
             if size <= chunk_bytes:
-                yield Unit(str(path), "text", 0, size, weight=size)
+                small.append(str(path))
+                small_bytes += size
                 continue
             cuts = _cut_text(path.read_bytes(), chunk_bytes)
             for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
@@ -133,6 +139,8 @@ def units(files: list[tuple[Path, str]], chunk_bytes: int = CHUNK_BYTES) -> Iter
             rows = max(1, meta.num_rows)
             for g in range(meta.num_row_groups):
                 yield Unit(str(path), "parquet", g, g + 1, weight=size * meta.row_group(g).num_rows // rows)
+    if small:
+        yield Unit(small[0], "texts", weight=small_bytes, paths=tuple(small))
 
 
 def _gz_units(path: Path, chunk_bytes: int) -> Iterator[Unit]:
@@ -177,6 +185,8 @@ def read_unit(unit: Unit, text_key: str) -> list[str]:
         with open(unit.path, "rb") as f:
             f.seek(unit.start)
             return [f.read(unit.end - unit.start).decode("utf-8", errors="replace")]
+    if unit.kind == "texts":
+        return [Path(p).read_bytes().decode("utf-8", errors="replace") for p in unit.paths]
     if unit.kind == "records":
         return _records(unit.data, text_key, f"{unit.path} (from byte {unit.start} uncompressed)")
     if unit.kind == "jsonl":

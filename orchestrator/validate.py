@@ -181,10 +181,10 @@ def _check_init_from(m) -> None:
             f"model.init_from={m.init_from!r} is not a Hugging Face Llama folder (config.json + model.safetensors)"
         )
     config = json.loads((folder / "config.json").read_text())
-    if rope_type(config) != "default":
+    if rope_type(config) not in ("default", "llama3"):
         raise ConfigError(
-            f"model.init_from={m.init_from!r} scales its rotary embeddings (rope_type={rope_type(config)!r}), "
-            "which trident's model does not implement (valid: a Llama with plain RoPE, rope_type 'default')"
+            f"model.init_from={m.init_from!r} scales its rotary embeddings with rope_type={rope_type(config)!r}, "
+            "which trident's model does not implement (valid: plain RoPE, rope_type 'default', or Llama 3.1's 'llama3')"
         )
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if head_dim * config["num_attention_heads"] != config["hidden_size"]:
@@ -192,7 +192,8 @@ def _check_init_from(m) -> None:
                           f"heads != hidden_size={config['hidden_size']}, which trident's model requires")
     theirs = args_from_hf(config)
     args = ModelArgs.from_config(m)
-    ours = {**{k: m[k] for k in theirs if k in m}, "n_kv_heads": args.kv_heads, "ffn_hidden": args.ffn_hidden}
+    ours = {**{k: m[k] for k in theirs if k in m}, "n_kv_heads": args.kv_heads, "ffn_hidden": args.ffn_hidden,
+            "rope_scaling": args.rope_scaling}
     diffs = [f"{k}={theirs[k]!r} there, {ours[k]!r} here" for k in theirs if theirs[k] != ours[k]]
     if diffs:
         raise ConfigError(f"model.init_from={m.init_from!r} holds a different model: " + "; ".join(diffs))
