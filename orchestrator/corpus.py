@@ -3,8 +3,9 @@
 Sources: text files (a file is one document), JSONL (`.jsonl`, `.jsonl.gz`:
 one document per record, its `text_key` field) and Parquet (one per row, the
 `text_key` column, read one row group at a time). The work is cut into units
-whose boundaries depend on the data alone (files, byte ranges of about
-CHUNK_BYTES cut at line starts, row groups), a process pool encodes them, and
+whose boundaries depend on the data alone (runs of small files of about
+CHUNK_BYTES together, byte ranges of about CHUNK_BYTES cut at line starts,
+row groups), a process pool encodes them, and
 the parent writes the results in unit order: the token file is the same
 whatever the number of workers, and equals encoding each document with the
 tokenizer on its own.
