@@ -186,10 +186,16 @@ class GenerateSettings:
     echo: bool = MISSING
 
 
+# A schema that extends TrainConfig is merged after train.yaml's groups: MISSING leaves what they set, where
+# LauncherConfig's own None defaults (for its slurm-only keys) would cover the launcher group's values.
+_KEEP = MISSING
+
+
 @dataclass
 class GenerateConfig(TrainConfig):
     """`trident-generate`: the training config (model, parallel, launcher, data.tokenizer) plus `generate`."""
 
+    launcher: Any = _KEEP
     generate: GenerateSettings = field(default_factory=GenerateSettings)
 
 
@@ -197,6 +203,7 @@ class GenerateConfig(TrainConfig):
 class PlanConfig(TrainConfig):
     """`trident-plan`: the training config plus the cluster it is planned for (and, for --serve, `generate`)."""
 
+    launcher: Any = _KEEP
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     generate: GenerateSettings = field(default_factory=GenerateSettings)
 
