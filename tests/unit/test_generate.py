@@ -14,7 +14,7 @@ import orchestrator.generator as generator_mod
 from models.kv_cache import KVCache
 from orchestrator.config import CONF_DIR, register
 from orchestrator.generate import prepare, read_prompts
-from orchestrator.generator import Generator, Sampling, build_model
+from orchestrator.generator import Generator, Sampling, build_model, resolve_dtype
 from orchestrator.sampling import filter_logits, prompt_generator, sample
 from orchestrator.tokenizer import load_tokenizer
 from orchestrator.validate import ConfigError
@@ -87,6 +87,11 @@ def test_compile_and_cuda_graphs_fall_back_with_a_message(tmp_path, monkeypatch,
     assert "generate.cuda_graphs=true needs a CUDA device" in err
     assert not gen.compiled and not gen.graphed
     assert len(gen.generate([list(b"a")], [0], Sampling(5))[0].tokens) == 5
+
+
+def test_generation_defaults_to_bf16_on_a_gpu_and_fp32_on_the_cpu():
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("auto", CPU) == torch.float32 and resolve_dtype("bf16", CPU) == torch.bfloat16
 
 
 def test_output_stops_at_the_context_and_says_so(tmp_path):
