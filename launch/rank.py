@@ -48,9 +48,6 @@ def run_rank(fn: Callable, env: RankEnv, backend: str, timeout_s: float, *args, 
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device if backend == "nccl" else None,
     )
-    crash = os.environ.get("TRIDENT_CRASH_RANK")  # fault injection: how a failing rank ends a run, tested
-    if crash is not None and int(crash) == env.rank:
-        raise RuntimeError(f"TRIDENT_CRASH_RANK={crash}: rank {env.rank} fails on purpose")
     result = fn(env, device, *args)
     dist.barrier()
     dist.destroy_process_group()

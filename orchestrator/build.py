@@ -19,7 +19,7 @@ from models.hf import load_hf
 from models.llama import ModelArgs, Transformer, full_init_value, num_params
 from models.plans import TP_PLANS, pipeline_cuts, stage_layers
 from orchestrator.levers import DTYPES, apply_levers
-from parallel.data_parallel import apply_fsdp, apply_replicate, uses_ddp
+from parallel.data_parallel import DataParallel, apply_dp, uses_fsdp
 from parallel.pipeline_parallel import SPLIT_BACKWARD, stage_ids, stage_module, stages_per_rank
 from parallel.tensor_parallel import apply_tp, padded_vocab
 
@@ -32,6 +32,7 @@ class ModelParts:
     n_stages: int
     n_params: int  # of the whole model
     args: ModelArgs
+    dp: Optional[DataParallel]  # the loop's data-parallel hooks (None when not materialized)
 
 
 @torch.no_grad()
@@ -79,25 +80,24 @@ def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device,
         whole = Transformer(args)
     ids, layers, n_stages = stage_plan(model_cfg, parallel_cfg, mesh["pp"].size(), mesh["pp"].get_local_rank())
     source = load_hf(model_cfg.init_from, args) if materialize and model_cfg.get("init_from") else None
-    parts, modules = [], []
+    fsdp = uses_fsdp(parallel_cfg.dp_shard, dp_mesh.size())
+    modules = []
     for stage in ids:
         module = whole if n_stages == 1 else stage_module(whole, stage, n_stages, layers[stage])
         if tp > 1:
             apply_tp(module, mesh["tp"], TP_PLANS["llama"], parallel_cfg.sequence_parallel)
-        fsdp = dp_mesh.size() > 1 and parallel_cfg.dp_shard == "full"
         if train_cfg is not None:
             apply_levers(module, train_cfg, device, fsdp_mixed_precision=fsdp)
-        if fsdp:
-            apply_fsdp(module, dp_mesh, per_block=n_stages == 1 or parallel_cfg.schedule not in SPLIT_BACKWARD,
-                       param_dtype=DTYPES[train_cfg.dtype] if train_cfg is not None else torch.float32)
-        if not materialize:
-            parts.append(module)
-            modules.append(module)
-            continue
+        modules.append(module)
+
+    def materialize_(module: Transformer) -> None:
         module.to_empty(device=device)
         init_weights(module, seed, source)
-        # DDP only for a plain model (tp = pp = 1); otherwise the loop reduces the gradients (parallel/data_parallel.py).
-        replicate = uses_ddp(parallel_cfg.dp_shard, dp_mesh.size(), tp, mesh["pp"].size())
-        parts.append(apply_replicate(module, dp_mesh) if replicate else module)
-        modules.append(module)
-    return ModelParts(parts, modules, ids, n_stages, num_params(whole), args)
+
+    parts, dp = apply_dp(
+        modules, dp_mesh, parallel_cfg.dp_shard, tp=tp, pp=mesh["pp"].size(),
+        per_block=n_stages == 1 or parallel_cfg.schedule not in SPLIT_BACKWARD,
+        param_dtype=DTYPES[train_cfg.dtype] if train_cfg is not None else torch.float32,
+        materialize=materialize_ if materialize else None,
+    )
+    return ModelParts(parts, modules, ids, n_stages, num_params(whole), args, dp)

@@ -20,11 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, TextIO
 
+import submitit
 from omegaconf import DictConfig, OmegaConf
 
+from launch.env import from_environ
+from launch.rank import pick_backend, run_rank
+from launch.slurm import executor_params, follow
 from orchestrator.checkpoint import CheckpointError, check_compatible, find_resume
+from orchestrator.generator import Generator, Sampling, build_model, load_weights, resolve_dtype
 from orchestrator.tokenizer import TokenizerError, load_tokenizer
 from orchestrator.validate import ConfigError, validate
+from parallel.mesh import ParallelDims, build_mesh
 from parallel.tensor_parallel import padded_vocab
 
 GEN_DTYPES = ("auto", "fp32", "bf16")
@@ -206,9 +212,6 @@ def prepare(cfg: DictConfig, env=None, stdin: Optional[TextIO] = None) -> Plan:
 
 def generate_worker(env, device, cfg_dict: dict, prompts: list[dict], checkpoint: Optional[str]) -> None:
     """One rank of the tp group: build and load its shard, decode every batch; rank 0 writes the text."""
-    from orchestrator.generator import Generator, Sampling, build_model, load_weights, resolve_dtype
-    from parallel.mesh import ParallelDims, build_mesh
-
     cfg = OmegaConf.create(cfg_dict)
     g, tp = cfg.generate, cfg.parallel.tp
     started = time.perf_counter()
@@ -284,9 +287,6 @@ class GenerateTask:
         self.backend, self.timeout_s = backend, timeout_s
 
     def __call__(self) -> int:
-        from launch.env import from_environ
-        from launch.rank import pick_backend, run_rank
-
         env = from_environ()
         backend = pick_backend(self.backend, env.local_world_size)
         run_rank(generate_worker, env, backend, self.timeout_s, self.cfg_dict, self.prompts, self.checkpoint,
@@ -296,10 +296,6 @@ class GenerateTask:
 
 def submit(cfg: DictConfig, plain: dict, plan: Plan):
     """One SLURM job whose tasks are the tp ranks; rank 0's log holds the text (or generate.output does)."""
-    import submitit
-
-    from launch.slurm import executor_params, follow
-
     params = {**executor_params(cfg), "name": f"trident-generate-{cfg.model.name}"}
     executor = submitit.AutoExecutor(folder=cfg.launcher.folder, cluster="slurm")
     executor.update_parameters(**params)

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from omegaconf import OmegaConf
+
 
 def run_dirs(path: Path) -> list[Path]:
     """The runs at `path`: itself, or its subdirs that are runs (a sweep), in point order."""
@@ -90,8 +92,6 @@ def run_status(run_dir: Path, states: dict) -> dict:
     job = json.loads((run_dir / "slurm_job.json").read_text()) if (run_dir / "slurm_job.json").exists() else {}
     config = {}
     if (run_dir / "config.yaml").exists():
-        from omegaconf import OmegaConf
-
         config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     last = last_metrics(run_dir)
     job_id = job.get("job_id")

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor
 
 from launch.env import RankEnv
@@ -27,7 +27,6 @@ from orchestrator.data import Batches, Corpus, eval_batches
 from orchestrator.flops import flops_per_token, peak_flops
 from orchestrator.levers import compile_works
 from orchestrator.metrics import MetricsLogger, NullLogger, console, fmt_count, fmt_duration, progress_line
-from parallel.data_parallel import broadcast_params, grad_sync, reduce_grads, reduces_after_backward, shard_owners
 from parallel.grad import clip_grads_
 from parallel.mesh import ParallelDims, build_mesh
 from parallel.pipeline_parallel import build_pipeline
@@ -80,15 +79,11 @@ class Trainer:
         built = build_model(cfg.model, par, self.mesh, device, t.seed, train_cfg=t)
         self.parts, self.modules, self.n_params = built.parts, built.modules, built.n_params
         self.params = [p for m in self.modules for p in m.parameters()]
-        self.reduce_dp = reduces_after_backward(par.dp_shard, par.dp, par.tp, par.pp)
-        # ZeRO-1: this dp rank's optimizer holds (and steps) only the parameters it owns.
-        self.owners = shard_owners(self.params, par.dp) if par.dp_shard == "optimizer" and par.dp > 1 else None
-        owned = {id(p) for p, r in zip(self.params, self.owners or []) if r == dp_rank}
-        keep = (lambda p: id(p) in owned) if self.owners else (lambda p: True)
+        self.dp = built.dp
         o = cfg.optim
         # One optimizer per model part, as checkpointing helpers take one module per optimizer.
         self.optimizers = [
-            torch.optim.AdamW(param_groups(m, o.weight_decay, keep), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+            torch.optim.AdamW(param_groups(m, o.weight_decay, self.dp.owns), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
             for m in self.modules
         ]
         self.batches = Batches(corpus.train, t.seq_len, t.global_batch, t.micro_batch, t.seed, dp_rank, par.dp)
@@ -116,8 +111,6 @@ class Trainer:
         self.logger = self._make_logger() if self.is_logger else NullLogger()
 
     def _make_logger(self):
-        from omegaconf import OmegaConf
-
         name, group = f"{self.cfg.model.name}-tp{self.dims.tp}-pp{self.dims.pp}-dp{self.dims.dp}", self.cfg.model.name
         sweep = self.cfg.get("sweep")  # a -m sweep's point: its runs share a group and differ by a suffix
         if sweep is not None:
@@ -143,14 +136,13 @@ class Trainer:
         return value
 
     def zero_grad(self) -> None:
-        for p in self.params:  # all of them: a ZeRO-1 optimizer knows only its own
+        for p in self.params:  # all of them: a ZeRO-1 optimizer knows only the ones it owns
             p.grad = None
 
     def forward_backward(self, micro: list) -> torch.Tensor:
         """Accumulate the gradient of the mean loss over the micro-batches, averaged over dp; return the summed loss."""
         loss_sum = self._forward_backward(micro)
-        if self.reduce_dp:
-            reduce_grads(self.params, self.dp_group)
+        self.dp.after_backward()
         return loss_sum
 
     def _forward_backward(self, micro: list) -> torch.Tensor:
@@ -165,7 +157,7 @@ class Trainer:
             return self._pp_sum(loss_sum)
         model = self.parts[0]
         for i, (inputs, targets) in enumerate(micro):
-            with grad_sync(model, enabled=i == len(micro) - 1), loss_context(self.dims.tp):
+            with self.dp.micro_batch(model, last=i == len(micro) - 1), loss_context(self.dims.tp):
                 loss = self._loss(inputs, targets)
                 (loss / len(micro)).backward()
             loss_sum += _value(loss.detach())
@@ -181,8 +173,7 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.step()
-        if self.owners is not None:
-            broadcast_params(self.params, self.owners, self.mesh["dp"])
+        self.dp.after_step()
         self.zero_grad()
         loss = self._dp_mean(loss_sum, torch.tensor(float(len(micro)), device=self.device))
         row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item()}
@@ -295,8 +286,6 @@ class Trainer:
         return flag.item() > 0
 
     def _checkpoint_meta(self) -> dict:
-        from omegaconf import OmegaConf
-
         d, t = self.dims, self.cfg.train
         return {
             "samples_seen": self.step * t.global_batch,  # the data position, layout-independent
@@ -345,6 +334,4 @@ class Trainer:
 def run_worker(env: RankEnv, device: torch.device, cfg_dict: dict, run_dir: str, corpus: Corpus,
                resume: Optional[str] = None, should_stop: Optional[Callable[[], bool]] = None) -> dict:
     """The per-rank entry point the launchers call; returns the run's summary."""
-    from omegaconf import OmegaConf
-
     return Trainer(OmegaConf.create(cfg_dict), env, device, run_dir, corpus, resume, should_stop).fit()

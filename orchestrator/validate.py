@@ -5,15 +5,18 @@ what would be valid: a user's mistake is one clear line, never a hang or a
 traceback from deep inside torch.
 """
 
+import json
 import os
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from launch.slurm import time_minutes
+from models.hf import args_from_hf
 from models.llama import ModelArgs
+from models.plans import pipeline_cuts
 from orchestrator.data import BIN_DTYPES, FORMATS
 from orchestrator.levers import AC_MODES, DTYPES
-from models.plans import pipeline_cuts
 from parallel.data_parallel import DP_SHARD_CHOICES
 from parallel.pipeline_parallel import SCHEDULES, SINGLE_STAGE, V_SHAPED, stages_per_rank
 
@@ -86,8 +89,6 @@ def _check_parallel(cfg: DictConfig, env) -> list[str]:
 
 
 def _check_slurm(cfg: DictConfig) -> list[str]:
-    from launch.slurm import time_minutes
-
     la, par = cfg.launcher, cfg.parallel
     world = par.tp * par.pp * par.dp
     _at_least("launcher.nodes", la.nodes, 1)
@@ -170,10 +171,6 @@ def _check_model(cfg: DictConfig) -> None:
 
 
 def _check_init_from(m) -> None:
-    import json
-
-    from models.hf import args_from_hf
-
     folder = Path(m.init_from).expanduser()
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise ConfigError(

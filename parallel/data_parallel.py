@@ -33,6 +33,7 @@ of up to BUCKET elements while reducing or broadcasting.
 """
 
 import contextlib
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 DP_SHARD_CHOICES = ("full", "optimizer", "replicate")
 BUCKET = 2**24  # elements per flat all-reduce / broadcast: bounds the extra memory
+
+
+def uses_fsdp(level: str, dp: int) -> bool:
+    return dp > 1 and level == "full"
+
+
+def uses_ddp(level: str, dp: int, tp: int, pp: int) -> bool:
+    """DDP only for a plain model: it cannot hold DTensors (tp>1), and its reducer loses track of a
+    pipeline stage's parameters under the schedules' micro-batched backward (pp>1)."""
+    return dp > 1 and level == "replicate" and tp == 1 and pp == 1
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, per_block: bool = True,
@@ -64,33 +75,74 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, per_block: bool = True,
     return model
 
 
-def apply_replicate(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
+def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
     device_ids = None if model.rope.device.type == "cpu" else [model.rope.device]
     return DistributedDataParallel(model, process_group=dp_mesh.get_group(), device_ids=device_ids)
 
 
-def uses_ddp(dp_shard: str, dp: int, tp: int, pp: int) -> bool:
-    """DDP only for a plain model: it cannot hold DTensors (tp>1), and its reducer loses track of a
-    pipeline stage's parameters under the schedules' micro-batched backward (pp>1)."""
-    return dp > 1 and dp_shard == "replicate" and tp == 1 and pp == 1
+class DataParallel:
+    """The loop's side of data parallelism: what FSDP2 or DDP does not do by itself.
 
+    micro_batch(part, last)  skip the dp reduction on all but a step's last micro-batch
+    after_backward()         average gradients over dp (ZeRO-1, and replicate without DDP)
+    owns(p)                  whether this rank's optimizer steps p (ZeRO-1: the params it owns)
+    after_step()             ZeRO-1: every rank gets the new values of the params others own
+    """
 
-def reduces_after_backward(dp_shard: str, dp: int, tp: int, pp: int) -> bool:
-    """Whether the loop must average gradients over dp itself (no FSDP2 or DDP does it)."""
-    return dp > 1 and (dp_shard == "optimizer" or (dp_shard == "replicate" and not uses_ddp(dp_shard, dp, tp, pp)))
+    def __init__(self, params: list[nn.Parameter], dp_mesh: DeviceMesh, level: str, ddp: bool):
+        dp = dp_mesh.size()
+        self.params, self.dp_mesh = params, dp_mesh
+        self.reduce_after_backward = dp > 1 and (level == "optimizer" or (level == "replicate" and not ddp))
+        self.owners = shard_owners(params, dp) if level == "optimizer" and dp > 1 else None
+        rank = dp_mesh.get_local_rank()
+        self._owned = {id(p) for p, r in zip(params, self.owners or []) if r == rank}
 
+    def owns(self, p: nn.Parameter) -> bool:
+        return self.owners is None or id(p) in self._owned
 
-@contextlib.contextmanager
-def grad_sync(model: nn.Module, enabled: bool):
-    """Skip the dp gradient reduction for all but the last micro-batch of a step."""
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(enabled)
-        yield
-    elif isinstance(model, DistributedDataParallel) and not enabled:
-        with model.no_sync():
+    @staticmethod
+    @contextlib.contextmanager
+    def micro_batch(part: nn.Module, last: bool):
+        if isinstance(part, FSDPModule):
+            part.set_requires_gradient_sync(last)
             yield
-    else:
-        yield
+        elif isinstance(part, DistributedDataParallel) and not last:
+            with part.no_sync():
+                yield
+        else:
+            yield
+
+    def after_backward(self) -> None:
+        if self.reduce_after_backward:
+            reduce_grads(self.params, self.dp_mesh.get_group())
+
+    def after_step(self) -> None:
+        if self.owners is not None:
+            broadcast_params(self.params, self.owners, self.dp_mesh)
+
+
+def apply_dp(modules: list[nn.Module], dp_mesh: DeviceMesh, level: str, *, tp: int, pp: int, per_block: bool,
+             param_dtype: torch.dtype, materialize: Optional[Callable[[nn.Module], None]] = None,
+             ) -> tuple[list[nn.Module], Optional[DataParallel]]:
+    """Data parallelism at `level` for this rank's model parts, built on the meta device.
+
+    FSDP2 shards each part while it holds no memory; then `materialize`
+    allocates and initialises it (None: the parts stay on the meta device, as
+    the planner counts them, and no hooks are made); then DDP wraps it where
+    DDP applies. Returns the parts to call and the loop's hooks.
+    """
+    dp = dp_mesh.size()
+    if uses_fsdp(level, dp):
+        for m in modules:
+            apply_fsdp(m, dp_mesh, per_block=per_block, param_dtype=param_dtype)
+    if materialize is None:
+        return list(modules), None
+    for m in modules:
+        materialize(m)
+    ddp = uses_ddp(level, dp, tp, pp)
+    parts = [apply_ddp(m, dp_mesh) if ddp else m for m in modules]
+    params = [p for m in modules for p in m.parameters()]
+    return parts, DataParallel(params, dp_mesh, level, ddp)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,11 @@ def run_cmd(cmd: list, timeout: float = 300, env: Optional[dict] = None) -> subp
     return subprocess.run(cmd, cwd=ROOT, env={**base, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
+def crash_rank_env(rank: int) -> dict:
+    """The environment in which global rank `rank` of a run raises once its process group is up."""
+    return {"PYTHONPATH": str(ROOT / "tests" / "faults"), "TRIDENT_TEST_CRASH_RANK": str(rank)}
+
+
 def run_train(*overrides: str, timeout: float = 300, env: Optional[dict] = None) -> subprocess.CompletedProcess:
     return run_cmd([sys.executable, "-m", "orchestrator.cli.train", *overrides], timeout=timeout, env=env)
 

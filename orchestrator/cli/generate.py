@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from launch.env import from_environ
 from launch.local import RankFailed, spawn
 from launch.rank import pick_backend, run_rank
-from launch.slurm import check_cluster
 from orchestrator.config import CONF_DIR, register
 from orchestrator.generate import generate_worker, prepare, submit
+from orchestrator.slurm_checks import check_cluster
 from orchestrator.validate import ConfigError
 
 

@@ -3,7 +3,7 @@
 Compose the config, check it, prepare the data, then hand the ranks to the
 launcher: `local` spawns them here, `external` is already one of them
 (torchrun or srun started it), `slurm` submits a job whose tasks are the
-ranks (under `-m`, every point joins one job array: launch/sweep.py).
+ranks (under `-m`, every point joins one job array: orchestrator/sweep.py).
 Nothing is spawned or submitted until every check passed.
 """
 
@@ -18,12 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 from launch.env import from_environ
 from launch.local import RankFailed, spawn
 from launch.rank import pick_backend, run_rank
-from launch.slurm import check_cluster, submit, sweep_point
-from launch.sweep import active as active_sweep
+from launch.slurm import SlurmRun, submit, sweep_point
 from orchestrator.checkpoint import CheckpointError, check_compatible, find_resume
 from orchestrator.config import CONF_DIR, register
 from orchestrator.data import prepare
 from orchestrator.planner.dry_run import dry_run
+from orchestrator.slurm_checks import check_cluster
+from orchestrator.sweep import active as active_sweep
+from orchestrator.trainer import run_worker
 from orchestrator.validate import ConfigError, check_corpus, validate
 
 def rank_env(cfg: DictConfig):
@@ -81,13 +83,13 @@ def run(cfg: DictConfig, run_dir: str) -> None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(plain), Path(run_dir) / "config.yaml")
 
-    from orchestrator.trainer import run_worker
-
     par = cfg.parallel
-    if cfg.launcher.name == "slurm" and sweep is not None:
-        sweep.pending.append(sweep_point(cfg, plain, run_dir, corpus))  # submitted with the others
-    elif cfg.launcher.name == "slurm":
-        submit(cfg, plain, run_dir, corpus)
+    if cfg.launcher.name == "slurm":
+        job = SlurmRun(run_worker, find_resume, plain, run_dir, corpus, cfg.launcher.backend, par.timeout_s)
+        if sweep is not None:
+            sweep.pending.append(sweep_point(job, cfg))  # submitted with the others
+        else:
+            submit(job, cfg)
     elif env is None:
         world = par.tp * par.pp * par.dp
         spawn(run_worker, world, plain, run_dir, corpus, resume, backend=cfg.launcher.backend, timeout_s=par.timeout_s)

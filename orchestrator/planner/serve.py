@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from models.llama import ModelArgs
+from orchestrator.generate import check_layout
 from orchestrator.validate import ConfigError, divisors
 from parallel.tensor_parallel import padded_vocab
 
@@ -121,8 +122,6 @@ class ServeRow:
 
 def serve_plan(cfg: DictConfig) -> tuple[list[ServeRow], dict]:
     """One row per tp degree trident-generate accepts for this model on cluster.gpus, smallest tp first."""
-    from orchestrator.generate import check_layout
-
     cl, g = cfg.cluster, cfg.generate
     dtype = serve_dtype(g.dtype)
     try:  # resolved once (${hydra:...} resolves only inside the Hydra app)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.wandb_history import read_run
-from tests.conftest import ROOT, TINY, run_cmd, run_train
+from tests.conftest import ROOT, TINY, crash_rank_env, run_cmd, run_train
 from tests.slurm.jobs import job_state, losses, wait_for
 
 pytestmark = pytest.mark.slurm
@@ -63,10 +63,10 @@ def test_a_crashing_rank_0_or_1_fails_the_job_once_with_its_error_in_trident_sta
                                                                                              tmp_path):
     layout = [*TINY, "parallel.dp=2", "train.steps=3", "launcher=slurm"]
     # Rank 1's job is queued without waiting; rank 0's is followed (launcher.wait=true) meanwhile.
-    other = run_train(f"hydra.run.dir={tmp_path / 'rank1'}", *layout, env={"TRIDENT_CRASH_RANK": "1"}, timeout=60)
+    other = run_train(f"hydra.run.dir={tmp_path / 'rank1'}", *layout, env=crash_rank_env(1), timeout=60)
     assert other.returncode == 0, other.stderr[-2000:]
     first = run_train(f"hydra.run.dir={tmp_path / 'rank0'}", *layout, "launcher.wait=true",
-                      env={"TRIDENT_CRASH_RANK": "0"}, timeout=240)
+                      env=crash_rank_env(0), timeout=240)
     assert first.returncode == 1, first.stdout[-2000:] + first.stderr[-2000:]
     assert "trident: training failed: SLURM job" in first.stderr and "rank 0 fails on purpose" in first.stderr
     for rank in (0, 1):
@@ -75,7 +75,7 @@ def test_a_crashing_rank_0_or_1_fails_the_job_once_with_its_error_in_trident_sta
         wait_for(lambda: job_state(job_id) in ("FAILED", "COMPLETED", "CANCELLED"), 120, "the job to end")
         [row] = status(run_dir)
         assert row["state"] == "FAILED" and row["step"] is None
-        assert row["error"] == f"rank {rank}: RuntimeError: TRIDENT_CRASH_RANK={rank}: rank {rank} fails on purpose"
+        assert row["error"] == f"rank {rank}: RuntimeError: TRIDENT_TEST_CRASH_RANK={rank}: rank {rank} fails on purpose"
         assert row["error_log"] == str(run_dir / "slurm" / f"{job_id}_{rank}_log.err")
         assert "fails on purpose" in Path(row["error_log"]).read_text()
         # Not requeued: SLURM ran it exactly once.
@@ -90,10 +90,6 @@ def test_an_unknown_partition_is_refused_before_anything_is_submitted(slurm_clus
     assert out.returncode == 2
     assert "launcher.partition='nope' is not a partition of this cluster (valid: debug)" in out.stderr
     assert not (tmp_path / "slurm").exists() and not (tmp_path / "slurm_job.json").exists()
-
-
-def test_the_sbatch_template_kills_every_task_when_one_fails():
-    assert "srun --kill-on-bad-exit=1" in (ROOT / "launch/cluster/sbatch_template.sh").read_text()
 
 
 def test_a_sweep_with_one_invalid_point_submits_none_of_them(slurm_cluster, tmp_path):

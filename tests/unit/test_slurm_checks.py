@@ -3,8 +3,8 @@
 import pytest
 from omegaconf import OmegaConf
 
-from launch.slurm import check_no_secrets, check_partition, parse_sinfo
-from launch.sweep import Sweep, swept_keys
+from orchestrator.slurm_checks import check_no_secrets, check_partition, parse_sinfo
+from orchestrator.sweep import Sweep, swept_keys
 from orchestrator.status import _expand
 from orchestrator.validate import ConfigError
 

@@ -15,6 +15,7 @@ run joins the sweep's group with those overrides in its config.
 """
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -22,6 +23,10 @@ from typing import Any, Optional, Sequence
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from launch.local import RankFailed
+from launch.slurm import submit_sweep
+from orchestrator.status import print_table, sweep_status
 
 
 def split_override(override: str) -> tuple[str, str]:
@@ -55,6 +60,7 @@ class Sweep:
                 "overrides": {k: mine[k] for k in self.keys if k in mine}}
 
 
+# Hydra builds the callback and calls the task function apart: this is where the two meet, per process.
 _ACTIVE: Optional[Sweep] = None
 
 
@@ -78,6 +84,18 @@ class SweepCallback(Callback):
         global _ACTIVE
         sweep, _ACTIVE = _ACTIVE, None
         if sweep is not None and sweep.pending:
-            from launch.slurm import submit_sweep
+            jobs = submit_sweep(sweep.pending, sweep.dir, sweep.id)
+            if any(p.wait for p in sweep.pending):
+                follow_all(jobs, sweep.dir)
 
-            submit_sweep(sweep)
+
+def follow_all(jobs: list, sweep_dir: str, poll_s: float = 5.0) -> None:
+    """Wait for every job of a sweep, print the status table; raise if any failed."""
+    while not all(job.done() for job in jobs):
+        time.sleep(poll_s)
+    rows = sweep_status(Path(sweep_dir))
+    print_table(rows)
+    failed = [r for r in rows if r["state"] != "COMPLETED"]
+    if failed:
+        raise RankFailed(f"{len(failed)} of {len(rows)} sweep point(s) did not complete: "
+                         + ", ".join(f"{r['job_id']} {r['state']}" for r in failed))

@@ -1,0 +1,85 @@
+"""Checks of a launcher=slurm run that only the cluster can answer, made before anything is submitted."""
+
+import functools
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from launch.slurm import tasks_per_node
+from orchestrator.validate import ConfigError
+
+SECRET = re.compile(r"\b(\w*(API_KEY|TOKEN|SECRET|PASSWORD)\w*)\s*=\s*['\"]?[^$'\"\s]")
+
+
+def check_no_secrets(launcher) -> None:
+    """A literal key in a setup line or an sbatch option would be written into the job script."""
+    for key, lines in (("launcher.setup", list(launcher.setup)),
+                       ("launcher.extra_sbatch", [f"{k}={v}" for k, v in launcher.extra_sbatch.items()])):
+        for line in lines:
+            found = SECRET.search(str(line))
+            if found:
+                raise ConfigError(
+                    f"{key} sets {found.group(1)} to a literal value, which would be written into the job script: "
+                    f"export it in the submitting shell instead (sbatch passes the environment to the job)"
+                )
+
+
+@dataclass
+class Partition:
+    name: str
+    default: bool
+    gpus_per_node: int
+
+
+def parse_sinfo(text: str) -> list[Partition]:
+    """`sinfo -h -o "%P %G"` lines, e.g. `debug* gpu:h100:8(S:0-1)` or `cpu (null)`, one per node group."""
+    found: dict[str, Partition] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        name, _, gres = line.strip().partition(" ")
+        gpus = sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[^:,(]+)?:(\d+)", gres))
+        part = found.setdefault(name.rstrip("*"), Partition(name.rstrip("*"), name.endswith("*"), gpus))
+        part.gpus_per_node = max(part.gpus_per_node, gpus)
+    return list(found.values())
+
+
+def check_partition(launcher, tasks: int, partitions: list[Partition]) -> None:
+    """The partition exists (or the cluster has a default), and a GPU partition has a GPU per task."""
+    names = ", ".join(p.name for p in partitions) or "none"
+    if launcher.partition is None:
+        chosen = next((p for p in partitions if p.default), None)
+        if chosen is None:
+            raise ConfigError(f"launcher.partition is not set and this cluster has no default partition "
+                              f"(valid: {names})")
+    else:
+        chosen = next((p for p in partitions if p.name == launcher.partition), None)
+        if chosen is None:
+            raise ConfigError(f"launcher.partition={launcher.partition!r} is not a partition of this cluster "
+                              f"(valid: {names})")
+    if chosen.gpus_per_node and (launcher.gpus_per_node or 0) < tasks:
+        raise ConfigError(
+            f"partition {chosen.name!r} has {chosen.gpus_per_node} GPUs per node: launcher.gpus_per_node="
+            f"{launcher.gpus_per_node} < {tasks} tasks per node (valid: {tasks}..{chosen.gpus_per_node}, "
+            "one GPU per rank)"
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def partitions() -> list[Partition]:
+    """The cluster's partitions, asked once per process (a sweep checks every point against them)."""
+    out = subprocess.run(["sinfo", "-h", "-o", "%P %G"], capture_output=True, text=True, timeout=60)
+    if out.returncode:
+        raise ConfigError(f"launcher=slurm: sinfo failed, is the cluster up? {out.stderr.strip()}")
+    return parse_sinfo(out.stdout)
+
+
+def check_cluster(cfg) -> None:
+    """What only the cluster can tell, asked before anything is submitted."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        raise ConfigError("launcher=slurm needs SLURM's sbatch and sinfo on PATH: submit from a login node "
+                          "(or start a local cluster: launch/cluster/start-cluster.sh)")
+    world = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp
+    check_partition(cfg.launcher, tasks_per_node(cfg.launcher, world), partitions())
+    check_no_secrets(cfg.launcher)
