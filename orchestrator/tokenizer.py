@@ -34,7 +34,7 @@ class HFTokenizer:
 
     def __init__(self, path: Path):
         try:
-            from tokenizers import Tokenizer
+            from tokenizers import Tokenizer  # optional: only data.tokenizer=<a tokenizer.json> needs it
         except ImportError:
             raise TokenizerError(f"data.tokenizer={str(path)!r} needs the `tokenizers` package (pip install tokenizers)")
         try:
