@@ -15,6 +15,7 @@ tp=4 divides them; any model or generate override applies
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -98,7 +99,7 @@ def main() -> None:
                   backend="gloo", timeout_s=600)
             result = json.loads(path.read_text())
         print(json.dumps({"device": "cpu (gloo processes)", "model": name, "tp": tp, "threads_per_rank":
-                          max(1, (torch.get_num_threads()) // tp), "prompt_len": ns.prompt_len, "new": ns.new,
+                          max(1, (os.cpu_count() or 1) // tp), "prompt_len": ns.prompt_len, "new": ns.new,
                           **result}), flush=True)
     if torch.cuda.is_available():
         device = torch.device("cuda")

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from launch.env import from_environ
 from launch.rank import pick_backend, run_rank
 from launch.slurm import executor_params, follow
-from orchestrator.checkpoint import CheckpointError, check_compatible, find_resume
+from orchestrator.checkpoint import MARKER, CheckpointError, check_compatible, complete_checkpoints, find_resume
 from orchestrator.generator import Generator, Sampling, build_model, load_weights, resolve_dtype
 from orchestrator.tokenizer import TokenizerError, load_tokenizer
 from orchestrator.validate import ConfigError, validate
@@ -80,7 +80,8 @@ def check_layout(cfg: DictConfig, env=None) -> list[str]:
     if par.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel=true: a decode step holds one token, which cannot be split "
                           "over tp (valid: false)")
-    return validate(cfg, env)
+    # Generation writes no checkpoint: trident-train's check that checkpoint.dir is writable does not apply.
+    return validate(OmegaConf.merge(cfg, {"checkpoint": {"every": 0, "at_end": False}}), env)
 
 
 def context_length(cfg: DictConfig) -> int:
@@ -106,6 +107,9 @@ def check_weights(cfg: DictConfig) -> Optional[str]:
     if not Path(g.checkpoint).exists():
         raise ConfigError(f"generate.checkpoint={g.checkpoint!r} does not exist (valid: a step-N checkpoint "
                           "folder, or a checkpoint dir whose newest complete step is taken)")
+    if not (Path(g.checkpoint) / MARKER).is_file() and not complete_checkpoints(str(g.checkpoint)):
+        raise ConfigError(f"generate.checkpoint={g.checkpoint!r} holds no complete checkpoint (a step-N folder "
+                          f"with {MARKER}, or a dir of them)")
     try:
         path = find_resume(str(g.checkpoint), "")
         marker = check_compatible(path, m)

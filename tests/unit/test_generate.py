@@ -190,6 +190,7 @@ def refused(cfg, monkeypatch, stdin=None) -> str:
     (["data.tokenizer=/no/such/tokenizer.json", "generate.prompt=x"], ["data.tokenizer='/no/such/tokenizer.json'"]),
     (["launcher=external", "generate.prompt=x"], ["launcher=external found no rank environment"]),
     (["launcher=slurm"], ["launcher=slurm reads no stdin"]),
+    (["generate.checkpoint=/dev", "generate.prompt=x"], ["generate.checkpoint='/dev' holds no complete checkpoint"]),
 ])
 def test_bad_input_is_one_line_naming_the_setting_before_launch(tmp_path, monkeypatch, overrides, names):
     msg = refused(gen_cfg(tmp_path, *overrides), monkeypatch, io.StringIO("a prompt\n"))
