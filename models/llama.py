@@ -100,10 +100,17 @@ def rope_table(head_dim: int, max_seq_len: int, theta: float, device=None, scali
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate each (2i, 2i+1) pair of x (batch, seq, heads, head_dim) by its position's angle."""
-    seq = x.shape[1]
-    cos = table[:seq, :, 0].view(1, seq, 1, -1)
-    sin = table[:seq, :, 1].view(1, seq, 1, -1)
+    """Rotate each (2i, 2i+1) pair of x (batch, seq, heads, head_dim) by its position's angle.
+
+    table: the whole rotary table (positions 0, 1, ... are taken), or one row
+    of angles per token, (batch, seq, head_dim // 2, 2), when decoding.
+    """
+    bsz, seq = x.shape[:2]
+    if table.dim() == 4:
+        cos, sin = table[..., 0].unsqueeze(2), table[..., 1].unsqueeze(2)
+    else:
+        cos = table[:seq, :, 0].view(1, seq, 1, -1)
+        sin = table[:seq, :, 1].view(1, seq, 1, -1)
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
@@ -121,8 +128,10 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """mask: None for plain causal attention, else (batch, 1, seq, seq) bool, True where a query may attend."""
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache=None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """cache: this layer's KV cache when decoding (models/kv_cache.py), else None.
+        mask: None for plain causal attention, else (batch, 1, seq, keys) bool, True where a query may attend
+        (document masking in training; a cache brings its own)."""
         bsz, seq, _ = x.shape
         # -1 rather than the head counts: under tensor parallelism a rank holds a
         # slice of the heads, and the same code must work on it unchanged.
@@ -130,15 +139,15 @@ class Attention(nn.Module):
         k = self.wk(x).view(bsz, seq, -1, self.head_dim)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if cache is not None:  # decoding: these keys and values join the cached ones
+            k, v, mask = cache.update(k, v)
         repeat = q.shape[2] // k.shape[2]
         if repeat > 1:
             k = k.repeat_interleave(repeat, dim=2)
             v = v.repeat_interleave(repeat, dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None
+        )
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
@@ -161,8 +170,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache=None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # Every argument positional: the TP plan prepares the attention's inputs by position.
+        h = x + self.attention(self.attention_norm(x), rope, cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -181,18 +191,23 @@ class Transformer(nn.Module):
             persistent=False
         )
 
-    def forward(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False,
+                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab).
 
-        doc_ids (batch, seq), optional: the document of each token; a token then attends only to
-        earlier tokens of its own document. (Rotary embeddings depend on relative positions only,
-        so each document is computed as if it stood alone.) A pipeline stage gets hidden states
-        as `tokens` and the same doc_ids.
+        cache: a KVCache (models/kv_cache.py) placed at these tokens' slots, when
+        decoding. last_only: the logits of the last position only (batch, 1, vocab).
+        doc_ids (batch, seq), in training: the document of each token; a token then attends only
+        to earlier tokens of its own document. (Rotary embeddings depend on relative positions
+        only, so each document is computed as if it stood alone.) A pipeline stage gets hidden
+        states as `tokens` and the same doc_ids.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        rope = self.rope if cache is None else cache.rope(self.rope)
         mask = document_mask(doc_ids) if doc_ids is not None else None
-        for layer in self.layers.values():
-            h = layer(h, self.rope, mask)
+        for key, layer in self.layers.items():
+            h = layer(h, rope, None if cache is None else cache.layer(int(key)), mask)
+        h = h[:, -1:] if last_only else h
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 

@@ -115,7 +115,7 @@ def prepare(data_cfg, init_from: Optional[str] = None, workers: Optional[int] = 
     root = Path(data_cfg.path).expanduser() if data_cfg.path else stdlib_dir()
     if resolve_format(root, data_cfg.format) == "bin":
         return _bin_corpus(root, data_cfg.bin_dtype, data_cfg.eval_fraction)
-    tok = _tokenizer.load(data_cfg.get("tokenizer", "bytes"), init_from, data_cfg.get("eos_token"))
+    tok = _tokenizer.load_tokenizer(data_cfg.get("tokenizer", "bytes"), init_from, data_cfg.get("eos_token"))
     root, files = corpus_files(data_cfg)
     cache_dir = Path(data_cfg.cache_dir).expanduser()
     if isinstance(tok, ByteTokenizer) and all(kind == "text" for _, kind in files):

@@ -1,11 +1,18 @@
-"""Tokenizers: UTF-8 bytes, or any Hugging Face `tokenizer.json` (loaded with the `tokenizers` library).
+"""The run's tokenizer, from `data.tokenizer`: text to ids and back.
 
-`data.tokenizer` names one: `bytes` (vocabulary 256, nothing to download), a
-`tokenizer.json` file, a folder holding one (a Hugging Face model folder), or
-`init_from` (the folder of `model.init_from`). No `transformers` at run time.
+  bytes                   UTF-8 bytes (vocabulary 256), nothing to load: the default
+  <file>.json             a Hugging Face `tokenizer.json`, read with the `tokenizers` library
+  <folder>                a folder holding tokenizer.json (a Hugging Face model folder)
+  init_from               the folder model.init_from names
 
-A document is encoded on its own and framed by the tokenizer's BOS and EOS
-tokens, taken from the folder's `tokenizer_config.json` (or
+No `transformers` at run time. Every tokenizer has `vocab_size`,
+`encode(text)` (a prompt: with the BOS its post-processor adds, if any),
+`encode_document(text)` (training data: BOS + the text's tokens + EOS),
+`decode(ids)` (special tokens dropped) and `eos_ids` (the ids that end a
+generated text; none for bytes).
+
+A training document is encoded on its own and framed by the tokenizer's BOS
+and EOS, taken from the folder's `tokenizer_config.json` (or
 `special_tokens_map.json`); a bare `tokenizer.json` gets them from its
 special tokens' usual names (`<|begin_of_text|>`, `<s>`, ...).
 `data.eos_token` overrides the EOS. Documents so framed are concatenated into
@@ -30,9 +37,10 @@ BYTE_VOCAB = 256
 # Files of a Hugging Face tokenizer, copied next to exported weights.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json", "chat_template.jinja")
-# The usual names, for a bare tokenizer.json without a tokenizer_config.json.
-_BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
-_EOS_NAMES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
+# The usual names, for a bare tokenizer.json without a tokenizer_config.json: the first one present
+# frames documents; all those present end a generated text.
+BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
+EOS_NAMES = ("</s>", "<|end_of_text|>", "<|eot_id|>", "<|endoftext|>", "<eos>")
 
 
 class TokenizerError(ValueError):
@@ -44,14 +52,20 @@ class ByteTokenizer:
 
     vocab_size = BYTE_VOCAB
     bos_id = eos_id = None
+    eos_ids: tuple[int, ...] = ()
     name = BYTES
     hash = BYTES
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    encode_document = encode
+
     def decode(self, tokens) -> str:
         return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+
+
+Bytes = ByteTokenizer  # the name the generation code knows it by
 
 
 class HFTokenizer:
@@ -65,28 +79,34 @@ class HFTokenizer:
             self.tok = Tokenizer.from_str(self.json)
         except Exception as e:  # noqa: BLE001 - the Rust parser's error, whatever its type
             why = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            raise TokenizerError(f"{key}={str(path)!r} is not a Hugging Face tokenizer.json that parses ({why})") from None
+            raise TokenizerError(f"{key}={str(path)!r} does not parse as a tokenizer.json: {why}") from None
         vocab = self.tok.get_vocab(with_added_tokens=True)
         # Ids, not entries: a vocabulary with holes still needs rows up to its largest id.
         self.vocab_size = max(vocab.values()) + 1 if vocab else 0
-        bos, eos = special_tokens(self.path.parent, vocab)
+        bos, eos, named = special_tokens(self.path.parent, vocab)
         if eos_token is not None:
             if eos_token not in vocab:
                 raise TokenizerError(f"data.eos_token={eos_token!r} is not a token of {self.path} "
                                      f"(its special tokens: {', '.join(added_tokens(self.json)) or 'none'})")
-            eos = eos_token
+            eos, named = eos_token, True
         self.bos_token, self.eos_token = bos, eos
         self.bos_id = vocab[bos] if bos is not None else None
         self.eos_id = vocab[eos] if eos is not None else None
+        # Generation stops at the named EOS, or (none named) at any of the usual end tokens present.
+        self.eos_ids = (self.eos_id,) if named and eos is not None else tuple(vocab[t] for t in EOS_NAMES if t in vocab)
         self.hash = hashlib.sha256(f"{self.json}\0{self.bos_id}\0{self.eos_id}".encode()).hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
-        """One document: BOS + its tokens + EOS (where the tokenizer has them)."""
+        """A prompt: the tokenizer's own encoding (with the BOS its post-processor adds, if any)."""
+        return self.tok.encode(text).ids
+
+    def encode_document(self, text: str) -> list[int]:
+        """A training document: BOS + its tokens + EOS (where the tokenizer has them)."""
         ids = self.tok.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if self.bos_id is not None else []) + ids + ([self.eos_id] if self.eos_id is not None else [])
 
     def decode(self, tokens) -> str:
-        return self.tok.decode([int(t) for t in tokens], skip_special_tokens=False)
+        return self.tok.decode([int(t) for t in tokens], skip_special_tokens=True)
 
 
 def added_tokens(tokenizer_json: str) -> list[str]:
@@ -103,8 +123,8 @@ def _token_text(value) -> Optional[str]:
     return value if isinstance(value, str) and value else None
 
 
-def special_tokens(folder: Path, vocab: dict) -> tuple[Optional[str], Optional[str]]:
-    """(BOS, EOS) of a tokenizer folder: its config files first, else the usual names among its tokens."""
+def special_tokens(folder: Path, vocab: dict) -> tuple[Optional[str], Optional[str], bool]:
+    """(BOS, EOS, whether a config file named them): the folder's config files first, else the usual names."""
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         path = folder / name
         if path.is_file():
@@ -114,13 +134,13 @@ def special_tokens(folder: Path, vocab: dict) -> tuple[Optional[str], Optional[s
                 continue
             if "bos_token" in cfg or "eos_token" in cfg:
                 bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
-                return (bos if bos in vocab else None), (eos if eos in vocab else None)
-    bos = next((t for t in _BOS_NAMES if t in vocab), None)
-    eos = next((t for t in _EOS_NAMES if t in vocab), None)
-    return bos, eos
+                return (bos if bos in vocab else None), (eos if eos in vocab else None), eos in vocab
+    bos = next((t for t in BOS_NAMES if t in vocab), None)
+    eos = next((t for t in EOS_NAMES if t in vocab), None)
+    return bos, eos, False
 
 
-def resolve_path(spec: str, init_from: Optional[str]) -> Optional[Path]:
+def tokenizer_path(spec: str, init_from: Optional[str] = None) -> Optional[Path]:
     """The tokenizer.json that data.tokenizer names (None for bytes), or a TokenizerError saying why not."""
     if spec == BYTES:
         return None
@@ -143,9 +163,9 @@ def resolve_path(spec: str, init_from: Optional[str]) -> Optional[Path]:
     return path
 
 
-def load(spec: str, init_from: Optional[str] = None, eos_token: Optional[str] = None):
+def load_tokenizer(spec: str, init_from: Optional[str] = None, eos_token: Optional[str] = None):
     """The tokenizer data.tokenizer names: a ByteTokenizer or an HFTokenizer (TokenizerError if it cannot be)."""
-    path = resolve_path(spec, init_from)
+    path = tokenizer_path(spec, init_from)
     if path is None:
         if eos_token is not None:
             raise TokenizerError(f"data.eos_token={eos_token!r} with data.tokenizer=bytes: the byte tokenizer has "
@@ -165,7 +185,7 @@ def _load_cached(path: str, size: int, mtime_ns: int, eos_token: Optional[str], 
 
 def tokenizer_folder(spec: str, init_from: Optional[str]) -> Optional[Path]:
     """The folder whose tokenizer files go next to exported weights (None for bytes)."""
-    path = resolve_path(spec, init_from)
+    path = tokenizer_path(spec, init_from)
     return path.parent if path is not None else None
 
 
@@ -175,7 +195,7 @@ def copy_tokenizer(spec: str, init_from: Optional[str], out: Path, eos_token: Op
     A Hugging Face folder's tokenizer files are copied as they are; a bare tokenizer.json gets a
     tokenizer_config.json naming its BOS/EOS. Returns the files written (none for bytes).
     """
-    tok = load(spec, init_from, eos_token)
+    tok = load_tokenizer(spec, init_from, eos_token)
     if isinstance(tok, ByteTokenizer):
         return []
     folder, out = tok.path.parent, Path(out)

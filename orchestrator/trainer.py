@@ -128,8 +128,8 @@ class Trainer:
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        args = (inputs.to(self.device),) if doc_ids is None else (inputs.to(self.device), doc_ids.to(self.device))
-        return self._loss_fn(self.parts[0](*args), targets.to(self.device))
+        kwargs = {} if doc_ids is None else {"doc_ids": doc_ids.to(self.device)}
+        return self._loss_fn(self.parts[0](inputs.to(self.device), **kwargs), targets.to(self.device))
 
     def _pp_sum(self, value: torch.Tensor) -> torch.Tensor:
         """The loss lives on the last stage: share it with every pp rank (the others add zero)."""

@@ -20,7 +20,7 @@ from orchestrator.corpus import CorpusError, check_source, file_kind
 from orchestrator.data import BIN_DTYPES, FORMATS, resolve_format, text_files
 from orchestrator.levers import AC_MODES, DTYPES
 from orchestrator.tokenizer import TokenizerError
-from orchestrator.tokenizer import load as load_tokenizer
+from orchestrator.tokenizer import load_tokenizer
 from parallel.data_parallel import DP_SHARD_CHOICES
 from parallel.pipeline_parallel import SCHEDULES, SINGLE_STAGE, V_SHAPED, stages_per_rank
 
@@ -329,9 +329,8 @@ def _check_tokenizer(cfg: DictConfig, against_model: bool = True) -> None:
         raise ConfigError(str(e)) from None
     if against_model and tok.vocab_size > m.vocab_size:
         raise ConfigError(
-            f"data.tokenizer={d.tokenizer!r} has a vocabulary of {tok.vocab_size} tokens, more than "
-            f"model.vocab_size={m.vocab_size} (a tokenizer smaller than the model is allowed, a larger one is not: "
-            f"valid: model.vocab_size >= {tok.vocab_size})"
+            f"data.tokenizer={d.tokenizer!r} has {tok.vocab_size} tokens, more than model.vocab_size={m.vocab_size} "
+            f"(a tokenizer may be smaller than the model, not larger: valid: model.vocab_size >= {tok.vocab_size})"
         )
 
 

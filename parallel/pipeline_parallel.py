@@ -174,7 +174,7 @@ class Pipeline:
                     x = torch.empty(activation_shape, dtype=dtype, device=inputs.device)
                     dist.recv(x, group=self.group, group_src=prev)
                 part = self.parts[self.stage_ids.index(stage)]
-                hidden = part(x) if doc_ids is None else part(x, doc_ids)
+                hidden = part(x) if doc_ids is None else part(x, doc_ids=doc_ids)
                 if stage == self.n_stages - 1:
                     out = hidden
             elif prev == me:

@@ -20,7 +20,7 @@ from models.hf import export
 from models.llama import ModelArgs, Transformer
 from orchestrator.checkpoint import CheckpointError, find_resume, read_marker
 from orchestrator.tokenizer import TokenizerError, copy_tokenizer
-from orchestrator.tokenizer import load as tokenizer_load
+from orchestrator.tokenizer import load_tokenizer
 
 
 def load_full_model(path: Path) -> tuple[dict, ModelArgs]:
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     data, model = config.get("data", {}), config.get("model", {})
     spec = ns.tokenizer or data.get("tokenizer", "bytes")
     try:
-        tokenizer_load(spec, model.get("init_from"), data.get("eos_token"))  # before writing anything
+        load_tokenizer(spec, model.get("init_from"), data.get("eos_token"))  # before writing anything
     except TokenizerError as e:
         print(f"trident-export: {e} (pass --tokenizer PATH, or --tokenizer bytes for none)", file=sys.stderr)
         return 2

@@ -2,6 +2,11 @@
 
     trident-plan model=llama3-70b cluster.gpus=256 train.seq_len=8192 train.global_batch=1024 \\
         train.dtype=bf16 [--top K] [--json] [--sweep K]
+    trident-plan --serve model=llama3-70b generate.batch_size=16 generate.max_total_tokens=8192 [--json]
+
+--serve answers the question for serving instead: per tp degree, weights and
+KV cache per GPU and the predicted decode latency and tokens/s
+(orchestrator/planner/serve.py).
 
 A thin shell over `orchestrator.planner`: Hydra composes conf/plan.yaml (=
 train.yaml + a cluster) with the overrides; the flags choose the output.
@@ -15,7 +20,8 @@ from omegaconf import DictConfig
 
 from orchestrator.config import CONF_DIR, register
 from orchestrator.planner.layouts import plan
-from orchestrator.planner.render import as_json, sweep_lines, table
+from orchestrator.planner.render import as_json, serve_json, serve_table, sweep_lines, table
+from orchestrator.planner.serve import serve_plan
 from orchestrator.validate import ConfigError
 
 
@@ -28,8 +34,8 @@ def user_overrides() -> list[str]:
 
 
 def _flags(argv: list[str]) -> tuple[dict, list[str]]:
-    """--top K, --json, --sweep K: output options, taken out before Hydra reads the overrides."""
-    flags, rest, i = {"top": None, "json": False, "sweep": None}, [], 0
+    """--top K, --json, --sweep K, --serve: output options, taken out before Hydra reads the overrides."""
+    flags, rest, i = {"top": None, "json": False, "sweep": None, "serve": False}, [], 0
     while i < len(argv):
         a = argv[i]
         if a in ("--top", "--sweep"):
@@ -38,8 +44,8 @@ def _flags(argv: list[str]) -> tuple[dict, list[str]]:
             flags[a[2:]] = int(argv[i + 1])
             i += 2
             continue
-        if a == "--json":
-            flags["json"] = True
+        if a in ("--json", "--serve"):
+            flags[a[2:]] = True
         else:
             rest.append(a)
         i += 1
@@ -47,6 +53,13 @@ def _flags(argv: list[str]) -> tuple[dict, list[str]]:
 
 
 def run(cfg: DictConfig, flags: dict) -> None:
+    if flags["serve"]:
+        rows, info = serve_plan(cfg)
+        if not rows:
+            raise ConfigError(f"no tp degree of {cfg.model.name} on cluster.gpus={cfg.cluster.gpus}: "
+                              + "; ".join(f"tp={tp}: {why}" for tp, why in info["rejected"].items()))
+        print(serve_json(rows, info) if flags["json"] else serve_table(rows, cfg, info))
+        return
     rows, info = plan(cfg)
     if not rows:
         raise ConfigError(f"no valid layout of {cfg.model.name} on cluster.gpus={cfg.cluster.gpus}: "

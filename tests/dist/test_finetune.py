@@ -21,7 +21,7 @@ from launch.local import spawn
 from orchestrator import checkpoint
 from orchestrator.cli.export import main as export_main
 from orchestrator.data import IGNORE, Batches, prepare
-from orchestrator.tokenizer import load as load_tokenizer
+from orchestrator.tokenizer import load_tokenizer
 from orchestrator.trainer import Trainer
 from orchestrator.validate import validate
 from tests.conftest import compose_as_shipped
@@ -97,7 +97,7 @@ def finetuned(tmp_path_factory, hf_llama_dir):
     main = cfgs["main"]
     corpus = prepare(main.data, main.model.init_from)
     tok = load_tokenizer(main.data.tokenizer, main.model.init_from)
-    probe = torch.tensor([tok.encode(PROBE)[:16]])
+    probe = torch.tensor([tok.encode_document(PROBE)[:16]])
     run_dir = tmp / "runs"
     for name in cfgs:
         (run_dir / name).mkdir(parents=True)
@@ -160,7 +160,7 @@ def test_the_export_loads_in_transformers_with_its_tokenizer_and_gives_the_paral
     out, tok = finetuned["out"], finetuned["tok"]
     assert (out / "tokenizer.json").read_bytes() == (hf_llama_dir / "tokenizer.json").read_bytes()
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
-    assert hf_tok(PROBE, add_special_tokens=False).input_ids == tok.encode(PROBE)[1:-1]
+    assert hf_tok(PROBE, add_special_tokens=False).input_ids == tok.encode_document(PROBE)[1:-1]
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tok.bos_id, tok.eos_id)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     with torch.no_grad():

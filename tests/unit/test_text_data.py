@@ -14,7 +14,8 @@ from models.llama import ModelArgs, Transformer, document_mask
 from orchestrator import corpus as C
 from orchestrator.build import init_weights
 from orchestrator.data import IGNORE, Batches, prepare
-from orchestrator.tokenizer import HFTokenizer, load
+from orchestrator.tokenizer import HFTokenizer
+from orchestrator.tokenizer import load_tokenizer as load
 from orchestrator.validate import ConfigError, validate
 from tests.conftest import make_cfg
 from tests.textdata import BOS, EOS, stdlib_texts, write_jsonl
@@ -140,7 +141,7 @@ def test_document_mask_gives_each_document_the_logits_it_has_alone():
     mask = document_mask(doc_ids)
     assert mask.shape == (2, 1, 24, 24) and not mask[0, 0, 5, 4] and mask[0, 0, 6, 5] and not mask[0, 0, 5, 6]
     with torch.no_grad():
-        got = model(tokens, doc_ids)
+        got = model(tokens, doc_ids=doc_ids)
         for row in range(2):
             for d in doc_ids[row].unique():
                 cols = (doc_ids[row] == d).nonzero().flatten()
@@ -179,11 +180,11 @@ def bad_inputs(tmp_path_factory, bpe_json, docs):
 
 
 @pytest.mark.parametrize("overrides, says", [
-    (["data.tokenizer={tmp}/broken.json"], ["data.tokenizer=", "broken.json", "is not a Hugging Face tokenizer.json that parses"]),
+    (["data.tokenizer={tmp}/broken.json"], ["data.tokenizer=", "broken.json", "does not parse as a tokenizer.json"]),
     (["data.tokenizer=/no/such/tokenizer.json"], ["data.tokenizer='/no/such/tokenizer.json' does not exist", "init_from"]),
     (["data.tokenizer=init_from"], ["data.tokenizer=init_from but model.init_from is not set"]),
     (["data.tokenizer={bpe}", "data.eos_token='<nope>'"], ["data.eos_token='<nope>'", BOS]),
-    (["data.tokenizer={bpe}"], ["vocabulary of 2048 tokens", "model.vocab_size=256", "smaller than the model is allowed"]),
+    (["data.tokenizer={bpe}"], ["has 2048 tokens, more than model.vocab_size=256", "may be smaller than the model, not larger"]),
     (["data.path={tmp}/other_key.jsonl"], ["data.text_key='text' is not in record 1", "its keys: id, body"]),
     (["data.path={tmp}/other_col.parquet"], ["data.text_key='text' is not a column", "its columns: body"]),
     (["data.path={tmp}/tokens.bin", "data.mask_across_documents=true"], ["data.mask_across_documents=true", ".bin"]),
