@@ -25,6 +25,7 @@ from orchestrator.data import prepare
 from orchestrator.planner.dry_run import dry_run
 from orchestrator.slurm_checks import check_cluster
 from orchestrator.sweep import active as active_sweep
+from orchestrator.sweep import failures as sweep_failures
 from orchestrator.trainer import run_worker
 from orchestrator.validate import ConfigError, check_corpus, validate
 
@@ -113,6 +114,12 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     register()
     _hydra_main()
+    # A waited-for SLURM sweep (launcher.wait=true) whose points did not all complete: Hydra swallows what
+    # its callbacks raise, so the verdict is taken here, after Hydra returned.
+    failed = sweep_failures()
+    if failed:
+        print(f"trident: sweep failed: {len(failed)} point(s) did not complete", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
