@@ -65,6 +65,10 @@ class Sweep:
                 "overrides": {k: mine[k] for k in self.keys if k in mine}}
 
 
+# A search's trial (hydra/sweeper=trident-optuna) is started as its own trident-train process: its place in
+# the sweep (the same fields as Sweep.describe, JSON) comes in this environment variable.
+SWEEP_POINT_ENV = "TRIDENT_SWEEP_POINT"
+
 # Hydra builds the callback and calls the task function apart: this is where the two meet, per process.
 _ACTIVE: Optional[Sweep] = None
 # The points of the last waited-for sweep that did not complete (read by the entry point once Hydra returns).
@@ -87,6 +91,8 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _ACTIVE
         _FAILED.clear()
+        if not str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+            return  # another sweeper (hydra/sweeper=trident-optuna) starts its trials itself
         _ACTIVE = Sweep(str(config.hydra.sweep.dir), swept_keys(config.hydra.overrides.task))
         if config.launcher.name == "slurm":
             # Hydra's basic launcher would announce "Launching N jobs locally": here it only prepares them.

@@ -7,6 +7,8 @@ ranks (under `-m`, every point joins one job array: orchestrator/sweep.py).
 Nothing is spawned or submitted until every check passed.
 """
 
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -24,6 +26,7 @@ from orchestrator.config import CONF_DIR, register
 from orchestrator.data import prepare
 from orchestrator.planner.dry_run import dry_run
 from orchestrator.slurm_checks import check_cluster
+from orchestrator.sweep import SWEEP_POINT_ENV
 from orchestrator.sweep import active as active_sweep
 from orchestrator.sweep import failures as sweep_failures
 from orchestrator.trainer import run_worker
@@ -80,6 +83,8 @@ def run(cfg: DictConfig, run_dir: str) -> None:
     if sweep is not None:  # this run is one point of a -m sweep: its W&B group and the overrides it varies
         hc = HydraConfig.get()
         plain["sweep"] = sweep.describe(hc.job.num, hc.overrides.task)
+    elif os.environ.get(SWEEP_POINT_ENV):  # a trial of a search (hydra/sweeper=trident-optuna) started this run
+        plain["sweep"] = json.loads(os.environ[SWEEP_POINT_ENV])
     if env is None or env.rank == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(plain), Path(run_dir) / "config.yaml")
