@@ -97,11 +97,11 @@ def tune(cfg: DictConfig, rows: list[Layout], k: int, user: list[str], tune_dir:
     slurm = cfg.launcher.name == "slurm"
     runs = [Measured(layout, Path(tune_dir) / str(i)) for i, layout in enumerate(best)]
     procs = []
-    for m in runs:
+    for i, m in enumerate(runs):
         proc = RunProcess(m.run_dir, run_overrides(user, m.layout, steps), slurm=slurm)
         procs.append(proc)
         if not slurm:  # one at a time: runs sharing this machine's cores would slow each other down
-            out(f"trident-plan: tuning {m.run_dir.name}/{len(runs)}: {' '.join(layout_overrides(m.layout))}")
+            out(f"trident-plan: tuning {i + 1}/{len(runs)}: {' '.join(layout_overrides(m.layout))}  {m.run_dir}")
             proc.start()
             while proc.poll() is None:
                 time.sleep(0.5)

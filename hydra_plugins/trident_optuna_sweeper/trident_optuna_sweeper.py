@@ -35,6 +35,8 @@ class TridentOptunaSweeper(Sweeper):
         except ConfigError as e:
             print(f"trident: config error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
+        except KeyboardInterrupt:  # the search has marked its running trials INTERRUPTED
+            sys.exit(130)
         if code:
             sys.exit(code)
         return []

@@ -91,6 +91,7 @@ class Running:
     stopping: Optional[str] = None  # why the sweep asked it to stop: pruned | diverged | max_failures
     reason: str = ""
     untrained: Optional[float] = None  # the run's eval_loss at step 0
+    steps: Optional[int] = None  # the run's train.steps
 
 
 class Search:
@@ -309,9 +310,16 @@ class Search:
                 r.evals.append((step, value))
                 if r.stopping is None:
                     r.trial.report(value, step)
-                    if r.trial.should_prune():
+                    if step < self._steps(r) and r.trial.should_prune():  # the last eval ends the run anyway
                         self._stop(r, "pruned", f"eval_loss {value:.4f} at step {step}")
         r.proc.poll()
+
+    @staticmethod
+    def _steps(r: Running) -> int:
+        """The trial's train.steps, from the config its run wrote (it exists once the run logs)."""
+        if r.steps is None:
+            r.steps = int(OmegaConf.load(r.proc.run_dir / "config.yaml").train.steps)
+        return r.steps
 
     def _stop(self, r: Running, why: str, reason: str) -> None:
         if r.stopping is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tests.conftest import ROOT, TINY, run_cmd, run_train
+from tests.conftest import ROOT, TINY, crash_rank_env, run_cmd, run_train
 from tests.wandb_history import read_run
 
 pytestmark = pytest.mark.dist
@@ -156,3 +156,19 @@ def test_bad_search_input_is_one_line_error_before_anything_starts(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("trident: config error: "), (name, err)
         assert cases[name][1] in lines[0], (name, lines[0])
         assert not (tmp_path / name / "study.journal").exists() and not (tmp_path / name / "0").exists()
+
+
+def test_crashing_trials_are_failed_with_their_error_and_max_failures_ends_the_search(tmp_path):
+    out = run_train("-m", "hydra/sweeper=trident-optuna", f"hydra.sweep.dir={tmp_path}", *TINY, "parallel.dp=1",
+                    "hydra.sweeper.n_trials=5", "hydra.sweeper.n_jobs=2", "hydra.sweeper.max_failures=2",
+                    "optim.lr=interval(1e-3,1e-2)", env=crash_rank_env(0), timeout=600)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "trident: search ended early: 2 trial(s) failed (hydra.sweeper.max_failures=2)" in out.stderr
+    done = trials(tmp_path)
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in done)
+    # Nothing started once the second failure was seen (a trial started before it may fail too): 3 < 5 trials.
+    second = sorted(t.user_attrs["ended"] for t in done)[1]
+    assert len(done) <= 3 and all(t.user_attrs["started"] < second for t in done)
+    for t in done:
+        assert "RuntimeError: TRIDENT_TEST_CRASH_RANK=0: rank 0 fails on purpose" in t.user_attrs["error"]
+    assert "best: none yet" in out.stdout and (tmp_path / "study.csv").exists()
