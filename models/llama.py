@@ -81,10 +81,17 @@ def rope_table(head_dim: int, max_seq_len: int, theta: float, device=None) -> to
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate each (2i, 2i+1) pair of x (batch, seq, heads, head_dim) by its position's angle."""
-    seq = x.shape[1]
-    cos = table[:seq, :, 0].view(1, seq, 1, -1)
-    sin = table[:seq, :, 1].view(1, seq, 1, -1)
+    """Rotate each (2i, 2i+1) pair of x (batch, seq, heads, head_dim) by its position's angle.
+
+    table: the whole rotary table (positions 0, 1, ... are taken), or one row
+    of angles per token, (batch, seq, head_dim // 2, 2), when decoding.
+    """
+    bsz, seq = x.shape[:2]
+    if table.dim() == 4:
+        cos, sin = table[..., 0].unsqueeze(2), table[..., 1].unsqueeze(2)
+    else:
+        cos = table[:seq, :, 0].view(1, seq, 1, -1)
+        sin = table[:seq, :, 1].view(1, seq, 1, -1)
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
@@ -102,7 +109,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache=None) -> torch.Tensor:
+        """cache: this layer's KV cache when decoding (models/kv_cache.py), else None."""
         bsz, seq, _ = x.shape
         # -1 rather than the head counts: under tensor parallelism a rank holds a
         # slice of the heads, and the same code must work on it unchanged.
@@ -110,12 +118,15 @@ class Attention(nn.Module):
         k = self.wk(x).view(bsz, seq, -1, self.head_dim)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        mask = None
+        if cache is not None:  # decoding: these keys and values join the cached ones
+            k, v, mask = cache.update(k, v)
         repeat = q.shape[2] // k.shape[2]
         if repeat > 1:
             k = k.repeat_interleave(repeat, dim=2)
             v = v.repeat_interleave(repeat, dim=2)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None
         )
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
@@ -139,8 +150,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache=None) -> torch.Tensor:
+        # Every argument positional: the TP plan prepares the attention's inputs by position.
+        h = x + self.attention(self.attention_norm(x), rope, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -158,11 +170,17 @@ class Transformer(nn.Module):
             "rope", rope_table(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False
         )
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (batch, seq) -> logits (batch, seq, vocab)."""
+    def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab).
+
+        cache: a KVCache (models/kv_cache.py) placed at these tokens' slots, when
+        decoding. last_only: the logits of the last position only (batch, 1, vocab).
+        """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, self.rope)
+        rope = self.rope if cache is None else cache.rope(self.rope)
+        for key, layer in self.layers.items():
+            h = layer(h, rope, None if cache is None else cache.layer(int(key)))
+        h = h[:, -1:] if last_only else h
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 

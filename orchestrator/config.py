@@ -77,6 +77,7 @@ class DataConfig:
     bin_dtype: str = MISSING
     eval_fraction: float = MISSING
     cache_dir: str = MISSING
+    tokenizer: str = MISSING
 
 
 @dataclass
@@ -159,16 +160,56 @@ class ClusterConfig:
     mfu: float = MISSING
     intra_node_gbps: float = MISSING
     inter_node_gbps: float = MISSING
+    hbm_gbps: float = MISSING
+    hbm_efficiency: float = MISSING
+    intra_node_latency_us: float = MISSING
+    inter_node_latency_us: float = MISSING
+
+
+@dataclass
+class GenerateSettings:
+    checkpoint: Optional[str] = MISSING
+    prompt: Optional[str] = MISSING
+    prompts_file: Optional[str] = MISSING
+    max_new_tokens: int = MISSING
+    temperature: float = MISSING
+    top_k: int = MISSING
+    top_p: float = MISSING
+    seed: int = MISSING
+    stop_ids: list[int] = MISSING
+    batch_size: int = MISSING
+    max_total_tokens: Optional[int] = MISSING
+    dtype: str = MISSING
+    compile: bool = MISSING
+    cuda_graphs: bool = MISSING
+    output: Optional[str] = MISSING
+    echo: bool = MISSING
+
+
+# A schema that extends TrainConfig is merged after train.yaml's groups: MISSING leaves what they set, where
+# LauncherConfig's own None defaults (for its slurm-only keys) would cover the launcher group's values.
+_KEEP = MISSING
+
+
+@dataclass
+class GenerateConfig(TrainConfig):
+    """`trident-generate`: the training config (model, parallel, launcher, data.tokenizer) plus `generate`."""
+
+    launcher: Any = _KEEP
+    generate: GenerateSettings = field(default_factory=GenerateSettings)
 
 
 @dataclass
 class PlanConfig(TrainConfig):
-    """`trident-plan`: the training config plus the cluster it is planned for."""
+    """`trident-plan`: the training config plus the cluster it is planned for (and, for --serve, `generate`)."""
 
+    launcher: Any = _KEEP
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    generate: GenerateSettings = field(default_factory=GenerateSettings)
 
 
 def register() -> None:
-    """Make the schema known to Hydra; `conf/train.yaml` extends it, `conf/plan.yaml` the plan's."""
+    """Make the schema known to Hydra; `conf/train.yaml` extends it, `conf/plan.yaml` and `conf/generate.yaml` theirs."""
     ConfigStore.instance().store(name="trident_schema", node=TrainConfig)
     ConfigStore.instance().store(name="trident_plan_schema", node=PlanConfig)
+    ConfigStore.instance().store(name="trident_generate_schema", node=GenerateConfig)

@@ -2,7 +2,13 @@
 
     trident-plan model=llama3-70b cluster.gpus=256 train.seq_len=8192 train.global_batch=1024 \\
         train.dtype=bf16 [--top K] [--json] [--sweep K]
-    trident-plan cluster=cpu --tune K [--tune-steps N] [--tune-dir DIR]   # run the best K, measure them
+    trident-plan --serve model=llama3-70b generate.batch_size=16 generate.max_total_tokens=8192 [--json]
+    trident-plan cluster=cpu --tune K [--tune-steps N] [--tune-dir DIR]
+
+--serve answers the question for serving instead: per tp degree, weights and
+KV cache per GPU and the predicted decode latency and tokens/s
+(orchestrator/planner/serve.py). --tune runs the best K layouts for a few
+steps each and prints the measurement beside the prediction (orchestrator/tune.py).
 
 A thin shell over `orchestrator.planner`: Hydra composes conf/plan.yaml (=
 train.yaml + a cluster) with the overrides; the flags choose the output.
@@ -19,7 +25,8 @@ from omegaconf import DictConfig
 
 from orchestrator.config import CONF_DIR, register
 from orchestrator.planner.layouts import plan
-from orchestrator.planner.render import as_json, sweep_lines, table
+from orchestrator.planner.render import as_json, serve_json, serve_table, sweep_lines, table
+from orchestrator.planner.serve import serve_plan
 from orchestrator.tune import layout_overrides, tune
 from orchestrator.tune import report as tune_report
 from orchestrator.validate import ConfigError
@@ -34,8 +41,11 @@ def user_overrides() -> list[str]:
 
 
 def _flags(argv: list[str]) -> tuple[dict, list[str]]:
-    """--top K, --json, --sweep K, --tune K, --tune-steps N, --tune-dir DIR: taken out before Hydra reads the rest."""
-    flags, rest, i = {"top": None, "json": False, "sweep": None, "tune": None, "tune_steps": 10, "tune_dir": None}, [], 0
+    """--top K, --json, --sweep K, --serve, --tune K, --tune-steps N, --tune-dir DIR: taken out before Hydra reads
+    the overrides."""
+    flags = {"top": None, "json": False, "sweep": None, "serve": False, "tune": None, "tune_steps": 10,
+             "tune_dir": None}
+    rest, i = [], 0
     while i < len(argv):
         a = argv[i]
         if a in ("--top", "--sweep", "--tune", "--tune-steps"):
@@ -50,8 +60,8 @@ def _flags(argv: list[str]) -> tuple[dict, list[str]]:
             flags["tune_dir"] = argv[i + 1]
             i += 2
             continue
-        if a == "--json":
-            flags["json"] = True
+        if a in ("--json", "--serve"):
+            flags[a[2:]] = True
         else:
             rest.append(a)
         i += 1
@@ -59,6 +69,13 @@ def _flags(argv: list[str]) -> tuple[dict, list[str]]:
 
 
 def run(cfg: DictConfig, flags: dict) -> None:
+    if flags["serve"]:
+        rows, info = serve_plan(cfg)
+        if not rows:
+            raise ConfigError(f"no tp degree of {cfg.model.name} on cluster.gpus={cfg.cluster.gpus}: "
+                              + "; ".join(f"tp={tp}: {why}" for tp, why in info["rejected"].items()))
+        print(serve_json(rows, info) if flags["json"] else serve_table(rows, cfg, info))
+        return
     rows, info = plan(cfg)
     if not rows:
         raise ConfigError(f"no valid layout of {cfg.model.name} on cluster.gpus={cfg.cluster.gpus}: "
