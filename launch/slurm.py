@@ -204,6 +204,25 @@ def submit_sweep(pending: list[SweepPoint], sweep_dir: str, sweep_id: str) -> li
 
 # --- after submission --------------------------------------------------------------------------
 
+def job_error(job) -> Optional[str]:
+    """A finished job's error from submitit's own result files (None: every task returned), never sacct's state.
+
+    sacct lags the job by seconds: a job whose every task has written its result can still read RUNNING
+    there. submitit's `exception()` reads each task's result pickle: the failing task's traceback, or,
+    for a task that wrote none (killed with the others by srun), the job's error stream.
+    """
+    error = job.exception()
+    return None if error is None else str(error)
+
+
+def error_line(error: str) -> str:
+    """The line of a job error that says what went wrong: the last line of the task's traceback."""
+    lines = error.strip().splitlines()
+    bars = [i for i, line in enumerate(lines) if set(line.strip()) == {"-"}]
+    inside = lines[bars[0] + 1:bars[1]] if len(bars) >= 2 else lines  # submitit fences the trace with dashes
+    return next((line.strip() for line in reversed(inside) if line.strip()), error.strip()[:200])
+
+
 def follow(job, poll_s: float = 2.0) -> None:
     """Stream rank 0's log until the job ends; raise if it failed."""
     shown = 0

@@ -6,6 +6,11 @@ schedule when pp > 1), clipping by the global gradient norm, AdamW, and the
 learning rate of that step (linear warmup, then cosine or linear decay),
 metrics (the loss is shared from the last stage), periodic evaluation on the
 held-out split, and checkpoints.
+
+Stopping early, agreed by all ranks at a step boundary (one all-reduce of a
+flag per step): a preemption signal (SLURM's USR2: checkpoint, then the
+launcher requeues), or a file named STOP in the run dir (checkpoint, then end
+cleanly: how a sweep prunes a trial, and how a person stops a run by hand).
 """
 
 import math
@@ -59,6 +64,10 @@ def _value(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+STOP_FILE = "STOP"  # in the run dir: stop at the next step boundary with a checkpoint, and end cleanly
+_STOP_BY_FILE, _STOP_BY_SIGNAL = 1.0, 2.0  # the agreed flag's values; the signal (requeue) wins
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -100,6 +109,7 @@ class Trainer:
         self.saver = checkpoint.Saver(ck.dir, ck.keep, ck.async_save)
         self.resumed_from = resume
         self.should_stop = should_stop  # a preemption signal arrived on this rank
+        self.stop_file = Path(run_dir) / STOP_FILE
         if resume:
             self.step = checkpoint.load(self.modules, self.optimizers, Path(resume))
 
@@ -255,15 +265,19 @@ class Trainer:
                 self.logger.log(row)
             if self.is_logger and (self.step % lg.console_every == 0 or last or self.step == 1):
                 console(progress_line(self.step, t.steps, row, time.perf_counter() - start))
-            if not last and self._stop_agreed():
+            why = self._stop_agreed() if not last else 0.0
+            if why:
                 if "checkpoint_blocked_s" not in row:
                     self.last_checkpoint = self.saver.save(self.modules, self.optimizers, self.step,
                                                            self._checkpoint_meta())
                 self.saver.wait()
+                preempted = why == _STOP_BY_SIGNAL
                 if self.is_logger:
-                    console(f"trident: preempted at step {self.step}; checkpoint {self.last_checkpoint}")
+                    cause = "preempted" if preempted else f"stopped ({self.stop_file} exists)"
+                    console(f"trident: {cause} at step {self.step}; checkpoint {self.last_checkpoint}")
                 self.logger.finish()
-                return {"steps": self.step, "preempted": True, "checkpoint": self.last_checkpoint}
+                return {"steps": self.step, "preempted" if preempted else "stopped": True,
+                        "checkpoint": self.last_checkpoint}
         self.saver.wait()
         summary = {
             "steps": self.step,
@@ -280,13 +294,16 @@ class Trainer:
         self.logger.finish()
         return summary
 
-    def _stop_agreed(self) -> bool:
-        """Whether any rank was asked to stop: agreed by all ranks at the same step boundary."""
-        if self.should_stop is None:
-            return False
-        flag = torch.tensor(float(self.should_stop()), device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+    def _stop_agreed(self) -> float:
+        """Whether any rank was asked to stop (0: no; by the stop file; by a signal), agreed by all ranks."""
+        flag = 0.0
+        if self.should_stop is not None and self.should_stop():
+            flag = _STOP_BY_SIGNAL
+        elif self.is_logger and self.stop_file.exists():  # one rank looks: the all-reduce tells the others
+            flag = _STOP_BY_FILE
+        agreed = torch.tensor(flag, device=self.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        return agreed.item()
 
     def _checkpoint_meta(self) -> dict:
         d, t = self.dims, self.cfg.train

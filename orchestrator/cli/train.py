@@ -7,6 +7,8 @@ ranks (under `-m`, every point joins one job array: orchestrator/sweep.py).
 Nothing is spawned or submitted until every check passed.
 """
 
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -25,7 +27,9 @@ from orchestrator.corpus import CorpusError
 from orchestrator.data import prepare
 from orchestrator.planner.dry_run import dry_run
 from orchestrator.slurm_checks import check_cluster
+from orchestrator.sweep import SWEEP_POINT_ENV
 from orchestrator.sweep import active as active_sweep
+from orchestrator.sweep import failures as sweep_failures
 from orchestrator.tokenizer import TokenizerError
 from orchestrator.trainer import run_worker
 from orchestrator.validate import ConfigError, check_corpus, validate
@@ -84,6 +88,8 @@ def run(cfg: DictConfig, run_dir: str) -> None:
     if sweep is not None:  # this run is one point of a -m sweep: its W&B group and the overrides it varies
         hc = HydraConfig.get()
         plain["sweep"] = sweep.describe(hc.job.num, hc.overrides.task)
+    elif os.environ.get(SWEEP_POINT_ENV):  # a trial of a search (hydra/sweeper=trident-optuna) started this run
+        plain["sweep"] = json.loads(os.environ[SWEEP_POINT_ENV])
     if env is None or env.rank == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(plain), Path(run_dir) / "config.yaml")
@@ -118,6 +124,12 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     register()
     _hydra_main()
+    # A waited-for SLURM sweep (launcher.wait=true) whose points did not all complete: Hydra swallows what
+    # its callbacks raise, so the verdict is taken here, after Hydra returned.
+    failed = sweep_failures()
+    if failed:
+        print(f"trident: sweep failed: {len(failed)} point(s) did not complete", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
