@@ -152,8 +152,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.rows, bias=False)
-        if args.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_weights()
         self.register_buffer(
             "rope", rope_table(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False
         )
@@ -165,6 +164,16 @@ class Transformer(nn.Module):
             h = layer(h, self.rope)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
+
+    def tie_weights(self) -> None:
+        """With tie_embeddings, make the output projection use the embedding's tensor.
+
+        Call again after `to_empty`: it gives each module its own new tensor, which
+        silently unties them (a tied model built on the meta device would otherwise
+        train a second, separately initialised output matrix).
+        """
+        if self.args.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
 
     def reset_buffers(self) -> None:
         """Recompute the rotary table (after `to_empty` from the meta device)."""

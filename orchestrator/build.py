@@ -92,6 +92,7 @@ def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device,
 
     def materialize_(module: Transformer) -> None:
         module.to_empty(device=device)
+        module.tie_weights()  # to_empty unties them
         init_weights(module, seed, source)
 
     parts, dp = apply_dp(

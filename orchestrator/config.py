@@ -155,7 +155,7 @@ class ClusterConfig:
     gpus_per_node: int = MISSING
     gpu_memory_gb: float = MISSING
     memory_reserve_gb: float = MISSING
-    peak_tflops: dict[str, float] = MISSING
+    device: str = MISSING
     mfu: float = MISSING
     intra_node_gbps: float = MISSING
     inter_node_gbps: float = MISSING

@@ -26,7 +26,7 @@ from functools import lru_cache
 from omegaconf import DictConfig
 
 from models.llama import ModelArgs
-from orchestrator.flops import flops_per_token
+from orchestrator.flops import flops_per_token, mfu, table_peak
 from orchestrator.levers import dtype_bytes
 from orchestrator.planner.bubble import analytic_bubble, simulate
 from orchestrator.planner.memory import RankMemory, orders_microbatches, schedule_orders
@@ -61,7 +61,7 @@ def step_time(cfg: DictConfig, mem: RankMemory, n_params: int, bubble: float, ar
     gpus = par.tp * par.pp * par.dp
     m = t.global_batch // (t.micro_batch * par.dp)
     act = dtype_bytes(t.dtype)
-    dtype_peak = cl.peak_tflops[t.dtype] * 1e12
+    dtype_peak = table_peak(cl.device, t.dtype)
     peak = dtype_peak * cl.mfu
     flops = flops_per_token(args, n_params, t.seq_len) * t.global_batch * t.seq_len
     recompute = RECOMPUTED[t.activation_checkpointing]
@@ -94,4 +94,4 @@ def step_time(cfg: DictConfig, mem: RankMemory, n_params: int, bubble: float, ar
         dp_s = 0.0
     step = (compute_s + tp_s + pp_s) / (1 - bubble) + dp_s
     return {"compute_s": compute_s, "tp_s": tp_s, "pp_s": pp_s, "dp_s": dp_s, "step_s": step,
-            "mfu": flops / (step * gpus * dtype_peak)}
+            "mfu": mfu(flops / (t.global_batch * t.seq_len), t.global_batch * t.seq_len / step, dtype_peak, gpus)}

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from models.llama import ModelArgs, Transformer, num_params
+from orchestrator.flops import DEVICE_PEAKS
 from orchestrator.planner.cost import bubble_of, step_time
 from orchestrator.planner.memory import GiB, RankMemory, layout_memory, probe_shards
 from orchestrator.validate import ConfigError, divisors, validate
@@ -101,6 +102,9 @@ def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
     """Every valid layout, best first (fitting ones first, then by predicted step time)."""
     started = time.perf_counter()
     cl = cfg.cluster
+    if cl.device not in DEVICE_PEAKS:
+        raise ConfigError(f"cluster.device={cl.device!r} is not one of: {', '.join(DEVICE_PEAKS)} "
+                          "(orchestrator/flops.py DEVICE_PEAKS: each one's peak FLOP/s per dtype)")
     try:  # resolved once, not per layout (${hydra:...} resolves only inside the Hydra app)
         work = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     except InterpolationResolutionError:
@@ -148,6 +152,9 @@ def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
     """Every valid layout, best first (fitting ones first, then by predicted step time)."""
     started = time.perf_counter()
     cl = cfg.cluster
+    if cl.device not in DEVICE_PEAKS:
+        raise ConfigError(f"cluster.device={cl.device!r} is not one of: {', '.join(DEVICE_PEAKS)} "
+                          "(orchestrator/flops.py DEVICE_PEAKS: each one's peak FLOP/s per dtype)")
     try:  # resolved once, not per layout (${hydra:...} resolves only inside the Hydra app)
         work = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     except InterpolationResolutionError:
