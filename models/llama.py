@@ -41,7 +41,7 @@ class ModelArgs:
         return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
 
     @property
-    def rows(self) -> int:
+    def vocab_rows(self) -> int:
         return self.padded_vocab_size or self.vocab_size
 
     @property
@@ -148,10 +148,10 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.rows, args.dim)
+        self.tok_embeddings = nn.Embedding(args.vocab_rows, args.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.rows, bias=False)
+        self.output = nn.Linear(args.dim, args.vocab_rows, bias=False)
         self.tie_weights()
         self.register_buffer(
             "rope", rope_table(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False

@@ -13,7 +13,10 @@ train.dtype=bf16             parameters stay fp32 (the master weights the optimi
                              in bf16, norms and the loss in fp32, gradients fp32).
 activation_checkpointing     full: every transformer block keeps only its input and recomputes
                              the rest in backward. selective: the same for every second block
-                             (even global layer index), halving the saving and the recompute.
+                             (even global layer index), halving the saving and the recompute:
+                             layer-level selection, as torchtitan's selective AC with option "2",
+                             not Korthikanti et al.'s op-level selective recomputation (which
+                             keeps the linears' outputs and recomputes only attention's core).
                              Memory, per micro-batch in flight: a checkpointed block keeps one
                              (batch, seq/tp under SP, dim) tensor in the compute dtype instead
                              of its whole activations, plus one block's full activations while

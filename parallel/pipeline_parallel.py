@@ -102,6 +102,8 @@ class P2PWaitTimer:
             finally:
                 self.seconds += time.perf_counter() - start
 
+        # Module state of torch's, changed only while a step runs and restored after: torch has no public hook
+        # on the pipeline's p2p waits.
         _schedules._wait_batch_p2p = timed
         return self
 

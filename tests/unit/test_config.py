@@ -6,7 +6,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 import orchestrator.cli.train as train_app
 from orchestrator.validate import ConfigError
-from tests.conftest import ROOT, compose_as_shipped, make_cfg, run_train
+from tests.conftest import compose_as_shipped, make_cfg, run_train
 
 
 def test_default_config_composes_with_llama_field_names():
@@ -173,4 +173,3 @@ def test_cfg_job_prints_the_composed_config():
     out = run_train("--cfg", "job", "parallel.dp=4", timeout=60)
     assert out.returncode == 0, out.stderr
     assert "dp: 4" in out.stdout and "name: llama-debug" in out.stdout
-    assert (ROOT / "conf" / "train.yaml").exists()

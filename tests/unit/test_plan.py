@@ -101,7 +101,14 @@ def test_planner_covers_256_gpus_for_llama3_70b_quickly():
     rows, info = plan(cfg)
     assert info["seconds"] < 60 and info["fit"] > 0
     best = rows[0]
-    assert best.fits and best.tp * best.pp * best.dp == 256
+    # Its memory, computed again at that layout on its own, fits the GPU; TP stays inside a node.
+    work = compose_plan("model=llama3-70b", "cluster.gpus=256", "train.seq_len=8192", "train.global_batch=1024",
+                        "train.dtype=bf16", "train.activation_checkpointing=full", f"parallel.tp={best.tp}",
+                        f"parallel.pp={best.pp}", f"parallel.dp={best.dp}", f"train.micro_batch={best.micro_batch}",
+                        *([f"parallel.schedule={best.schedule}"] if best.pp > 1 else []))
+    worst = max(r.total for r in layout_memory(work, probe_shards(work)))
+    assert worst == best.worst.total <= (cfg.cluster.gpu_memory_gb - cfg.cluster.memory_reserve_gb) * GiB
+    assert best.tp <= cfg.cluster.gpus_per_node
 
 
 def test_dry_run_reports_every_pp_ranks_memory_without_spawning(tmp_path):
