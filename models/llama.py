@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -156,14 +157,20 @@ class Transformer(nn.Module):
         self.register_buffer(
             "rope", rope_table(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False
         )
+        # With targets, the logits are made and reduced in this many token chunks (1: all at once).
+        self.loss_chunks = 1
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (batch, seq) -> logits (batch, seq, vocab)."""
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab); with targets (batch, seq), the mean cross-entropy."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
             h = layer(h, self.rope)
         h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
+        if self.output is None:
+            return h
+        if targets is None:
+            return self.output(h)
+        return cross_entropy(self.output, h, targets, self.loss_chunks)
 
     def tie_weights(self) -> None:
         """With tie_embeddings, make the output projection use the embedding's tensor.
@@ -180,6 +187,28 @@ class Transformer(nn.Module):
         self.rope = rope_table(
             self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=self.rope.device
         )
+
+
+def _loss_sum(output: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output(h).float(), targets, reduction="sum")
+
+
+def cross_entropy(output: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+    """Mean cross-entropy of output(h) against targets, with fp32 log-probabilities.
+
+    chunks > 1: the tokens are split into `chunks` pieces whose logits are made,
+    reduced and thrown away one at a time, and made again in backward
+    (activation checkpointing of the output projection and the loss), so the
+    (tokens, vocab) fp32 logits and their gradient are never whole: at a 128k
+    vocabulary they are the largest tensors of a step. The same numbers as one
+    piece up to the order of the final sum; one more output projection in
+    backward (2 * tokens * dim * vocab FLOPs).
+    """
+    if chunks <= 1:
+        return F.cross_entropy(output(h).flatten(0, 1).float(), targets.flatten())
+    total = sum(checkpoint(_loss_sum, output, hc, yc, use_reentrant=False)
+                for hc, yc in zip(h.flatten(0, 1).chunk(chunks), targets.flatten().chunk(chunks)))
+    return total / targets.numel()
 
 
 def num_params(model: nn.Module, exclude_embedding: bool = False) -> int:

@@ -91,6 +91,7 @@ class OptimConfig:
     beta2: float = MISSING
     eps: float = MISSING
     grad_clip: float = MISSING
+    implementation: str = MISSING
 
 
 @dataclass
@@ -133,6 +134,7 @@ class LoopConfig:
     dtype: str = MISSING
     activation_checkpointing: str = MISSING
     compile: bool = MISSING
+    loss_chunks: int = MISSING
 
 
 @dataclass

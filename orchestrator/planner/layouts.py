@@ -131,7 +131,7 @@ def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
     budget = (cl.gpu_memory_gb - cl.memory_reserve_gb) * GiB
     for tp, pp, dp, mb, schedule in valid:
         set_layout(work, tp, pp, dp, mb, schedule)
-        ranks = layout_memory(work, shards[tp, pp, dp], args)
+        ranks = layout_memory(work, shards[tp, pp, dp], args, device="cuda")  # a cluster of GPUs
         worst = max(ranks, key=lambda r: r.total)
         m = cfg.train.global_batch // (mb * dp)
         bubble = bubble_of(schedule, pp, m, cfg.parallel.stages_per_rank)
@@ -181,7 +181,7 @@ def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
     budget = (cl.gpu_memory_gb - cl.memory_reserve_gb) * GiB
     for tp, pp, dp, mb, schedule in valid:
         set_layout(work, tp, pp, dp, mb, schedule)
-        ranks = layout_memory(work, shards[tp, pp, dp], args)
+        ranks = layout_memory(work, shards[tp, pp, dp], args, device="cuda")  # a cluster of GPUs
         worst = max(ranks, key=lambda r: r.total)
         m = cfg.train.global_batch // (mb * dp)
         bubble = bubble_of(schedule, pp, m, cfg.parallel.stages_per_rank)

@@ -31,7 +31,7 @@ def table(rows: list[Layout], cfg: DictConfig, info: dict, top=None) -> str:
         w = r.worst
         cells = [f"{r.tp:>4}", f"{r.pp:>4}", f"{r.dp:>4}", f"{r.micro_batch:>4}", f"{r.schedule:<16}",
                  f"{r.microbatches:>8}", *(f"{x / size:>8.1f}" for x in (w.params, w.grads, w.optim, w.activations,
-                                                                    w.other, w.total)),
+                                                                    w.other + w.extra, w.total)),
                  f"{'yes' if r.fits else 'no':>8}", f"{r.bubble:>8.3f}", f"{100 * r.mfu:>7.1f}%",
                  f"{r.step_s:>8.3g}", f"{r.rel:>8.2f}"]
         lines.append("  ".join(cells))
@@ -69,6 +69,7 @@ def as_json(rows: list[Layout], info: dict, top=None) -> str:
         d = asdict(r)
         w = d.pop("worst")
         d["memory_gib"] = {k: w[k] / GiB for k in ("params", "grads", "optim", "activations", "other")}
+        d["memory_gib"]["other"] += r.worst.extra / GiB  # the CUDA-only terms (planner/memory.py cuda_terms)
         d["memory_gib"]["total"] = r.worst.total / GiB
         d["worst_pp_rank"] = w["pp_rank"]
         out.append(d)
