@@ -44,8 +44,7 @@ def dry_run(cfg: DictConfig, device: str = None) -> str:
         built = build_meta(cfg, r.pp_rank * par.dp * par.tp)
         st = state_memory(measured_params(cfg, built), par.dp_shard, par.dp)
         assert (st.params, st.grads, st.optim) == (r.params, r.grads, r.optim), "probe and full build disagree"
-        lines.append(f"  {r.pp_rank:>7}  " + "  ".join(f"{x / size:>8.1f}" for x in (
-            r.params, r.grads, r.optim, r.activations, r.other + r.extra, r.total)))
+        lines.append(f"  {r.pp_rank:>7}  " + "  ".join(f"{x / size:>8.1f}" for x in r.shown()))
     if device == "cuda":
         c, r = ranks[-1].cuda, ranks[-1]
         moment = "the loss's backward" if r.loss_moment >= r.step_moment else "the optimizer step"

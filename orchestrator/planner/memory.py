@@ -134,6 +134,7 @@ class StateMemory:
     params: int
     grads: int
     optim: int
+    stepped: int = 0  # bytes of the parameters this rank's optimizer steps (ZeRO-1: the ones it owns)
 
     @property
     def total(self) -> int:
@@ -149,7 +150,7 @@ def state_memory(params: list[ParamShard], dp_shard: str, dp: int, dp_rank: int 
         owners = shard_owners([SimpleNamespace(numel=lambda s=s: s.numel) for s in params], dp)
         owned = [s for s, r in zip(params, owners) if r == dp_rank]
     optim = sum(ADAM_MOMENTS * s.local * s.itemsize + ADAM_STEP_BYTES for s in owned)
-    return StateMemory(local, grads, optim)
+    return StateMemory(local, grads, optim, sum(s.local * s.itemsize for s in owned))
 
 
 # ---- activations ----
@@ -351,6 +352,7 @@ class CudaTerms:
     slack: float  # caching-allocator rounding, an upper bound
     optimizer_temp: float  # the optimizer step's temporaries
     grads_at_loss: float  # gradient bytes that exist when the last micro-batch's backward starts
+    other_at_loss: float  # gathered (FSDP2) buffers then
 
 
 def cuda_terms(cfg, shards: ModelShards, pp_rank: int, st: "StateMemory", stages=None) -> CudaTerms:
@@ -367,12 +369,17 @@ def cuda_terms(cfg, shards: ModelShards, pp_rank: int, st: "StateMemory", stages
     slack          ALLOCATOR_SLACK_PER_TENSOR x the large tensors alive at the peak
                    (TENSORS_PER_BLOCK per block in flight, plus 8 for the head and the loss).
     optimizer_temp foreach AdamW computes sqrt(exp_avg_sq) for a whole parameter group into a new
-                   list of tensors: at most the bytes of the parameters this rank steps, half its
-                   optimizer state. The fused kernel updates in place: nothing.
+                   list of tensors: at most the bytes of the parameters this rank steps. The fused
+                   kernel updates in place: nothing.
     grads_at_loss  The trainer sets gradients to None after each step, so with one micro-batch per
                    step none exists yet when backward starts. With more, the earlier micro-batches'
-                   have accumulated, and under FSDP2 they are the unsharded ones (its reduction is
-                   skipped until the last micro-batch): 4 bytes per parameter of the stage, TP-local.
+                   have accumulated (sharded under FSDP2, which reduce-scatters every micro-batch at
+                   pp=1). Under a pipeline schedule torch's stages keep an FSDP2 stage's gradients
+                   unsharded until the step's last backward: 4 bytes per parameter of the stage,
+                   TP-local.
+    other_at_loss  The gathered buffers then: other_bytes, except that torch's pipeline stages also
+                   keep an FSDP2 stage's parameters gathered, in the compute dtype, from its first
+                   backward to its last (set_reshard_after_backward(False)).
     """
     par, t = cfg.parallel, cfg.train
     ids_per_rank, layers, n_stages = stages or rank_stages(cfg)
@@ -392,14 +399,19 @@ def cuda_terms(cfg, shards: ModelShards, pp_rank: int, st: "StateMemory", stages
     blocks = sum(len(layers[s]) for s in ids) * in_flight
     slack = ALLOCATOR_SLACK_PER_TENSOR * (TENSORS_PER_BLOCK * blocks + 8)
     implementation = cfg.optim.get("implementation", "auto")
-    optimizer_temp = 0.0 if implementation in ("auto", "fused") else st.optim / 2  # auto: fused on CUDA
+    optimizer_temp = 0.0 if implementation in ("auto", "fused") else float(st.stepped)  # auto: fused on CUDA
+    other_at_loss = other_bytes(cfg, shards)
+    stage_numel = sum(s.numel for s in rank_params(cfg, shards, pp_rank, stages)) / par.tp
+    pipelined_fsdp = par.pp > 1 and par.dp > 1 and par.dp_shard == "full"
     if m == 1:
         grads_at_loss = 0.0
-    elif par.dp > 1 and par.dp_shard == "full":
-        grads_at_loss = 4 * sum(s.numel for s in rank_params(cfg, shards, pp_rank, stages)) / par.tp
+    elif pipelined_fsdp:
+        grads_at_loss = 4 * stage_numel
     else:
         grads_at_loss = float(st.grads)
-    return CudaTerms(loss_backward, CUBLAS_WORKSPACE, slack, optimizer_temp, grads_at_loss)
+    if pipelined_fsdp:
+        other_at_loss = max(other_at_loss, dtype_bytes(t.dtype) * stage_numel)
+    return CudaTerms(loss_backward, CUBLAS_WORKSPACE, slack, optimizer_temp, grads_at_loss, other_at_loss)
 
 
 @dataclass
@@ -410,7 +422,7 @@ class RankMemory:
     saved activations and transient buffers. CUDA accounting: the larger of the
     step's two fullest moments, as the caching allocator sees them:
       loss     weights + optimizer state + the gradients that exist then
-               + activations + other + loss_backward + workspace + slack
+               + activations + the gathered buffers then + loss_backward + workspace + slack
       step     weights + gradients + optimizer state + optimizer_temp + workspace
     (activations and gathered buffers are gone when the optimizer steps).
     """
@@ -426,7 +438,7 @@ class RankMemory:
     @property
     def loss_moment(self) -> float:
         c = self.cuda
-        return (self.params + self.optim + c.grads_at_loss + self.activations + self.other
+        return (self.params + self.optim + c.grads_at_loss + self.activations + c.other_at_loss
                 + c.loss_backward + c.workspace + c.slack)
 
     @property
@@ -434,12 +446,17 @@ class RankMemory:
         c = self.cuda
         return self.params + self.grads + self.optim + c.optimizer_temp + c.workspace
 
-    @property
-    def extra(self) -> float:
-        """What the table's `other` column shows beyond `other`: the CUDA-only terms of the fuller moment."""
+    def shown(self) -> tuple[float, float, float, float, float, float]:
+        """(params, grads, optim, activations, other, total) as the tables show them: under CUDA
+        accounting, what is alive at the fuller moment (gradients that exist then; the CUDA-only
+        terms in other), so that the columns add up to the total."""
         if self.cuda is None:
-            return 0.0
-        return self.total - (self.params + self.grads + self.optim + self.activations + self.other)
+            return self.params, self.grads, self.optim, self.activations, self.other, self.total
+        c = self.cuda
+        if self.loss_moment >= self.step_moment:
+            return (self.params, c.grads_at_loss, self.optim, self.activations,
+                    c.other_at_loss + c.loss_backward + c.workspace + c.slack, self.total)
+        return self.params, self.grads, self.optim, 0.0, c.optimizer_temp + c.workspace, self.total
 
     @property
     def total(self) -> float:
