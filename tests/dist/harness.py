@@ -23,18 +23,20 @@ from tests.conftest import make_cfg
 
 
 def gathered(t: torch.Tensor) -> torch.Tensor:
-    """The full value of a possibly sharded tensor (a collective for DTensors)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
+    """The full value of a possibly sharded tensor (a collective for DTensors), on the CPU."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()).cpu()
 
 
-def reference_grads(cfg, corpus) -> dict[str, torch.Tensor]:
-    """The first step's gradient of a plain single-device model over the whole global batch."""
-    model = Transformer(ModelArgs.from_config(cfg.model))
+def reference_grads(cfg, corpus, device=torch.device("cpu")) -> dict[str, torch.Tensor]:
+    """The first step's gradient of a plain single-device model over the whole global batch, on `device`
+    (whose random generator makes the initial weights: a GPU run is compared with a GPU-made reference)."""
+    with torch.device(device):
+        model = Transformer(ModelArgs.from_config(cfg.model))
     init_weights(model, cfg.train.seed)
     t = cfg.train
     (inputs, targets), = Batches(corpus.train, t.seq_len, t.global_batch, t.global_batch, t.seed, 0, 1).step(1)
-    F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()).backward()
-    return {name: p.grad for name, p in model.named_parameters()}
+    F.cross_entropy(model(inputs.to(device)).flatten(0, 1), targets.to(device).flatten()).backward()
+    return {name: p.grad.cpu() for name, p in model.named_parameters()}
 
 
 def _worker(env, device, cfg_dict, run_dir, corpus):
@@ -50,7 +52,7 @@ def _worker(env, device, cfg_dict, run_dir, corpus):
     trainer.zero_grad()
     # One writer per pipeline stage: the rank at dp=0, tp=0 of each pp rank.
     if trainer.mesh["dp"].get_local_rank() == 0 and trainer.mesh["tp"].get_local_rank() == 0:
-        ref = reference_grads(cfg, corpus)
+        ref = reference_grads(cfg, corpus, device)
         errors = {}
         for name, g in grads.items():
             g = g[:vocab] if g.shape[0] > ref[name].shape[0] else g
@@ -81,7 +83,10 @@ def run_layout(tmp_path: Path, name: str, tp: int = 1, dp: int = 1, *overrides: 
     validate(cfg)
     run_dir = tmp_path / name
     run_dir.mkdir()
-    spawn(_worker, tp * pp * dp, OmegaConf.to_container(cfg, resolve=True), str(run_dir), prepare(cfg.data), timeout_s=120)
+    # The backend the config names (tests/conftest.py TINY: gloo), so the dist tier runs on CPU processes on
+    # every machine, GPUs or not; the gpu tier names nccl.
+    spawn(_worker, tp * pp * dp, OmegaConf.to_container(cfg, resolve=True), str(run_dir), prepare(cfg.data),
+          backend=cfg.launcher.backend, timeout_s=120)
     return Result(run_dir)
 
 
