@@ -23,13 +23,30 @@ from torch import nn
 IMPLEMENTATIONS = ("auto", "fused", "foreach")
 
 
+def _kind(p: torch.Tensor):
+    """Which parameters one multi-tensor (foreach or fused) kernel call may take together.
+
+    torch groups an optimizer's tensors by device and dtype only, but a list that
+    mixes plain tensors and DTensors (TP without sequence parallelism leaves the
+    norms plain), or DTensors of different meshes, fails in DTensor's dispatch:
+    such parameters go to separate param groups.
+    """
+    mesh = getattr(p, "device_mesh", None)
+    return ("plain",) if mesh is None else ("dtensor", id(mesh))
+
+
 def param_groups(module: nn.Module, weight_decay: float, keep=lambda p: True) -> list[dict]:
-    """Decay the matrices of the blocks and the output; not norms, not the embedding. Only the params `keep` takes."""
-    decay, no_decay = [], []
+    """Decay the matrices of the blocks and the output; not norms, not the embedding. Only the params `keep` takes.
+
+    One group per (decay, kind of tensor) that has parameters (see `_kind`), at least one group.
+    """
+    groups: dict[tuple, list] = {}
     for name, p in module.named_parameters():
         if keep(p):
-            (decay if p.ndim >= 2 and not name.startswith("tok_embeddings") else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            decay = p.ndim >= 2 and not name.startswith("tok_embeddings")
+            groups.setdefault((decay, _kind(p)), []).append(p)
+    out = [{"params": ps, "weight_decay": weight_decay if decay else 0.0} for (decay, _), ps in groups.items()]
+    return out or [{"params": [], "weight_decay": 0.0}]
 
 
 def resolve_implementation(choice: str, params: list[torch.Tensor]) -> str:

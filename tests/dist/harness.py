@@ -40,6 +40,11 @@ def reference_grads(cfg, corpus, device=torch.device("cpu")) -> dict[str, torch.
 
 
 def _worker(env, device, cfg_dict, run_dir, corpus):
+    # One thread per rank in every layout, the one-process reference included: a kernel that splits its work
+    # between threads may round differently at another thread count, which would make the comparison depend
+    # on the machine's cores. With one each, a layout that only moves whole computations between processes
+    # (a pipeline at tp=dp=1) reproduces the one-process run bit for bit on any machine.
+    torch.set_num_threads(1)
     cfg = OmegaConf.create(cfg_dict)
     trainer = Trainer(cfg, env, device, run_dir, corpus)
     vocab = cfg.model.vocab_size  # padding rows (tp not dividing the vocabulary) are not compared
@@ -90,17 +95,37 @@ def run_layout(tmp_path: Path, name: str, tp: int = 1, dp: int = 1, *overrides: 
     return Result(run_dir)
 
 
-def assert_same_run(got: Result, ref: Result, rel: float = 1e-5) -> None:
-    """Identical initial weights, loss and grad-norm curves within rel, and first-step gradients within rel."""
+def assert_same_run(got: Result, ref: Result, rel: float = 1e-5, exact: bool = False) -> None:
+    """Identical initial weights, the same loss curve within rel, the first step's grad norm and gradients within rel.
+
+    rel = 1e-5 is fp32 summation-order error: a layout sums the same terms in another order (its shards'
+    partial matmuls, its dp ranks' gradients, its micro-batches), and a sum of N terms in fp32 then differs
+    by about sqrt(N) u (u = 2^-24: 3.8e-6 for the N = 4096 token contributions per gradient here), whose
+    effect on the loss stays below that. The grad norm is compared at the first step, where both runs have
+    the same weights; later ones depend on the trajectory's conditioning: at a loss spike (step 7 of the
+    deep pipeline config: grad norm 4.5 against 1.5-2.2) the gradient turned weight differences of 1e-8,
+    from a single rounding of one step's clip coefficient, into 4.6e-5 (measured in float64 on the saved
+    gradients), while the losses agreed to 1e-7. So the loss curve is what later steps are held to.
+
+    exact: the whole loss curve bit for bit, for a layout that only moves whole computations between
+    processes (a pipeline at tp=dp=1): parallel/grad.py sums the norm in float64, so where the gradients
+    are the same bits the run is too. The norm itself is a float64 sum of ~100 per-tensor squares grouped
+    by stage: it may differ by that many float64 roundings, 100 x 2^-53 = 1.1e-14 relatively, far below
+    the fp32 clip coefficient's resolution (every grad norm is compared to 1e-13).
+    """
     assert set(got.init) == set(ref.init)
     for name in ref.init:
         assert torch.equal(got.init[name], ref.init[name]), name
     assert sorted(got.losses()) == sorted(ref.losses()) and len(ref.losses()) >= 3
+    close = (lambda a, b: a == b) if exact else (lambda a, b: abs(a - b) <= rel * abs(b))
+    norm_rel = 1e-13 if exact else rel
     for s in ref.losses():
-        for key in ("loss", "grad_norm"):
-            assert abs(got.rows[s][key] - ref.rows[s][key]) <= rel * abs(ref.rows[s][key]), (s, key)
+        assert close(got.rows[s]["loss"], ref.rows[s]["loss"]), (s, "loss")
+        if exact or s == min(ref.losses()):
+            assert abs(got.rows[s]["grad_norm"] - ref.rows[s]["grad_norm"]) <= norm_rel * ref.rows[s]["grad_norm"], \
+                (s, "grad_norm")
     for s, r in ref.rows.items():
         if "eval_loss" in r:
-            assert abs(got.rows[s]["eval_loss"] - r["eval_loss"]) <= rel * r["eval_loss"], s
+            assert close(got.rows[s]["eval_loss"], r["eval_loss"]), s
     worst = max(got.grad_errors.values())
     assert worst < rel, {k: v for k, v in got.grad_errors.items() if v >= rel}
