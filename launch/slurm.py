@@ -27,9 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import submitit
-from submitit.core.utils import FailedJobError
-
 from launch.env import from_environ
 from launch.local import RankFailed
 from launch.rank import pick_backend, run_rank
@@ -105,6 +102,8 @@ class SlurmRun:
 
     def checkpoint(self, *args, **kwargs):
         """submitit's protocol: what to run when the job comes back (the same run; it resumes itself)."""
+        import submitit  # only launcher=slurm needs it: a GPU box running launcher=local may not have it
+
         return submitit.helpers.DelayedSubmission(self)
 
 
@@ -145,6 +144,8 @@ def submit(run: SlurmRun, cfg) -> Any:
     run_dir = run.run_dir
     launcher = cfg.launcher
     params = executor_params(cfg)
+    import submitit  # only launcher=slurm needs it: a GPU box running launcher=local may not have it
+
     executor = submitit.AutoExecutor(folder=launcher.folder, cluster="slurm")
     executor.update_parameters(**params)
     job = executor.submit(run)
@@ -183,6 +184,8 @@ def submit_sweep(pending: list[SweepPoint], sweep_dir: str, sweep_id: str) -> li
     for point in pending:
         groups.setdefault(json.dumps([point.params, point.array_parallelism], sort_keys=True), []).append(point)
     jobs = []
+    import submitit  # only launcher=slurm needs it: a GPU box running launcher=local may not have it
+
     for points in groups.values():
         executor = submitit.AutoExecutor(folder=Path(sweep_dir) / "slurm", cluster="slurm")
         executor.update_parameters(**points[0].params, slurm_array_parallelism=points[0].array_parallelism)
@@ -237,6 +240,8 @@ def follow(job, poll_s: float = 2.0) -> None:
         if done:
             break
         time.sleep(poll_s)
+    from submitit.core.utils import FailedJobError  # only launcher=slurm needs submitit
+
     try:
         job.results()
     except FailedJobError as e:  # carries the failing task's traceback

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -184,16 +185,18 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_rows, bias=False)
-        if args.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_weights()
         self.register_buffer(
             "rope", rope_table(args.head_dim, args.max_seq_len, args.rope_theta, scaling=args.rope_scaling),
             persistent=False
         )
+        # With targets, the logits are made and reduced in this many token chunks (1: all at once).
+        self.loss_chunks = 1
 
-    def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False,
-                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """tokens (batch, seq) -> logits (batch, seq, vocab).
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None, *, cache=None,
+                last_only: bool = False, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab); with targets (batch, seq), the mean cross-entropy
+        over the targets that are not IGNORE (-100).
 
         cache: a KVCache (models/kv_cache.py) placed at these tokens' slots, when
         decoding. last_only: the logits of the last position only (batch, 1, vocab).
@@ -209,7 +212,21 @@ class Transformer(nn.Module):
             h = layer(h, rope, None if cache is None else cache.layer(int(key)), mask)
         h = h[:, -1:] if last_only else h
         h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
+        if self.output is None:
+            return h
+        if targets is None:
+            return self.output(h)
+        return cross_entropy(self.output, h, targets, self.loss_chunks)
+
+    def tie_weights(self) -> None:
+        """With tie_embeddings, make the output projection use the embedding's tensor.
+
+        Call again after `to_empty`: it gives each module its own new tensor, which
+        silently unties them (a tied model built on the meta device would otherwise
+        train a second, separately initialised output matrix).
+        """
+        if self.args.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
 
     def reset_buffers(self) -> None:
         """Recompute the rotary table (after `to_empty` from the meta device)."""
@@ -224,6 +241,28 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     seq = doc_ids.shape[1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
     return (doc_ids[:, :, None] == doc_ids[:, None, :]).unsqueeze(1) & causal
+
+
+def _loss_sum(output: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output(h).float(), targets, reduction="sum")
+
+
+def cross_entropy(output: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+    """Mean cross-entropy of output(h) against targets, with fp32 log-probabilities.
+
+    chunks > 1: the tokens are split into `chunks` pieces whose logits are made,
+    reduced and thrown away one at a time, and made again in backward
+    (activation checkpointing of the output projection and the loss), so the
+    (tokens, vocab) fp32 logits and their gradient are never whole: at a 128k
+    vocabulary they are the largest tensors of a step. The same numbers as one
+    piece up to the order of the final sum; one more output projection in
+    backward (2 * tokens * dim * vocab FLOPs).
+    """
+    if chunks <= 1:
+        return F.cross_entropy(output(h).flatten(0, 1).float(), targets.flatten())
+    total = sum(checkpoint(_loss_sum, output, hc, yc, use_reentrant=False)
+                for hc, yc in zip(h.flatten(0, 1).chunk(chunks), targets.flatten().chunk(chunks)))
+    return total / (targets != -100).sum()  # F.cross_entropy's mean: over the targets not ignored
 
 
 def num_params(model: nn.Module, exclude_embedding: bool = False) -> int:

@@ -97,6 +97,7 @@ class OptimConfig:
     beta2: float = MISSING
     eps: float = MISSING
     grad_clip: float = MISSING
+    implementation: str = MISSING
 
 
 @dataclass
@@ -139,6 +140,7 @@ class LoopConfig:
     dtype: str = MISSING
     activation_checkpointing: str = MISSING
     compile: bool = MISSING
+    loss_chunks: int = MISSING
 
 
 @dataclass
@@ -161,7 +163,7 @@ class ClusterConfig:
     gpus_per_node: int = MISSING
     gpu_memory_gb: float = MISSING
     memory_reserve_gb: float = MISSING
-    peak_tflops: dict[str, float] = MISSING
+    device: str = MISSING
     mfu: float = MISSING
     intra_node_gbps: float = MISSING
     inter_node_gbps: float = MISSING

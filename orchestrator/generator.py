@@ -142,16 +142,16 @@ class Generator:
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         seq = tokens.shape[1]
-        return self._logits(self.model(tokens, self.cache.at(self.cache.keys[:seq], seq), last_only=True))
+        return self._logits(self.model(tokens, cache=self.cache.at(self.cache.keys[:seq], seq), last_only=True))
 
     def _decode_eager(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
         """One token per row at buffer slot `slot`, attention over the slots filled so far."""
-        return self._logits(self.model(tokens, self.cache.at(self.cache.keys[slot: slot + 1], slot + 1),
+        return self._logits(self.model(tokens, cache=self.cache.at(self.cache.keys[slot: slot + 1], slot + 1),
                                        last_only=True))
 
     def _decode_static(self, tokens: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """The same step with static shapes: the slot a tensor, attention over the whole buffer under the mask."""
-        return self._logits(self.model(tokens, self.cache.at(slot), last_only=True))
+        return self._logits(self.model(tokens, cache=self.cache.at(slot), last_only=True))
 
     def _say(self, text: str) -> None:
         if self.rank0:

@@ -29,9 +29,9 @@ from launch.env import RankEnv
 from orchestrator import checkpoint
 from orchestrator.build import build_model
 from orchestrator.data import Batches, Corpus, eval_batches
-from orchestrator.flops import flops_per_token, peak_flops
-from orchestrator.levers import compile_works
+from orchestrator.flops import flops_per_token, mfu, run_peak
 from orchestrator.metrics import MetricsLogger, NullLogger, console, fmt_count, fmt_duration, progress_line
+from orchestrator.optim import build_adamw, resolve_implementation
 from parallel.grad import clip_grads_
 from parallel.mesh import ParallelDims, build_mesh
 from parallel.pipeline_parallel import build_pipeline
@@ -48,15 +48,6 @@ def lr_at(step: int, o: DictConfig, steps: int) -> float:
     if o.schedule == "linear":
         return o.lr + (o.min_lr - o.lr) * progress
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def param_groups(module: torch.nn.Module, weight_decay: float, keep=lambda p: True) -> list[dict]:
-    """Decay the matrices of the blocks and the output; not norms, not the embedding. Only the params `keep` takes."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if keep(p):
-            (decay if p.ndim >= 2 and not name.startswith("tok_embeddings") else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _value(t: torch.Tensor) -> torch.Tensor:
@@ -89,20 +80,21 @@ class Trainer:
         self.parts, self.modules, self.n_params = built.parts, built.modules, built.n_params
         self.params = [p for m in self.modules for p in m.parameters()]
         self.dp = built.dp
+        self.compiled = built.compiled
         o = cfg.optim
+        self.optim_implementation = resolve_implementation(o.implementation, self.params)
         # One optimizer per model part, as checkpointing helpers take one module per optimizer.
-        self.optimizers = [
-            torch.optim.AdamW(param_groups(m, o.weight_decay, self.dp.owns), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-            for m in self.modules
-        ]
+        self.optimizers = [build_adamw(m, o, self.optim_implementation, self.dp.owns) for m in self.modules]
         mask = cfg.data.mask_across_documents  # micro-batches then carry doc_ids (orchestrator/data.py)
         self.batches = Batches(corpus.train, t.seq_len, t.global_batch, t.micro_batch, t.seed, dp_rank, par.dp, mask)
         self.eval_data = eval_batches(corpus.eval, t.seq_len, t.eval_sequences, t.micro_batch, dp_rank, par.dp, mask)
         self.pipeline = None
         if par.pp > 1:
+            # A compiled stage leaves the loss to the schedule: compile it too (at pp=1 the model computes it).
+            loss_fn = torch.compile(self._loss_fn) if self.compiled == "model" else self._loss_fn
             self.pipeline = build_pipeline(
                 par.schedule, self.parts, built.stage_ids, built.n_stages,
-                t.global_batch // (t.micro_batch * par.dp), self._loss_fn, self.pp_group, device,
+                t.global_batch // (t.micro_batch * par.dp), loss_fn, self.pp_group, device,
             )
         self.step = 0
         ck = cfg.checkpoint
@@ -114,10 +106,9 @@ class Trainer:
             self.step = checkpoint.load(self.modules, self.optimizers, Path(resume))
 
         self.flops_per_token = flops_per_token(built.args, self.n_params, t.seq_len)
-        self.peak = cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else None
-        self.peak_note = "logging.peak_tflops"
-        if self.peak is None:
-            self.peak, self.peak_note = peak_flops(device, env.local_world_size)
+        # MFU against one device's dense peak in the compute dtype (orchestrator/flops.py).
+        self.peak, self.peak_note = run_peak(cfg.logging.peak_tflops, device, t.dtype, env.local_world_size)
+        self.stop_requested = 0.0  # the agreed stop flag of the last step (_STOP_BY_*)
         self.is_logger = env.rank == 0
         self.logger = self._make_logger() if self.is_logger else NullLogger()
 
@@ -133,13 +124,21 @@ class Trainer:
         dist.all_reduce(both, group=self.dp_group)
         return (both[0] / both[1]).item()
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A batch tensor on this rank's device: on a GPU through pinned memory, without waiting for the copy."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
     @staticmethod
     def _loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The last pipeline stage's loss (at pp=1 the model computes the same, models/llama.py cross_entropy)."""
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        kwargs = {} if doc_ids is None else {"doc_ids": doc_ids.to(self.device)}
-        return self._loss_fn(self.parts[0](inputs.to(self.device), **kwargs), targets.to(self.device))
+        """The mean loss of one micro-batch: the part's forward computes it (so a compiled part includes it)."""
+        kwargs = {} if doc_ids is None else {"doc_ids": self._to_device(doc_ids)}
+        return self.parts[0](self._to_device(inputs), self._to_device(targets), **kwargs)
 
     def _pp_sum(self, value: torch.Tensor) -> torch.Tensor:
         """The loss lives on the last stage: share it with every pp rank (the others add zero)."""
@@ -160,7 +159,7 @@ class Trainer:
     def _forward_backward(self, micro: list) -> torch.Tensor:
         loss_sum = torch.zeros((), device=self.device)
         if self.pipeline is not None:
-            inputs, targets, *doc_ids = (torch.cat(column).to(self.device) for column in zip(*micro))
+            inputs, targets, *doc_ids = (self._to_device(torch.cat(column)) for column in zip(*micro))
             with loss_context(self.dims.tp):
                 losses = self.pipeline.step(inputs, targets, *doc_ids)
             for loss in losses:
@@ -175,6 +174,7 @@ class Trainer:
         return loss_sum
 
     def train_step(self) -> dict:
+        """One optimizer step. The host waits for the device once, at the end, for the logged numbers."""
         self.step += 1
         micro = self.batches.step(self.step)
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
@@ -186,12 +186,32 @@ class Trainer:
             opt.step()
         self.dp.after_step()
         self.zero_grad()
-        loss = self._dp_mean(loss_sum, torch.tensor(float(len(micro)), device=self.device))
-        row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item()}
-        if self.pipeline is not None and self.pipeline.last_wait_s is not None:
-            wait = torch.tensor(self.pipeline.last_wait_s, dtype=torch.float64, device=self.device)
-            dist.all_reduce(wait, group=self.pp_group)
-            row["pp_wait_s"] = wait.item() / self.dims.pp  # mean over the pipeline's ranks
+        return self._step_row(lr, loss_sum, grad_norm, len(micro))
+
+    def _step_row(self, lr: float, loss_sum: torch.Tensor, grad_norm: torch.Tensor, n_micro: int) -> dict:
+        """The step's metrics: the collectives they need are queued first, then one copy to the host."""
+        values = {"loss": loss_sum.double(), "grad_norm": grad_norm.double()}
+        if self.dims.dp > 1:
+            dist.all_reduce(values["loss"], group=self.dp_group)
+        wait = self.pipeline.last_wait_s if self.pipeline is not None else None
+        if wait is not None:
+            # torch.full, not torch.tensor: a fill kernel, where a host-to-device copy would wait for the device.
+            values["pp_wait_s"] = torch.full((), wait, dtype=torch.float64, device=self.device)
+            dist.all_reduce(values["pp_wait_s"], group=self.pp_group)
+        # Any rank asked to stop (0: no; by the stop file; by a signal): agreed by all at this step boundary.
+        flag = 0.0
+        if self.should_stop is not None and self.should_stop():
+            flag = _STOP_BY_SIGNAL
+        elif self.is_logger and self.stop_file.exists():  # one rank looks: the all-reduce tells the others
+            flag = _STOP_BY_FILE
+        values["stop"] = torch.full((), flag, dtype=torch.float64, device=self.device)
+        dist.all_reduce(values["stop"], op=dist.ReduceOp.MAX)
+        got = dict(zip(values, torch.stack(list(values.values())).tolist()))  # the one host sync
+        row = {"step": self.step, "loss": got["loss"] / (n_micro * self.dims.dp), "lr": lr,
+               "grad_norm": got["grad_norm"]}
+        if wait is not None:
+            row["pp_wait_s"] = got["pp_wait_s"] / self.dims.pp  # mean over the pipeline's ranks
+        self.stop_requested = got["stop"]
         return row
 
     def _eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -200,9 +220,9 @@ class Trainer:
         t, m = self.cfg.train, self.cfg.model
         sp = self.dims.tp > 1 and self.cfg.parallel.sequence_parallel
         shape = (inputs.shape[0], t.seq_len // self.dims.tp if sp else t.seq_len, m.dim)
-        doc_ids = doc_ids.to(self.device) if doc_ids is not None else None
-        logits = self.pipeline.forward_only(inputs.to(self.device), shape, torch.float32, doc_ids)
-        loss = _value(self._loss_fn(logits, targets.to(self.device))) if logits is not None else torch.zeros((), device=self.device)
+        doc_ids = self._to_device(doc_ids) if doc_ids is not None else None
+        logits = self.pipeline.forward_only(self._to_device(inputs), shape, torch.float32, doc_ids)
+        loss = _value(self._loss_fn(logits, self._to_device(targets))) if logits is not None else torch.zeros((), device=self.device)
         return self._pp_sum(loss)
 
     @torch.no_grad()
@@ -245,7 +265,7 @@ class Trainer:
             tokens_per_s = tokens_per_step / dt
             row.update(
                 tokens_per_s=tokens_per_s,
-                mfu=self.flops_per_token * tokens_per_s / (self.peak * self.dims.world_size) if self.peak else 0.0,
+                mfu=mfu(self.flops_per_token, tokens_per_s, self.peak, self.dims.world_size),
                 mem_peak_gb=peak_memory_gb(self.device),
                 step_time_s=dt,
             )
@@ -265,7 +285,7 @@ class Trainer:
                 self.logger.log(row)
             if self.is_logger and (self.step % lg.console_every == 0 or last or self.step == 1):
                 console(progress_line(self.step, t.steps, row, time.perf_counter() - start))
-            why = self._stop_agreed() if not last else 0.0
+            why = self.stop_requested if not last else 0.0
             if why:
                 if "checkpoint_blocked_s" not in row:
                     self.last_checkpoint = self.saver.save(self.modules, self.optimizers, self.step,
@@ -288,22 +308,11 @@ class Trainer:
             "wall_s": time.perf_counter() - start,
             "checkpoint": getattr(self, "last_checkpoint", None),
         }
-        summary["mfu"] = self.flops_per_token * summary["tokens_per_s"] / (self.peak * self.dims.world_size) if self.peak else 0.0
+        summary["mfu"] = mfu(self.flops_per_token, summary["tokens_per_s"], self.peak, self.dims.world_size)
         if self.is_logger:
             console(self._summary(summary))
         self.logger.finish()
         return summary
-
-    def _stop_agreed(self) -> float:
-        """Whether any rank was asked to stop (0: no; by the stop file; by a signal), agreed by all ranks."""
-        flag = 0.0
-        if self.should_stop is not None and self.should_stop():
-            flag = _STOP_BY_SIGNAL
-        elif self.is_logger and self.stop_file.exists():  # one rank looks: the all-reduce tells the others
-            flag = _STOP_BY_FILE
-        agreed = torch.tensor(flag, device=self.device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-        return agreed.item()
 
     def _checkpoint_meta(self) -> dict:
         d, t = self.dims, self.cfg.train
@@ -324,7 +333,10 @@ class Trainer:
         if t.activation_checkpointing != "none":
             levers.append(f"activation checkpointing {t.activation_checkpointing}")
         if t.compile:
-            levers.append("compiled" if compile_works() else "eager (compile failed)")
+            levers.append(f"compiled: {self.compiled}" if self.compiled else "eager (compile failed)")
+        if t.loss_chunks > 1:
+            levers.append(f"loss in {t.loss_chunks} chunks")
+        levers.append(f"AdamW {self.optim_implementation}")
         return (
             f"trident: {self.cfg.model.name} ({fmt_count(self.n_params)} parameters) on {d.world_size} rank(s) "
             f"tp={d.tp} pp={d.pp} dp={d.dp} ({self.cfg.parallel.dp_shard}), {self.device.type}, "

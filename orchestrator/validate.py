@@ -21,6 +21,7 @@ from orchestrator.data import BIN_DTYPES, FORMATS, resolve_format, text_files
 from orchestrator.levers import AC_MODES, DTYPES
 from orchestrator.tokenizer import TokenizerError
 from orchestrator.tokenizer import load_tokenizer
+from orchestrator.optim import IMPLEMENTATIONS
 from parallel.data_parallel import DP_SHARD_CHOICES
 from parallel.pipeline_parallel import SCHEDULES, SINGLE_STAGE, V_SHAPED, stages_per_rank
 
@@ -359,6 +360,7 @@ def _check_optim_logging(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")
     _at_least("optim.warmup_steps", o.warmup_steps, 0)
     _at_least("optim.grad_clip", o.grad_clip, 0)
+    _choice("optim.implementation", o.implementation, IMPLEMENTATIONS)
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
     _at_least("logging.every", cfg.logging.every, 1)
     _at_least("logging.console_every", cfg.logging.console_every, 1)
@@ -368,6 +370,14 @@ def _check_levers(cfg: DictConfig) -> None:
     t = cfg.train
     _choice("train.dtype", t.dtype, tuple(DTYPES))
     _choice("train.activation_checkpointing", t.activation_checkpointing, AC_MODES)
+    _at_least("train.loss_chunks", t.loss_chunks, 1)
+    par = cfg.parallel
+    if t.loss_chunks > 1 and (par.tp > 1 or par.pp > 1):
+        raise ConfigError(
+            f"train.loss_chunks={t.loss_chunks} with parallel.tp={par.tp} parallel.pp={par.pp}: chunking the loss "
+            "needs the whole output projection in the model's forward (valid: train.loss_chunks=1, or tp=pp=1; "
+            "under tp>1 the logits are already split over the vocabulary by loss parallel)"
+        )
 
 
 def check_corpus(cfg: DictConfig, corpus) -> None:

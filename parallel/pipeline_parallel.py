@@ -11,6 +11,7 @@ interleaved and V-shaped schedules:
 """
 
 import copy
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -139,12 +140,18 @@ class Pipeline:
         doc_ids (the document of each input token, for document masking) reach every stage, not
         only the first: the schedule splits keyword arguments into micro-batches like the inputs
         and passes each stage its micro-batch's share, beside the hidden states it receives.
+
+        The last stage's outputs (every micro-batch's logits) are not kept: the
+        schedules would otherwise save each one and concatenate them all at the
+        end of the step, unused (gigabytes at a 128k vocabulary).
         """
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.has_first else ()
         kwargs = {"target": targets, "losses": losses} if self.has_last else {}
         if doc_ids is not None:
             kwargs["doc_ids"] = doc_ids
+        if self.has_last and _takes_return_outputs(self.schedule):
+            kwargs["return_outputs"] = False
         with P2PWaitTimer() as timer:
             self.schedule.step(*args, **kwargs)
         self.last_wait_s = timer.seconds
@@ -181,6 +188,11 @@ class Pipeline:
                 # Always fp32 on the wire, whatever a stage computes in (train.dtype): the receiver expects it.
                 dist.send(hidden.float().contiguous(), group=self.group, group_dst=owner)
         return out
+
+
+def _takes_return_outputs(schedule) -> bool:
+    """Whether this torch's schedule.step has `return_outputs` (recent torch; older ones always return them)."""
+    return "return_outputs" in inspect.signature(type(schedule).step).parameters
 
 
 def build_pipeline(

@@ -31,6 +31,7 @@ TINY = [
     "optim.warmup_steps=2",
     "logging.wandb.mode=disabled",
     "logging.console_every=100",
+    "launcher.backend=gloo",  # CPU processes even where GPUs exist: the gpu tier (tests/gpu) names nccl
 ]
 
 

@@ -30,8 +30,7 @@ def table(rows: list[Layout], cfg: DictConfig, info: dict, top=None) -> str:
     for r in rows[:top]:
         w = r.worst
         cells = [f"{r.tp:>4}", f"{r.pp:>4}", f"{r.dp:>4}", f"{r.micro_batch:>4}", f"{r.schedule:<16}",
-                 f"{r.microbatches:>8}", *(f"{x / size:>8.1f}" for x in (w.params, w.grads, w.optim, w.activations,
-                                                                    w.other, w.total)),
+                 f"{r.microbatches:>8}", *(f"{x / size:>8.1f}" for x in w.shown()),
                  f"{'yes' if r.fits else 'no':>8}", f"{r.bubble:>8.3f}", f"{100 * r.mfu:>7.1f}%",
                  f"{r.step_s:>8.3g}", f"{r.rel:>8.2f}"]
         lines.append("  ".join(cells))
@@ -68,8 +67,8 @@ def as_json(rows: list[Layout], info: dict, top=None) -> str:
     for r in rows[:top]:
         d = asdict(r)
         w = d.pop("worst")
-        d["memory_gib"] = {k: w[k] / GiB for k in ("params", "grads", "optim", "activations", "other")}
-        d["memory_gib"]["total"] = r.worst.total / GiB
+        keys = ("params", "grads", "optim", "activations", "other", "total")
+        d["memory_gib"] = {k: x / GiB for k, x in zip(keys, r.worst.shown())}  # at the fullest moment
         d["worst_pp_rank"] = w["pp_rank"]
         out.append(d)
     return json.dumps({**info, "layouts": out}, indent=1)

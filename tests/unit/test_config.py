@@ -33,8 +33,10 @@ def test_typo_in_a_key_fails_at_composition():
 
 
 def test_levers_default_off_and_compile_takes_only_a_bool():
-    t = compose_as_shipped().train
-    assert (t.dtype, t.activation_checkpointing, t.compile) == ("fp32", "none", False)
+    cfg = compose_as_shipped()
+    t = cfg.train
+    assert (t.dtype, t.activation_checkpointing, t.compile, t.loss_chunks) == ("fp32", "none", False, 1)
+    assert cfg.optim.implementation == "auto"
     with pytest.raises(ConfigCompositionException) as e:
         make_cfg("train.compile=maybe")
     assert "train.compile" in str(e.value.__cause__)
@@ -102,6 +104,10 @@ def test_unknown_model_fails_naming_the_group():
         (["optim.schedule=step"], ["optim.schedule='step'", "cosine, linear, constant"]),
         (["logging.wandb.mode=cloud"], ["logging.wandb.mode='cloud'", "offline, online, disabled"]),
         (["model.vocab_size=100"], ["model.vocab_size=100", "vocab_size >= 256"]),
+        (["optim.implementation=apex"], ["optim.implementation='apex'", "auto, fused, foreach"]),
+        (["train.loss_chunks=0"], ["train.loss_chunks=0 must be >= 1"]),
+        (["train.loss_chunks=4", "parallel.tp=2"], ["train.loss_chunks=4 with parallel.tp=2 parallel.pp=1",
+                                                    "valid: train.loss_chunks=1, or tp=pp=1"]),
     ],
 )
 def test_bad_input_is_a_config_error_and_spawns_nothing(overrides, names, tmp_path, monkeypatch):
