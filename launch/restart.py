@@ -53,17 +53,21 @@ def main(argv: list[str]) -> int:
         if status:
             print(f"trident: srun ended with status {status}; not requeued: {why}", file=sys.stderr, flush=True)
         return status
-    done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        print(f"trident: srun ended with status {status}; `scontrol requeue {job_id}` failed: "
-              f"{done.stderr.strip()}", file=sys.stderr, flush=True)
-        return status
+    # Counted and said before the requeue: SLURM ends this script as it requeues the job.
     counter = folder / f"trident-restarts-{job_id}.json"
-    history = json.loads(counter.read_text())["history"] if counter.exists() else []
+    before = counter.read_text() if counter.exists() else None
+    history = json.loads(before)["history"] if before else []
     history.append({"time": time.time(), "status": status})
     counter.write_text(json.dumps({"restarts": len(history), "history": history}))
-    print(f"trident: srun ended with status {status}; job {job_id} requeued ({why}); it resumes from its newest "
+    print(f"trident: srun ended with status {status}; requeueing job {job_id} ({why}); it resumes from its newest "
           "checkpoint", file=sys.stderr, flush=True)
+    done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        if before is None:
+            counter.unlink()
+        else:
+            counter.write_text(before)
+        print(f"trident: `scontrol requeue {job_id}` failed: {done.stderr.strip()}", file=sys.stderr, flush=True)
     return status
 
 

@@ -77,7 +77,7 @@ def auto_layout(cfg: DictConfig, env) -> DictConfig:
     if cfg.parallel.layout != "auto":
         return cfg
     world, local = available_world(cfg, env)
-    cfg, line = choose(cfg, world, local)
+    cfg, line = choose(cfg, world, local, isolated=env is not None)  # a rank plans in a child process
     if env is None or env.rank == 0:
         print(f"trident: {line}", flush=True)
     return cfg

@@ -11,10 +11,17 @@ a checkpoint of any layout resumes at the new one.
 It runs before any process group exists (the planner builds models in a
 fake one): in the launching process for launcher=local, and in every rank
 for launcher=external and inside a SLURM job (the same deterministic answer
-everywhere), where a requeued job may have got fewer tasks.
+everywhere), where a requeued job may have got fewer tasks. In a rank it
+runs in a child process of its own (`isolated`): DTensor caches what it
+computed in the fake world (meshes inside cached sharding decisions, with
+rank 0's coordinates), and a real world built afterwards in the same
+process would compute wrong shard offsets (seen with torch 2.13: every rank
+saving shard 0).
 """
 
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -67,11 +74,18 @@ def best_layout(cfg: DictConfig, world: int, local_world: int) -> tuple[Optional
     return (fitting[0] if fitting else None), info
 
 
-def choose(cfg: DictConfig, world: int, local_world: Optional[int] = None) -> tuple[DictConfig, str]:
+def choose(cfg: DictConfig, world: int, local_world: Optional[int] = None,
+           isolated: bool = False) -> tuple[DictConfig, str]:
     """cfg with the best layout for `world` ranks applied, and a line saying what was chosen.
 
-    Raises ConfigError when no layout fits, naming the world sizes that would.
+    Raises ConfigError when no layout fits, naming the world sizes that would. isolated: plan in a
+    child process (a process that will build a real process group afterwards must not plan itself).
     """
+    if isolated:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            chosen, line = pool.submit(_choose_plain, plain, world, local_world).result()
+        return OmegaConf.create(chosen), line
     local_world = min(local_world or world, world)
     best, info = best_layout(cfg, world, local_world)
     if best is None:
@@ -129,10 +143,16 @@ def fitting_worlds(cfg: DictConfig, world: int, local_world: int) -> str:
     return text
 
 
+def _choose_plain(plain: dict, world: int, local_world: Optional[int]) -> tuple[dict, str]:
+    cfg, line = choose(OmegaConf.create(plain), world, local_world)
+    return OmegaConf.to_container(cfg), line
+
+
 def relayout(cfg_dict: dict, world: int, local_world: int) -> tuple[dict, Optional[str]]:
-    """Inside a started job: the plain config re-planned if the job got another world size (else as it is)."""
+    """Inside a started job (a rank, before its process group): the plain config re-planned, in a child
+    process, if the job got another world size (else as it is)."""
     par = cfg_dict["parallel"]
     if par.get("layout") != "auto" or par["tp"] * par["pp"] * par["dp"] == world:
         return cfg_dict, None
-    cfg, line = choose(OmegaConf.create(cfg_dict), world, local_world)
+    cfg, line = choose(OmegaConf.create(cfg_dict), world, local_world, isolated=True)
     return OmegaConf.to_container(cfg), line

@@ -202,3 +202,19 @@ def test_a_failed_job_is_requeued_up_to_max_restarts_unless_the_run_stopped_itse
     (tmp_path / "trident-restarts-7.json").unlink()
     (run_dir / "fault.json").write_text(json.dumps({"restart": False, "message": "non-finite loss at step 9"}))
     assert restart.decide(2, 1, "7", tmp_path, 0) == (False, "the run stopped itself: non-finite loss at step 9")
+
+
+def test_a_slurm_task_replans_an_auto_layout_for_the_tasks_its_requeued_job_got(tmp_path):
+    """SlurmRun's relayout: planned for 4 at submission, the job came back with 2 tasks (planned in a child process)."""
+    from omegaconf import OmegaConf
+
+    from orchestrator.planner.auto import relayout
+    cfg, _ = choose(make_cfg("parallel=auto", tmp=tmp_path), 4)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert relayout(plain, 4, 4) == (plain, None)  # the world it was planned for: unchanged
+    again, line = relayout(plain, 2, 2)
+    par = again["parallel"]
+    assert par["tp"] * par["pp"] * par["dp"] == 2 and "parallel=auto: 2 rank(s) -> " in line
+    assert again["train"]["global_batch"] == plain["train"]["global_batch"]
+    manual = {**plain, "parallel": {**plain["parallel"], "layout": "manual"}}
+    assert relayout(manual, 2, 2) == (manual, None)  # a manual layout is never changed behind the user's back
