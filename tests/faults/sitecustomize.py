@@ -13,6 +13,8 @@ TRIDENT_TEST_NAN_WEIGHT=r:s     before step s (once) rank r writes NaN into one 
 TRIDENT_TEST_SPIKE=s1,s2        before step s1, and again before s2 (each once), every rank multiplies the
                                 output projection by 1000: the loss of that step spikes.
 TRIDENT_TEST_SLOW=r:seconds     rank r sleeps that long in every step before its forward: a straggler.
+TRIDENT_TEST_CRASH_IN_SAVE=r:s  rank r writes half a shard of step s's checkpoint, then its process is gone (once per
+                                run: a restarted run saves step s normally).
 """
 
 import importlib.abc
@@ -48,6 +50,7 @@ def _rank_steps(name: str):
 _NAN_GRAD = _rank_steps("TRIDENT_TEST_NAN_GRAD")
 _NAN_WEIGHT = _rank_steps("TRIDENT_TEST_NAN_WEIGHT")
 _SLOW = _rank_steps("TRIDENT_TEST_SLOW")
+_CRASH_SAVE = _rank_steps("TRIDENT_TEST_CRASH_IN_SAVE")
 _SPIKE = [int(s) for s in os.environ.get("TRIDENT_TEST_SPIKE", "").split(",") if s]
 _fired: set = set()
 
@@ -93,11 +96,32 @@ def _patch_trainer(module) -> None:
     module.Trainer._forward_backward = forward_backward
 
 
+def _patch_checkpoint(module) -> None:
+    import torch.distributed as dist
+
+    real_save = module.dcp.save
+
+    def dying_save(state, checkpoint_id):
+        once = os.path.join(os.path.dirname(checkpoint_id), ".test-crashed-in-save")
+        if _CRASH_SAVE[0] == dist.get_rank() and checkpoint_id.endswith(f"step-{_CRASH_SAVE[1][0]}.tmp") \
+                and not os.path.exists(once):
+            open(once, "w").close()
+            with open(os.path.join(checkpoint_id, f"__{dist.get_rank()}_0.distcp"), "wb") as f:
+                f.write(b"\0" * 100)
+            os._exit(1)
+        return real_save(state, checkpoint_id=checkpoint_id)
+
+    module.dcp.save = dying_save
+
+
+_PATCHES = {"orchestrator.trainer": _patch_trainer, "orchestrator.checkpoint": _patch_checkpoint}
+
+
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
-    """Patch orchestrator.trainer right after it is first imported."""
+    """Patch a product module right after it is first imported."""
 
     def find_spec(self, name, path, target=None):
-        if name != "orchestrator.trainer":
+        if name not in _PATCHES:
             return None
         sys.meta_path.remove(self)
         try:
@@ -108,11 +132,12 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run_module(module)
-            _patch_trainer(module)
+            _PATCHES[name](module)
 
         spec.loader.exec_module = exec_module
         return spec
 
 
-if _NAN_GRAD[0] is not None or _NAN_WEIGHT[0] is not None or _SLOW[0] is not None or _SPIKE:
+if _NAN_GRAD[0] is not None or _NAN_WEIGHT[0] is not None or _SLOW[0] is not None or _SPIKE or \
+        _CRASH_SAVE[0] is not None:
     sys.meta_path.insert(0, _PatchAfterImport())
