@@ -1,12 +1,30 @@
-"""launcher=local: spawn the world's ranks as processes on this machine."""
+"""launcher=local: spawn the world's ranks as processes on this machine, and watch them.
 
+The launcher waits on every rank's process at once. The first one to fail
+ends the run: the others are continued (a stopped process cannot die of
+SIGTERM), sent SIGTERM, and after a grace period SIGKILL, so nothing is left
+running; the error names the rank and its exception, exit code or signal.
+A rank that ends because its step deadline passed (launch/watchdog.py) makes
+the launcher wait for the others' reports, ask the ranks that could not
+report (stopped ones) for their stacks, and name the late rank(s).
+"""
+
+import multiprocessing.connection
+import os
+import pickle
+import signal
 import socket
-from typing import Callable
+import time
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch.multiprocessing as mp
 
 from launch.env import RankEnv
 from launch.rank import pick_backend, run_rank
+from launch.watchdog import HUNG_EXIT, SETTLE_S, describe_hang, hang_reports, process_state, rank_file
+
+GRACE_S = 5.0  # after SIGTERM, before SIGKILL
 
 
 class RankFailed(RuntimeError):
@@ -19,7 +37,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(local_rank: int, fn, world_size: int, port: int, backend: str, timeout_s: float, args) -> None:
+def _entry(local_rank: int, fn, world_size: int, port: int, backend: str, timeout_s: float, trace_dir, args) -> None:
     env = RankEnv(
         rank=local_rank,
         world_size=world_size,
@@ -29,26 +47,136 @@ def _entry(local_rank: int, fn, world_size: int, port: int, backend: str, timeou
         master_port=port,
         source="local",
     )
-    run_rank(fn, env, backend, timeout_s, *args)
+    run_rank(fn, env, backend, timeout_s, *args, trace_dir=trace_dir)
 
 
-def spawn(fn: Callable, world_size: int, *args, backend: str = "auto", timeout_s: float = 300.0) -> None:
+def exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"exited with code {code} (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            return f"exited with code {code}"
+    return f"exited with code {code}"
+
+
+def spawn(fn: Callable, world_size: int, *args, backend: str = "auto", timeout_s: float = 300.0,
+          ranks_dir: Optional[str] = None) -> None:
     """Run fn(env, device, *args) on world_size new processes; return when all finish.
 
     fn must be importable by name (the processes are spawned, not forked). If
-    any rank fails, the others are terminated and RankFailed carries the
-    failing rank's traceback.
+    any rank fails, the others are ended and RankFailed says which rank and
+    why. ranks_dir: the run's `ranks/` folder (hang reports and stacks; the
+    NCCL flight recorder's dumps).
     """
     backend = pick_backend(backend, world_size)
+    if ranks_dir is not None:
+        for stale in Path(ranks_dir).glob("rank-*.hang.json"):
+            stale.unlink()
+    context = mp.start_processes(
+        _entry,
+        args=(fn, world_size, free_port(), backend, timeout_s, ranks_dir, args),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
     try:
-        mp.start_processes(
-            _entry,
-            args=(fn, world_size, free_port(), backend, timeout_s, args),
-            nprocs=world_size,
-            join=True,
-            start_method="spawn",
-        )
-    except mp.ProcessRaisedException as e:
-        raise RankFailed(f"rank {e.error_index} failed:\n{e}") from None
-    except mp.ProcessExitedException as e:
-        raise RankFailed(f"rank {e.error_index} exited with code {e.exit_code}") from None
+        _watch(context, ranks_dir)
+    finally:
+        _end_all(context.processes)
+
+
+def _watch(context, ranks_dir: Optional[str]) -> None:
+    processes = context.processes
+    running = {p.sentinel: i for i, p in enumerate(processes)}
+    while running:
+        failed = []
+        for sentinel in multiprocessing.connection.wait(list(running)):
+            rank = running.pop(sentinel)
+            processes[rank].join()
+            if processes[rank].exitcode != 0:
+                failed.append(rank)
+        if not failed:
+            continue
+        # A dead rank's peers fail right after it ("connection closed"): name the cause, not an echo.
+        time.sleep(0.3)
+        failed += [r for r, p in enumerate(processes) if r not in failed and not p.is_alive() and p.exitcode]
+        codes = {r: processes[r].exitcode for r in failed}
+        if ranks_dir is not None and HUNG_EXIT in codes.values():
+            raise RankFailed(_hang_message(processes, ranks_dir))
+        first = min(failed, key=lambda r: (codes[r] >= 0, not _raised(context, r), r))
+        raise RankFailed(_failure_message(context, first, codes[first]))
+
+
+def _raised(context, rank: int) -> bool:
+    f = context.error_files[rank]
+    return bool(f) and os.access(f, os.R_OK)
+
+
+def _failure_message(context, rank: int, code: int) -> str:
+    error_file = context.error_files[rank]
+    if error_file and os.access(error_file, os.R_OK):
+        with open(error_file, "rb") as fh:
+            trace = pickle.load(fh)
+        last = trace.strip().splitlines()[-1] if trace.strip() else ""
+        return f"rank {rank} failed: {last}\n{trace}"
+    return f"rank {rank} {exit_text(code)}"
+
+
+def _hang_message(processes, ranks_dir: str) -> str:
+    """A rank's step deadline passed: let the live ranks report, ask the silent ones for stacks, say who."""
+    world = len(processes)
+    until = time.monotonic() + SETTLE_S + 3
+    while time.monotonic() < until and any(p.is_alive() for p in processes):
+        if len(hang_reports(ranks_dir)) == world:
+            break
+        time.sleep(0.2)
+    reports = hang_reports(ranks_dir)
+    states = {}
+    asked = []
+    for rank, p in enumerate(processes):
+        if rank in reports:
+            continue
+        state = process_state(p.pid) if p.is_alive() else None
+        states[rank] = f"(pid {p.pid}) " + (state or exit_text(p.exitcode if p.exitcode is not None else 0))
+        if state is not None:
+            # faulthandler answers SIGUSR1 even in a process stuck outside Python; a stopped one, once continued.
+            size = _size(rank_file(ranks_dir, rank, ".stacks"))
+            try:
+                os.kill(p.pid, signal.SIGUSR1)
+                os.kill(p.pid, signal.SIGCONT)
+                asked.append((rank, size))
+            except ProcessLookupError:
+                pass
+    until = time.monotonic() + 3
+    while asked and time.monotonic() < until:
+        asked = [(r, s) for r, s in asked if _size(rank_file(ranks_dir, r, ".stacks")) <= s]
+        time.sleep(0.1)
+    _end_all(processes)
+    text = describe_hang(ranks_dir, world, reports, states)
+    (Path(ranks_dir).parent / "hang.txt").write_text(text + "\n")
+    return text
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _end_all(processes) -> None:
+    """Continue, terminate, then kill whatever is still running; reap every process."""
+    alive = [p for p in processes if p.is_alive()]
+    for p in alive:
+        for sig in (signal.SIGCONT, signal.SIGTERM):
+            try:
+                os.kill(p.pid, sig)
+            except ProcessLookupError:
+                pass
+    until = time.monotonic() + GRACE_S
+    for p in alive:
+        p.join(max(0.0, until - time.monotonic()))
+    for p in alive:
+        if p.is_alive():
+            p.kill()
+        p.join()

@@ -3,12 +3,14 @@
 import datetime
 import os
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from launch.env import RankEnv
+from launch.watchdog import nccl_trace_env
 
 
 def pick_backend(choice: str, local_world_size: int) -> str:
@@ -27,16 +29,23 @@ def device_for(backend: str, env: RankEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def run_rank(fn: Callable, env: RankEnv, backend: str, timeout_s: float, *args, exit_process: bool = True):
+def run_rank(fn: Callable, env: RankEnv, backend: str, timeout_s: float, *args, exit_process: bool = True,
+             trace_dir: Optional[str] = None):
     """Run fn(env, device, *args) inside an initialised process group, then exit the process.
 
     The exit is `os._exit` after a barrier and `destroy_process_group()`:
     gloo processes otherwise often abort in their atexit handlers. With
     exit_process=False (a submitit task, which still has its result to
     write) it returns fn's result after the teardown instead. An exception propagates
-    untouched, so the launcher can show it.
+    untouched, so the launcher can show it. trace_dir: where NCCL's flight
+    recorder dumps its last collectives (set only for nccl, before the
+    process group exists; a user's own settings win).
     """
     env.export()
+    if backend == "nccl" and trace_dir is not None:
+        Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        for key, value in nccl_trace_env(trace_dir).items():
+            os.environ.setdefault(key, value)
     if backend == "gloo":
         # Ranks on one machine share its cores: without this each takes them all.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))

@@ -10,7 +10,11 @@ same worker as the other launchers.
 Each run dir gets `slurm_job.json` (job id, log paths), which `trident-status`
 reads; a rank that fails writes its traceback beside it (`failed-rank<r>.txt`)
 and exits non-zero, so srun (`--kill-on-bad-exit`) ends the whole job FAILED
-at once. Nothing requeues a failed job: only SLURM's USR2 does that.
+at once. With launcher.max_restarts=N the batch script's teardown
+(`python -m launch.restart`) requeues a job whose ranks failed or hung, up to
+N times, unless the run stopped itself on purpose; the requeued job resumes
+from its newest checkpoint, and with parallel=auto plans its layout again for
+the tasks it got.
 
 No secrets travel in what is submitted: the pickle holds the plain config and
 the sbatch script only the launcher's settings. A W&B key stays in the
@@ -18,6 +22,8 @@ environment, which sbatch passes to the job when it starts.
 """
 
 import json
+import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -70,10 +76,11 @@ class SlurmRun:
     """
 
     def __init__(self, worker: Callable, find_resume: Callable, cfg_dict: dict, run_dir: str, corpus, backend: str,
-                 timeout_s: float):
-        # worker(env, device, cfg_dict, run_dir, corpus, resume, should_stop) -> summary, and
-        # find_resume(resume, dir) -> checkpoint path or None: module-level functions, pickled by name.
-        self.worker, self.find_resume = worker, find_resume
+                 timeout_s: float, relayout: Optional[Callable] = None):
+        # worker(env, device, cfg_dict, run_dir, corpus, resume, should_stop) -> summary,
+        # find_resume(resume, dir) -> checkpoint path or None, and relayout(cfg_dict, world, local_world) ->
+        # (cfg_dict, message or None) for parallel=auto: module-level functions, pickled by name.
+        self.worker, self.find_resume, self.relayout = worker, find_resume, relayout
         self.cfg_dict, self.run_dir, self.corpus = cfg_dict, run_dir, corpus
         self.backend, self.timeout_s = backend, timeout_s
 
@@ -87,15 +94,26 @@ class SlurmRun:
             raise
 
     def _run(self, env) -> int:
-        ckpt = self.cfg_dict["checkpoint"]
+        cfg_dict = self.cfg_dict
+        if self.relayout is not None:  # parallel=auto: planned again for the tasks this (requeued) job got
+            cfg_dict, message = self.relayout(cfg_dict, env.world_size, env.local_world_size)
+            if message and env.rank == 0:
+                print(f"trident: {message}", flush=True)
+        if env.rank == 0 and os.environ.get("SLURM_JOB_ID"):
+            # For launch.restart in the batch script's teardown: which run this job is.
+            job_folder = submitit.JobEnvironment().paths.folder
+            Path(job_folder, f"trident-run-{os.environ['SLURM_JOB_ID']}.json").write_text(
+                json.dumps({"run_dir": str(Path(self.run_dir).resolve())}))
+        ckpt = cfg_dict["checkpoint"]
         # Looked up here, not at submission: a requeued job resumes from what exists now.
         resume: Optional[Path] = self.find_resume(ckpt["resume"], ckpt["dir"])
         requested = []
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         signal.signal(signal.SIGUSR2, lambda signum, frame: requested.append(signum))
         backend = pick_backend(self.backend, env.local_world_size)
-        summary = run_rank(self.worker, env, backend, self.timeout_s, self.cfg_dict, self.run_dir, self.corpus,
-                           str(resume) if resume else None, lambda: bool(requested), exit_process=False)
+        summary = run_rank(self.worker, env, backend, self.timeout_s, cfg_dict, self.run_dir, self.corpus,
+                           str(resume) if resume else None, lambda: bool(requested), exit_process=False,
+                           trace_dir=str(Path(self.run_dir) / "ranks"))
         if summary.get("preempted") and env.rank == 0 and callable(submitit_handler):
             submitit_handler(signal.SIGUSR2, None)  # checkpoint() below, then requeue and exit
         return env.rank
@@ -129,6 +147,10 @@ def executor_params(cfg) -> dict[str, Any]:
         # One rank failing ends the job at once, instead of the others waiting in a collective.
         "slurm_srun_args": ["--kill-on-bad-exit=1"],
     }
+    if launcher.max_restarts:
+        # After srun ends ($? is its status): requeue a failed run, at most max_restarts times (launch/restart.py).
+        params["slurm_setup"] = ["export TRIDENT_JOB_STARTED=$(date +%s)", *(params["slurm_setup"] or [])]
+        params["slurm_teardown"] = [f"{shlex.quote(sys.executable)} -m launch.restart {launcher.max_restarts} $?"]
     return {k: v for k, v in params.items() if v is not None}
 
 

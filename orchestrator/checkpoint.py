@@ -3,8 +3,16 @@
 A checkpoint is the folder `step-N`. Every rank writes its shards into
 `step-N.tmp`; rank 0 then writes `trident.json` (step, data position, the
 config and layout it was saved under) and, after a barrier, renames the
-folder into place. A folder named `step-N` holding `trident.json` is
-therefore complete; anything else (a `.tmp` left by a crash) is never picked.
+folder into place. A folder named `step-N` holding `trident.json` and DCP's `.metadata` is
+therefore complete; anything else (a `.tmp` left by a crash, a folder
+without its marker) is never picked, by `auto` or by an explicit path.
+
+Loading unpickles nothing it does not know: DCP's `.metadata` is a pickle,
+read here by an unpickler that admits only DCP's own metadata classes,
+torch dtypes and sizes (`SafeReader`), and a non-tensor item is refused
+(`SafePlanner`), where DCP's defaults would use `pickle.load` and
+a `torch.load` that admits any pickle. A checkpoint from elsewhere cannot run
+code when it is loaded.
 
 What is saved is keyed by the whole model's parameter names, with each value
 a DTensor of its global shape: model weights and AdamW state. A run at any
@@ -14,15 +22,20 @@ are functions of the step, so the step restores them too; the training step
 consumes no random numbers (no dropout; batches come from (seed, step)).
 """
 
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.metadata as dcp_metadata
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -38,6 +51,49 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, explained in one line."""
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Only what DCP writes into `.metadata`: its metadata classes, torch dtypes, Size, layouts, paths."""
+
+    def find_class(self, module: str, name: str):
+        allowed = (
+            (module == dcp_metadata.__name__ and isinstance(getattr(dcp_metadata, name, None), type))
+            or (module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo")
+            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
+            or (module == "torch.serialization" and name == "_get_layout")
+            or (module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"))
+            or (module == "collections" and name == "OrderedDict")
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"refused to unpickle {module}.{name} (not checkpoint metadata)")
+        return super().find_class(module, name)
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file reader, with `.metadata` unpickled by `_MetadataUnpickler` instead of `pickle.load`."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafePlanner(DefaultLoadPlanner):
+    """trident saves tensors only; a non-tensor item (which DCP would unpickle with torch.load, any pickle admitted) is refused."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        raise CheckpointError(f"holds a non-tensor item {read_item.dest_index.fqn!r}: trident saves none, and "
+                              "unpickling it could run code")
+
+
+def is_complete(path: Path) -> bool:
+    """Renamed into place with its marker and DCP's metadata: every rank's shards were written."""
+    return (path / MARKER).is_file() and (path / ".metadata").is_file()
+
+
 def complete_checkpoints(directory: str) -> list[Path]:
     """Complete checkpoints in a folder, oldest first."""
     root = Path(directory)
@@ -46,7 +102,7 @@ def complete_checkpoints(directory: str) -> list[Path]:
     found = []
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and (p / MARKER).is_file() and (p / ".metadata").is_file():
+        if m and is_complete(p):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
@@ -128,7 +184,7 @@ def find_resume(resume: str, directory: str) -> Optional[Path]:
         found = complete_checkpoints(directory)
         return found[-1] if found else None
     path = Path(resume)
-    if (path / MARKER).is_file():
+    if is_complete(path):
         return path
     found = complete_checkpoints(str(path))
     if not found:
@@ -153,7 +209,7 @@ def load(modules: list, optimizers: list, path: Path) -> int:
     """Fill this rank's parts from a checkpoint saved at any layout; return its step."""
     state = _state(modules, optimizers)
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner())
     except BaseException as e:  # DCP's CheckpointException derives from BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise

@@ -45,12 +45,15 @@ class ParallelConfig:
     cut_points: Optional[list[int]] = MISSING
     dp_shard: str = MISSING
     timeout_s: float = MISSING
+    layout: str = MISSING
+    auto_cluster: Optional[str] = MISSING
 
 
 @dataclass
 class LauncherConfig:
     name: str = MISSING
     nprocs: Optional[int] = MISSING
+    max_restarts: int = MISSING
     backend: str = MISSING
     # launcher=slurm only (conf/launcher/slurm.yaml gives their values; the others have none).
     nodes: Optional[int] = None
@@ -114,6 +117,8 @@ class WandbConfig:
 class LoggingConfig:
     every: int = MISSING
     console_every: int = MISSING
+    straggler_factor: Optional[float] = MISSING
+    straggler_steps: int = MISSING
     peak_tflops: Optional[float] = MISSING
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -129,6 +134,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class SpikeConfig:
+    factor: Optional[float] = MISSING
+    window: int = MISSING
+    skip_batches: int = MISSING
+    max_rollbacks: int = MISSING
+
+
+@dataclass
 class LoopConfig:
     seq_len: int = MISSING
     global_batch: int = MISSING
@@ -141,6 +154,10 @@ class LoopConfig:
     activation_checkpointing: str = MISSING
     compile: bool = MISSING
     loss_chunks: int = MISSING
+    nonfinite: str = MISSING
+    max_skipped_steps: int = MISSING
+    step_timeout_s: Optional[float] = MISSING
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
 
 
 @dataclass

@@ -104,6 +104,14 @@ def _cpu_peak(local_world_size: int) -> tuple[float, str]:
     return cores * ghz * 1e9 * per_cycle, note
 
 
+def cluster_peak(device: str, dtype: str, ranks_per_node: int) -> float:
+    """FLOP/s of one rank of a conf/cluster: the table's figure, or for `device: cpu` this machine's estimate
+    with `ranks_per_node` processes sharing its cores."""
+    if device == "cpu":
+        return _cpu_peak(ranks_per_node)[0]
+    return table_peak(device, dtype)
+
+
 def run_peak(peak_tflops: Optional[float], device: torch.device, dtype: str, local_world_size: int) -> tuple[float, str]:
     """The trainer's peak: logging.peak_tflops if set, else the table (GPU) or the estimate (CPU)."""
     if peak_tflops:

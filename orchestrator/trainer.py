@@ -13,6 +13,7 @@ launcher requeues), or a file named STOP in the run dir (checkpoint, then end
 cleanly: how a sweep prunes a trial, and how a person stops a run by hand).
 """
 
+import json
 import math
 import resource
 import time
@@ -26,7 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor
 
 from launch.env import RankEnv
+from launch.watchdog import BOUNDARY, StepWatchdog, dump_nccl_trace
 from orchestrator import checkpoint
+from orchestrator.faults import FaultStop, SpikeGuard, StepAgreement, StragglerWatch
 from orchestrator.build import build_model
 from orchestrator.data import Batches, Corpus, eval_batches
 from orchestrator.flops import flops_per_token, mfu, run_peak
@@ -57,6 +60,10 @@ def _value(t: torch.Tensor) -> torch.Tensor:
 
 STOP_FILE = "STOP"  # in the run dir: stop at the next step boundary with a checkpoint, and end cleanly
 _STOP_BY_FILE, _STOP_BY_SIGNAL = 1.0, 2.0  # the agreed flag's values; the signal (requeue) wins
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -102,8 +109,22 @@ class Trainer:
         self.resumed_from = resume
         self.should_stop = should_stop  # a preemption signal arrived on this rank
         self.stop_file = Path(run_dir) / STOP_FILE
+        # The data position is step + data_offset: a spike's rollback skips batches (README "Faults").
+        self.data_offset, self.skipped_steps, self.skipped_in_row, self.rollbacks = 0, 0, 0, 0
         if resume:
             self.step = checkpoint.load(self.modules, self.optimizers, Path(resume))
+            meta = checkpoint.read_marker(Path(resume))
+            self.data_offset = meta.get("data_offset", 0)
+            self.skipped_steps, self.rollbacks = meta.get("skipped_steps", 0), meta.get("rollbacks", 0)
+        self.agreement = StepAgreement(self.dims.world_size, env.rank, device)
+        tp_rank = self.mesh["tp"].get_local_rank()
+        # One rank per pipeline and dp rank brings the loss to the agreement; dp=tp=0 ranks the pipeline wait.
+        self.owns_loss = tp_rank == 0 and (self.pipeline is None or self.pipeline.has_last)
+        self.owns_pp_wait = tp_rank == 0 and dp_rank == 0
+        self.spike = SpikeGuard(t.spike.factor, t.spike.window) if t.spike.factor else None
+        self.stragglers = StragglerWatch(cfg.logging.straggler_factor, cfg.logging.straggler_steps)
+        self.watchdog: Optional[StepWatchdog] = None  # started by fit()
+        self.first_step_times: list[float] = []
 
         self.flops_per_token = flops_per_token(built.args, self.n_params, t.seq_len)
         # MFU against one device's dense peak in the compute dtype (orchestrator/flops.py).
@@ -151,7 +172,8 @@ class Trainer:
             p.grad = None
 
     def forward_backward(self, micro: list) -> torch.Tensor:
-        """Accumulate the gradient of the mean loss over the micro-batches, averaged over dp; return the summed loss."""
+        """Accumulate the gradient of the mean loss over the micro-batches, averaged over dp; return the summed
+        loss (on the ranks that hold the last pipeline stage; zero on the others)."""
         loss_sum = self._forward_backward(micro)
         self.dp.after_backward()
         return loss_sum
@@ -164,7 +186,7 @@ class Trainer:
                 losses = self.pipeline.step(inputs, targets, *doc_ids)
             for loss in losses:
                 loss_sum += _value(loss.detach())
-            return self._pp_sum(loss_sum)
+            return loss_sum
         model = self.parts[0]
         for i, batch in enumerate(micro):  # (inputs, targets[, doc_ids])
             with self.dp.micro_batch(model, last=i == len(micro) - 1), loss_context(self.dims.tp):
@@ -173,45 +195,62 @@ class Trainer:
             loss_sum += _value(loss.detach())
         return loss_sum
 
-    def train_step(self) -> dict:
-        """One optimizer step. The host waits for the device once, at the end, for the logged numbers."""
-        self.step += 1
-        micro = self.batches.step(self.step)
-        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
-        loss_sum = self.forward_backward(micro)
-        grad_norm = clip_grads_(self.params, self.cfg.optim.grad_clip, self.pp_group)
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.step()
-        self.dp.after_step()
-        self.zero_grad()
-        return self._step_row(lr, loss_sum, grad_norm, len(micro))
+    def _phase(self, phase: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.phase = phase
 
-    def _step_row(self, lr: float, loss_sum: torch.Tensor, grad_norm: torch.Tensor, n_micro: int) -> dict:
-        """The step's metrics: the collectives they need are queued first, then one copy to the host."""
-        values = {"loss": loss_sum.double(), "grad_norm": grad_norm.double()}
-        if self.dims.dp > 1:
-            dist.all_reduce(values["loss"], group=self.dp_group)
-        wait = self.pipeline.last_wait_s if self.pipeline is not None else None
-        if wait is not None:
-            # torch.full, not torch.tensor: a fill kernel, where a host-to-device copy would wait for the device.
-            values["pp_wait_s"] = torch.full((), wait, dtype=torch.float64, device=self.device)
-            dist.all_reduce(values["pp_wait_s"], group=self.pp_group)
-        # Any rank asked to stop (0: no; by the stop file; by a signal): agreed by all at this step boundary.
-        flag = 0.0
-        if self.should_stop is not None and self.should_stop():
-            flag = _STOP_BY_SIGNAL
-        elif self.is_logger and self.stop_file.exists():  # one rank looks: the all-reduce tells the others
-            flag = _STOP_BY_FILE
-        values["stop"] = torch.full((), flag, dtype=torch.float64, device=self.device)
-        dist.all_reduce(values["stop"], op=dist.ReduceOp.MAX)
-        got = dict(zip(values, torch.stack(list(values.values())).tolist()))  # the one host sync
-        row = {"step": self.step, "loss": got["loss"] / (n_micro * self.dims.dp), "lr": lr,
-               "grad_norm": got["grad_norm"]}
-        if wait is not None:
-            row["pp_wait_s"] = got["pp_wait_s"] / self.dims.pp  # mean over the pipeline's ranks
-        self.stop_requested = got["stop"]
+    def train_step(self) -> dict:
+        """One optimizer step, agreed by every rank: applied, or skipped (non-finite, a spike) on all alike."""
+        start = time.perf_counter()
+        self.step += 1
+        self._phase(f"forward/backward of step {self.step}")
+        micro = self.batches.step(self.step + self.data_offset)
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
+        loss_sum = self._forward_backward(micro)
+        waited = time.perf_counter()
+        self.dp.after_backward()
+        self._phase(f"the gradient norm of step {self.step}")
+        grad_norm = clip_grads_(self.params, self.cfg.optim.grad_clip, self.pp_group)
+        pp_wait = self.pipeline.last_wait_s if self.pipeline is not None else None
+        arrived = time.perf_counter()
+        self._phase(BOUNDARY)
+        v = self.agreement.agree(
+            stop=self._stop_flag(), loss_sum=loss_sum, grad_norm=grad_norm,
+            owns_loss=self.owns_loss, pp_wait_s=pp_wait, owns_pp_wait=self.owns_pp_wait,
+            work_s=arrived - start, wait_s=arrived - waited + (pp_wait or 0.0))
+        self._phase(f"the optimizer step of step {self.step}")
+        self.stop_requested = v.stop
+        loss = v.loss_sum / (self.dims.dp * len(micro))
+        row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item()}
+        spike_median = None if v.nonfinite or self.spike is None else self.spike.is_spike(loss)
+        if v.nonfinite or spike_median is not None:
+            # Every rank saw the same vector: all skip this update alike (no weight or AdamW state changes).
+            self.zero_grad()
+            if v.nonfinite:
+                self.skipped_steps += 1
+                self.skipped_in_row += 1
+                row["skipped"] = True
+            else:
+                row["spike_median"] = spike_median
+        else:
+            for opt in self.optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                opt.step()
+            self.dp.after_step()
+            self.zero_grad()
+            self.skipped_in_row = 0
+            if self.spike is not None:
+                self.spike.add(loss)
+        row["skipped_steps"] = self.skipped_steps
+        if self.rollbacks:
+            row["rollbacks"] = self.rollbacks
+        if self.pipeline is not None and pp_wait is not None:
+            row["pp_wait_s"] = v.pp_wait_s / self.dims.pp  # mean over the pipeline's ranks
+        stats, message = self.stragglers.update(v)
+        row.update(stats)
+        if message and self.is_logger:
+            console(message)
         return row
 
     def _eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -241,7 +280,93 @@ class Trainer:
             part.train()
         return self._dp_mean(total, count)
 
+    def _deadlines(self) -> tuple[float, float]:
+        """(a step's deadline, the deadline of evaluation, checkpoints and start-up), in seconds."""
+        t = self.cfg.train
+        slow = self.cfg.parallel.timeout_s + 30  # collectives there fail by the process-group timeout first
+        if t.step_timeout_s is not None:
+            return t.step_timeout_s, max(slow, t.step_timeout_s)
+        if len(self.first_step_times) < 5:
+            return slow, slow
+        step = max(60.0, 10 * max(self.first_step_times))
+        return step, max(slow, step)
+
+    def _arm(self, phase: str, slow: bool = False) -> None:
+        if self.watchdog is not None:
+            step, slow_s = self._deadlines()
+            self.watchdog.arm(slow_s if slow else step, phase, self.step)
+
+    def _start_watchdog(self) -> None:
+        t = self.cfg.train
+        setting = (f"train.step_timeout_s={t.step_timeout_s:g}s" if t.step_timeout_s is not None
+                   else "the step deadline (train.step_timeout_s=null: 10x the slowest of the first 5 steps, >= 60s)")
+        nccl = dist.get_backend() == "nccl"
+        self.watchdog = StepWatchdog(self.env.rank, self.dims.world_size, str(Path(self.run_dir) / "ranks"), setting,
+                                     on_hang=(lambda: dump_nccl_trace(self.env.rank)) if nccl else None,
+                                     announce=self.env.source != "local")
+        self._arm("start-up (the first evaluation)", slow=True)
+
     def fit(self) -> dict:
+        self._start_watchdog()
+        try:
+            return self._fit()
+        finally:
+            self.watchdog.stop()
+
+    def _can_save(self, row: dict) -> bool:
+        """After a skipped (non-finite) step, save only if every weight is still finite: a checkpoint is never
+        poisoned. One collective, at such checkpoints only."""
+        if not row.get("skipped"):
+            return True
+        bad = torch.tensor(float(any(not torch.isfinite(_local(p)).all() for p in self.params)), device=self.device)
+        dist.all_reduce(bad)
+        if bad.item() and self.is_logger:
+            console(f"trident: checkpoint of step {self.step} not written: non-finite weights (the newest "
+                    "checkpoint stays the last good one)")
+        return not bad.item()
+
+    def _fault_stop(self, message: str, row: Optional[dict] = None) -> None:
+        """End the run on every rank alike (they all took the same decision); the newest good checkpoint stays."""
+        if row is not None:
+            self.logger.log(row)
+        self.saver.wait()
+        if self.is_logger:
+            console(f"trident: {message}")
+            Path(self.run_dir, "fault.json").write_text(json.dumps({"step": self.step, "message": message,
+                                                                    "restart": False}))
+        self.logger.finish()
+        raise FaultStop(message)
+
+    def _rollback(self, row: dict) -> None:
+        """A spike at this step: back to the newest checkpoint before it, skipping batches from there on."""
+        sp, spiked = self.cfg.train.spike, self.step
+        what = (f"loss spike at step {spiked}: {row['loss']:.4f} > train.spike.factor={sp.factor:g} x the median "
+                f"{row['spike_median']:.4f} of the last {sp.window} steps")
+        if self.rollbacks >= sp.max_rollbacks:
+            self._fault_stop(f"{what}; train.spike.max_rollbacks={sp.max_rollbacks} rollbacks already done", row)
+        self.saver.wait()
+        before = [p for p in checkpoint.complete_checkpoints(self.cfg.checkpoint.dir)
+                  if checkpoint.read_marker(p)["step"] < spiked]
+        self.rollbacks += 1
+        row["rollbacks"] = self.rollbacks
+        if not before:
+            self.skipped_steps += 1
+            row.update(skipped=True, skipped_steps=self.skipped_steps)
+            self.logger.log(row)
+            if self.is_logger:
+                console(f"trident: {what}; no checkpoint before it to roll back to: the step is skipped")
+            return
+        self.logger.log(row)
+        self._arm(f"rolling back to {before[-1]}", slow=True)
+        back_to = checkpoint.load(self.modules, self.optimizers, before[-1])
+        skip = max(sp.skip_batches, spiked - back_to)  # the batches since the checkpoint, at least
+        self.data_offset += skip
+        self.step = back_to
+        if self.is_logger:
+            console(f"trident: {what}; rolled back to {before[-1]} (step {back_to}) and skipped {skip} batches "
+                    f"(rollback {self.rollbacks} of at most {sp.max_rollbacks})")
+
+    def _fit(self) -> dict:
         t, lg = self.cfg.train, self.cfg.logging
         tokens_per_step = t.global_batch * t.seq_len
         first_eval = None
@@ -250,18 +375,22 @@ class Trainer:
             self.logger.log({"step": self.step, "eval_loss": first_eval})
         if self.is_logger:
             console(self._banner(first_eval))
-        start, first_step = time.perf_counter(), self.step
-        train_time, row = 0.0, {}
+        start = time.perf_counter()
+        train_time, row, steps_run = 0.0, {}, 0
         if self.step >= t.steps:
             if self.is_logger:
                 console(f"trident: nothing to do, the checkpoint is at step {self.step} of train.steps={t.steps}")
             self.logger.finish()
             return {"steps": self.step}
         while self.step < t.steps:
+            self._arm(f"step {self.step + 1}")
             t0 = time.perf_counter()
             row = self.train_step()
             dt = time.perf_counter() - t0
+            if len(self.first_step_times) < 5:
+                self.first_step_times.append(dt)
             train_time += dt
+            steps_run += 1
             tokens_per_s = tokens_per_step / dt
             row.update(
                 tokens_per_s=tokens_per_s,
@@ -272,22 +401,40 @@ class Trainer:
             if "pp_wait_s" in row:
                 # The measured bubble: time blocked on pipeline p2p against the step.
                 row["pp_bubble"] = row["pp_wait_s"] / dt
+            if row.get("skipped"):
+                bad = f"non-finite loss ({row['loss']}) or gradient norm ({row['grad_norm']}) at step {self.step}"
+                if t.nonfinite == "stop":
+                    self._fault_stop(f"{bad} (train.nonfinite=stop); the newest checkpoint is the last good one", row)
+                if self.skipped_in_row > t.max_skipped_steps:
+                    self._fault_stop(f"{bad}: {self.skipped_in_row} steps in a row skipped, more than "
+                                     f"train.max_skipped_steps={t.max_skipped_steps}", row)
+                if self.is_logger:
+                    console(f"trident: {bad}: step skipped on every rank ({self.skipped_steps} so far, "
+                            f"{self.skipped_in_row} in a row; train.nonfinite=skip)")
+            if "spike_median" in row:
+                self._rollback(row)
+                continue
             last = self.step == t.steps
             if (t.eval_every and self.step % t.eval_every == 0) or last:
+                self._arm(f"evaluation after step {self.step}", slow=True)
                 row["eval_loss"] = self.evaluate()
             ckpt = self.cfg.checkpoint
-            if (ckpt.every and self.step % ckpt.every == 0) or (last and ckpt.at_end):
+            if ((ckpt.every and self.step % ckpt.every == 0) or (last and ckpt.at_end)) and self._can_save(row):
+                self._arm(f"the checkpoint of step {self.step}", slow=True)
                 t0 = time.perf_counter()
                 self.last_checkpoint = self.saver.save(self.modules, self.optimizers, self.step, self._checkpoint_meta())
                 # What the loop waited for: the whole write, or only the staging of an async save.
                 row["checkpoint_blocked_s"] = time.perf_counter() - t0
-            if self.step % lg.every == 0 or last or "eval_loss" in row or "checkpoint_blocked_s" in row:
+            if self.step % lg.every == 0 or last or "eval_loss" in row or "checkpoint_blocked_s" in row \
+                    or row.get("skipped") or "straggler_rank" in row:
                 self.logger.log(row)
             if self.is_logger and (self.step % lg.console_every == 0 or last or self.step == 1):
                 console(progress_line(self.step, t.steps, row, time.perf_counter() - start))
-            why = self.stop_requested if not last else 0.0
+            why = 0.0 if last else (_STOP_BY_SIGNAL if self.stop_requested >= _STOP_BY_SIGNAL
+                                    else _STOP_BY_FILE if self.stop_requested > 0 else 0.0)
             if why:
                 if "checkpoint_blocked_s" not in row:
+                    self._arm(f"the preemption checkpoint of step {self.step}", slow=True)
                     self.last_checkpoint = self.saver.save(self.modules, self.optimizers, self.step,
                                                            self._checkpoint_meta())
                 self.saver.wait()
@@ -298,15 +445,18 @@ class Trainer:
                 self.logger.finish()
                 return {"steps": self.step, "preempted" if preempted else "stopped": True,
                         "checkpoint": self.last_checkpoint}
+        self._arm("the last checkpoint's write", slow=True)
         self.saver.wait()
         summary = {
             "steps": self.step,
             "train_loss": row.get("loss"),
             "eval_loss_start": first_eval,
             "eval_loss": row.get("eval_loss"),
-            "tokens_per_s": tokens_per_step * (self.step - first_step) / train_time if train_time else 0.0,
+            "tokens_per_s": tokens_per_step * steps_run / train_time if train_time else 0.0,
             "wall_s": time.perf_counter() - start,
             "checkpoint": getattr(self, "last_checkpoint", None),
+            "skipped_steps": self.skipped_steps,
+            "rollbacks": self.rollbacks,
         }
         summary["mfu"] = mfu(self.flops_per_token, summary["tokens_per_s"], self.peak, self.dims.world_size)
         if self.is_logger:
@@ -314,10 +464,21 @@ class Trainer:
         self.logger.finish()
         return summary
 
+    def _stop_flag(self) -> float:
+        """This rank's wish to stop: 0 none, by the stop file (rank 0 looks), by a signal (which wins)."""
+        if self.should_stop is not None and self.should_stop():
+            return _STOP_BY_SIGNAL
+        if self.is_logger and self.stop_file.exists():  # one rank looks: the all-reduce tells the others
+            return _STOP_BY_FILE
+        return 0.0
+
     def _checkpoint_meta(self) -> dict:
         d, t = self.dims, self.cfg.train
         return {
-            "samples_seen": self.step * t.global_batch,  # the data position, layout-independent
+            "samples_seen": (self.step + self.data_offset) * t.global_batch,  # the data position, layout-independent
+            "data_offset": self.data_offset,  # batches skipped by spike rollbacks: step s reads batch s + data_offset
+            "skipped_steps": self.skipped_steps,
+            "rollbacks": self.rollbacks,
             "layout": {"tp": d.tp, "pp": d.pp, "dp": d.dp, "schedule": self.cfg.parallel.schedule},
             "config": OmegaConf.to_container(self.cfg),
         }
@@ -356,6 +517,9 @@ class Trainer:
         ]
         if s["checkpoint"]:
             lines.append(f"  checkpoint  {s['checkpoint']}")
+        if s["skipped_steps"] or s["rollbacks"]:
+            lines.append(f"  faults      {s['skipped_steps']} step(s) skipped (non-finite), "
+                         f"{s['rollbacks']} rollback(s) after loss spikes")
         if self.logger.wandb_dir:
             mode = self.cfg.logging.wandb.mode
             hint = f" (offline: `wandb sync {self.logger.wandb_dir}`)" if mode == "offline" else ""

@@ -16,6 +16,7 @@ from launch.slurm import time_minutes
 from models.hf import args_from_hf, rope_type
 from models.llama import ModelArgs
 from models.plans import pipeline_cuts
+from orchestrator.config import CONF_DIR
 from orchestrator.corpus import CorpusError, check_source, file_kind
 from orchestrator.data import BIN_DTYPES, FORMATS, resolve_format, text_files
 from orchestrator.levers import AC_MODES, DTYPES
@@ -30,6 +31,8 @@ BACKENDS = ("auto", "gloo", "nccl")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw",)
 WANDB_MODES = ("offline", "online", "disabled")
+NONFINITE = ("skip", "stop")
+LAYOUTS = ("manual", "auto")
 
 
 class ConfigError(ValueError):
@@ -62,7 +65,7 @@ def validate(cfg: DictConfig, env=None) -> list[str]:
     check_data(cfg)
     _check_optim_logging(cfg)
     _check_levers(cfg)
-    return warnings
+    return warnings + _check_faults(cfg)
 
 
 def _check_parallel(cfg: DictConfig, env) -> list[str]:
@@ -364,6 +367,46 @@ def _check_optim_logging(cfg: DictConfig) -> None:
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
     _at_least("logging.every", cfg.logging.every, 1)
     _at_least("logging.console_every", cfg.logging.console_every, 1)
+
+
+def _check_faults(cfg: DictConfig) -> list[str]:
+    """The fault-handling keys (README "Faults"); returns warnings."""
+    t, lg, la, par = cfg.train, cfg.logging, cfg.launcher, cfg.parallel
+    _choice("train.nonfinite", t.nonfinite, NONFINITE)
+    _at_least("train.max_skipped_steps", t.max_skipped_steps, 1)
+    if t.step_timeout_s is not None:
+        if t.step_timeout_s <= 0:
+            raise ConfigError(f"train.step_timeout_s={t.step_timeout_s} must be positive (seconds), or null to derive "
+                              "it from the first steps (at least 60)")
+        if t.step_timeout_s >= par.timeout_s:
+            raise ConfigError(
+                f"train.step_timeout_s={t.step_timeout_s} must be below parallel.timeout_s={par.timeout_s}: the "
+                "process-group timeout would end a hung run first, without naming the rank "
+                f"(valid: 0 < step_timeout_s < {par.timeout_s}, or raise parallel.timeout_s)")
+    sp = t.spike
+    if sp.factor is not None and sp.factor <= 1:
+        raise ConfigError(f"train.spike.factor={sp.factor} must be above 1 (a loss that many times the running "
+                          "median is a spike), or null to turn spike detection off")
+    _at_least("train.spike.window", sp.window, 3)
+    _at_least("train.spike.skip_batches", sp.skip_batches, 0)
+    _at_least("train.spike.max_rollbacks", sp.max_rollbacks, 0)
+    _at_least("launcher.max_restarts", la.max_restarts, 0)
+    if la.name == "external" and la.max_restarts:
+        raise ConfigError(f"launcher.max_restarts={la.max_restarts} with launcher=external: the program that "
+                          "started the ranks restarts them (torchrun --max-restarts); valid here: 0")
+    if lg.straggler_factor is not None and lg.straggler_factor <= 1:
+        raise ConfigError(f"logging.straggler_factor={lg.straggler_factor} must be above 1 (times the median "
+                          "rank's busy time), or null to never name stragglers")
+    _at_least("logging.straggler_steps", lg.straggler_steps, 1)
+    _choice("parallel.layout", par.layout, LAYOUTS)
+    if par.auto_cluster is not None:
+        presets = sorted(p.stem for p in (Path(CONF_DIR) / "cluster").glob("*.yaml"))
+        _choice("parallel.auto_cluster", par.auto_cluster, presets)
+    warnings = []
+    if sp.factor is not None and not cfg.checkpoint.every:
+        warnings.append(f"train.spike.factor={sp.factor} with checkpoint.every=0: there is no checkpoint to roll "
+                        "back to before the end, so a spike's step is only skipped")
+    return warnings
 
 
 def _check_levers(cfg: DictConfig) -> None:

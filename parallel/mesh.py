@@ -45,7 +45,10 @@ def fake_world(world_size: int, rank: int = 0):
     torch's fake backend: meshes, DTensor sharding and pipeline schedules
     construct as at full scale, on one machine (the planner, dry runs, the
     bubble simulator). It must not run inside a real process group: the
-    default group is the process's own.
+    default group is the process's own. Nor before one in the same process:
+    DTensor keeps sharding decisions made here, meshes and rank 0's
+    coordinates included, and a real world built afterwards computes wrong
+    shard offsets (torch 2.13); plan such a process in a child process.
     """
     if dist.is_initialized():
         raise RuntimeError("fake_world inside an initialised process group")

@@ -57,7 +57,12 @@ def run_cmd(cmd: list, timeout: float = 300, env: Optional[dict] = None) -> subp
 
 def crash_rank_env(rank: int) -> dict:
     """The environment in which global rank `rank` of a run raises once its process group is up."""
-    return {"PYTHONPATH": str(ROOT / "tests" / "faults"), "TRIDENT_TEST_CRASH_RANK": str(rank)}
+    return fault_env(TRIDENT_TEST_CRASH_RANK=rank)
+
+
+def fault_env(**faults) -> dict:
+    """The environment of a run with faults injected from outside the product (tests/faults/sitecustomize.py)."""
+    return {"PYTHONPATH": str(ROOT / "tests" / "faults"), **{k: str(v) for k, v in faults.items()}}
 
 
 def run_train(*overrides: str, timeout: float = 300, env: Optional[dict] = None) -> subprocess.CompletedProcess:

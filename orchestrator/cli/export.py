@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 
 from models.hf import export
 from models.llama import ModelArgs, Transformer
-from orchestrator.checkpoint import CheckpointError, find_resume, read_marker
+from orchestrator.checkpoint import CheckpointError, SafePlanner, SafeReader, find_resume, read_marker
 from orchestrator.tokenizer import TokenizerError, copy_tokenizer
 from orchestrator.tokenizer import load_tokenizer
 
@@ -29,7 +29,7 @@ def load_full_model(path: Path) -> tuple[dict, ModelArgs]:
     with torch.device("meta"):
         shapes = Transformer(args).state_dict()
     state = {"model": {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items() if k != "rope"}}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner(), no_dist=True)
     return state["model"], args
 
 

@@ -20,11 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from launch.env import from_environ
 from launch.local import RankFailed, spawn
 from launch.rank import pick_backend, run_rank
-from launch.slurm import SlurmRun, submit, sweep_point
+from launch.slurm import SlurmRun, submit, sweep_point, tasks_per_node
 from orchestrator.checkpoint import CheckpointError, check_compatible, find_resume
 from orchestrator.config import CONF_DIR, register
 from orchestrator.corpus import CorpusError
 from orchestrator.data import prepare
+from orchestrator.planner.auto import choose, relayout
 from orchestrator.planner.dry_run import dry_run
 from orchestrator.slurm_checks import check_cluster
 from orchestrator.sweep import SWEEP_POINT_ENV
@@ -61,9 +62,65 @@ def resume_path(cfg: DictConfig, env) -> Optional[str]:
     return str(path)
 
 
+def available_world(cfg: DictConfig, env) -> tuple[int, int]:
+    """(ranks, ranks per node) the run has: what torchrun/srun started, or what the launcher will start."""
+    la, par = cfg.launcher, cfg.parallel
+    if env is not None:
+        return env.world_size, env.local_world_size
+    if la.name == "slurm":
+        if la.nprocs is None and la.tasks_per_node is None:
+            raise ConfigError("parallel=auto with launcher=slurm needs launcher.tasks_per_node (or launcher.nprocs): "
+                              "the job's size is what the layout is planned for")
+        world = la.nprocs or la.nodes * la.tasks_per_node
+        return world, tasks_per_node(la, world) if la.nprocs is None else world // la.nodes
+    world = la.nprocs or par.tp * par.pp * par.dp
+    return world, world
+
+
+def auto_layout(cfg: DictConfig, env) -> DictConfig:
+    """parallel=auto: the planner's best layout for the ranks there are (orchestrator/planner/auto.py)."""
+    if cfg.parallel.layout != "auto":
+        return cfg
+    world, local = available_world(cfg, env)
+    cfg, line = choose(cfg, world, local, isolated=env is not None)  # a rank plans in a child process
+    if env is None or env.rank == 0:
+        print(f"trident: {line}", flush=True)
+    return cfg
+
+
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def deliberate_stop(run_dir: str) -> bool:
+    """The run ended itself on purpose (orchestrator/faults.py FaultStop): a restart would repeat it."""
+    fault = Path(run_dir) / "fault.json"
+    return fault.exists() and not json.loads(fault.read_text()).get("restart", True)
+
+
+def spawn_with_restarts(cfg: DictConfig, plain: dict, run_dir: str, corpus, resume: Optional[str]) -> None:
+    """launcher=local: spawn the ranks; if one fails, start again up to launcher.max_restarts times."""
+    par, la = cfg.parallel, cfg.launcher
+    for attempt in range(la.max_restarts + 1):
+        (Path(run_dir) / "fault.json").unlink(missing_ok=True)
+        try:
+            spawn(run_worker, par.tp * par.pp * par.dp, plain, run_dir, corpus, resume, backend=la.backend,
+                  timeout_s=par.timeout_s, ranks_dir=str(Path(run_dir) / "ranks"))
+            return
+        except RankFailed as e:
+            if attempt == la.max_restarts or deliberate_stop(run_dir):
+                raise
+            newest = find_resume("auto", cfg.checkpoint.dir)
+            resume = str(newest) if newest is not None else resume
+            print(f"trident: {first_line(e)}; restart {attempt + 1} of launcher.max_restarts={la.max_restarts}, "
+                  f"from {resume or 'the start'}", file=sys.stderr, flush=True)
+
+
 def run(cfg: DictConfig, run_dir: str) -> None:
     """Check, prepare, launch. Raises ConfigError before anything starts if the config cannot work."""
     env = rank_env(cfg)
+    cfg = auto_layout(cfg, env)
     for warning in validate(cfg, env):
         if env is None or env.rank == 0:
             print(f"trident: warning: {warning}", file=sys.stderr, flush=True)
@@ -96,17 +153,18 @@ def run(cfg: DictConfig, run_dir: str) -> None:
 
     par = cfg.parallel
     if cfg.launcher.name == "slurm":
-        job = SlurmRun(run_worker, find_resume, plain, run_dir, corpus, cfg.launcher.backend, par.timeout_s)
+        job = SlurmRun(run_worker, find_resume, plain, run_dir, corpus, cfg.launcher.backend, par.timeout_s,
+                       relayout=relayout)
         if sweep is not None:
             sweep.pending.append(sweep_point(job, cfg))  # submitted with the others
         else:
             submit(job, cfg)
     elif env is None:
-        world = par.tp * par.pp * par.dp
-        spawn(run_worker, world, plain, run_dir, corpus, resume, backend=cfg.launcher.backend, timeout_s=par.timeout_s)
+        spawn_with_restarts(cfg, plain, run_dir, corpus, resume)
     else:
         backend = pick_backend(cfg.launcher.backend, env.local_world_size)
-        run_rank(run_worker, env, backend, par.timeout_s, plain, run_dir, corpus, resume)
+        run_rank(run_worker, env, backend, par.timeout_s, plain, run_dir, corpus, resume,
+                 trace_dir=str(Path(run_dir) / "ranks"))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

@@ -26,7 +26,7 @@ from functools import lru_cache
 from omegaconf import DictConfig
 
 from models.llama import ModelArgs
-from orchestrator.flops import flops_per_token, mfu, table_peak
+from orchestrator.flops import cluster_peak, flops_per_token, mfu
 from orchestrator.levers import dtype_bytes
 from orchestrator.planner.bubble import analytic_bubble, simulate
 from orchestrator.planner.memory import RankMemory, orders_microbatches, schedule_orders
@@ -61,7 +61,7 @@ def step_time(cfg: DictConfig, mem: RankMemory, n_params: int, bubble: float, ar
     gpus = par.tp * par.pp * par.dp
     m = t.global_batch // (t.micro_batch * par.dp)
     act = dtype_bytes(t.dtype)
-    dtype_peak = table_peak(cl.device, t.dtype)
+    dtype_peak = cluster_peak(cl.device, t.dtype, cl.gpus_per_node)
     peak = dtype_peak * cl.mfu
     flops = flops_per_token(args, n_params, t.seq_len) * t.global_batch * t.seq_len
     recompute = RECOMPUTED[t.activation_checkpointing]

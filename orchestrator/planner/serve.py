@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from models.llama import ModelArgs
+from orchestrator.flops import cluster_peak
 from orchestrator.generate import check_layout
 from orchestrator.validate import ConfigError, divisors
 from parallel.tensor_parallel import padded_vocab
@@ -83,7 +84,7 @@ def decode_step(args: ModelArgs, tp: int, batch: int, context: int, cluster, dty
     n_matmul = weight_bytes(args, 1, 1) - (2 * args.n_layers + 1) * args.dim
     n_matmul -= 0 if args.tie_embeddings else args.vocab_size * args.dim
     flops = batch * (2 * n_matmul + 4 * args.n_layers * args.dim * context)
-    compute_s = flops / (tp * cluster.peak_tflops[dtype] * 1e12 * cluster.mfu)
+    compute_s = flops / (tp * cluster_peak(cluster.device, dtype, cluster.gpus_per_node) * cluster.mfu)
     inside = tp <= cluster.gpus_per_node
     gbps = cluster.intra_node_gbps if inside else cluster.inter_node_gbps
     latency = cluster.intra_node_latency_us if inside else cluster.inter_node_latency_us

@@ -7,11 +7,12 @@ import pytest
 
 from tests.conftest import ROOT
 
-# Ports apart from the defaults, so a cluster a developer already runs is left alone.
+# Ports apart from the defaults, so a cluster a developer already runs is left alone (and movable, so two
+# checkouts can test at once: TRIDENT_TEST_SLURM_BASE, TRIDENT_TEST_SLURM_PORT_BASE, TRIDENT_TEST_SLURM_DB_PORT).
 CLUSTER_ENV = {
-    "SLURM_BASE": "/tmp/trident-test-slurm",
-    "SLURM_PORT_BASE": "6917",
-    "SLURM_DB_PORT": "13406",
+    "SLURM_BASE": os.environ.get("TRIDENT_TEST_SLURM_BASE", "/tmp/trident-test-slurm"),
+    "SLURM_PORT_BASE": os.environ.get("TRIDENT_TEST_SLURM_PORT_BASE", "6917"),
+    "SLURM_DB_PORT": os.environ.get("TRIDENT_TEST_SLURM_DB_PORT", "13406"),
     "SLURM_CRED_EXPIRE": "10",
     "SLURM_EXTRA_CONF": "SchedulerParameters=sched_interval=2,bf_interval=2",
 }
