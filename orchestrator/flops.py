@@ -32,6 +32,8 @@ DEVICE_PEAKS = {
     "gh200": {"bf16": 989.0, "fp32": 67.0},
     "a100": {"bf16": 312.0, "fp32": 19.5},  # SXM and PCIe, 40 and 80 GB alike
 }
+CPU_DEVICE = "cpu"  # a cluster of CPU processes: the peak is this machine's estimate (cluster_peak)
+CLUSTER_DEVICES = (*DEVICE_PEAKS, CPU_DEVICE)  # what conf/cluster's `device` may name
 # How torch.cuda.get_device_name spells them ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", ...):
 # the first fragment found in the name wins, so the more specific come first.
 CUDA_NAMES = (
@@ -107,7 +109,7 @@ def _cpu_peak(local_world_size: int) -> tuple[float, str]:
 def cluster_peak(device: str, dtype: str, ranks_per_node: int) -> float:
     """FLOP/s of one rank of a conf/cluster: the table's figure, or for `device: cpu` this machine's estimate
     with `ranks_per_node` processes sharing its cores."""
-    if device == "cpu":
+    if device == CPU_DEVICE:
         return _cpu_peak(ranks_per_node)[0]
     return table_peak(device, dtype)
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, TextIO
 
-import submitit
 from omegaconf import DictConfig, OmegaConf
 
 from launch.env import from_environ
@@ -301,6 +300,8 @@ class GenerateTask:
 def submit(cfg: DictConfig, plain: dict, plan: Plan):
     """One SLURM job whose tasks are the tp ranks; rank 0's log holds the text (or generate.output does)."""
     params = {**executor_params(cfg), "name": f"trident-generate-{cfg.model.name}"}
+    import submitit  # here: a machine that never submits (a GPU box without it) must still generate
+
     executor = submitit.AutoExecutor(folder=cfg.launcher.folder, cluster="slurm")
     executor.update_parameters(**params)
     job = executor.submit(GenerateTask(plain, plan.prompts, plan.checkpoint, cfg.launcher.backend,

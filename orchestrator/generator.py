@@ -32,7 +32,7 @@ from models.kv_cache import KVCache
 from models.llama import ModelArgs, Transformer
 from models.plans import TP_PLANS
 from orchestrator.build import init_weights
-from orchestrator.checkpoint import CheckpointError
+from orchestrator.checkpoint import CheckpointError, SafePlanner, SafeReader
 from orchestrator.sampling import prompt_generator, sample
 from parallel.tensor_parallel import apply_tp, padded_vocab
 
@@ -74,9 +74,10 @@ def load_weights(model: Transformer, path: str, tp_mesh: Optional[DeviceMesh]) -
         if tp_mesh is None or tp_mesh.size() == 1:
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                 warnings.simplefilter("ignore", UserWarning)
-                dcp.load(state, checkpoint_id=str(path), no_dist=True)
+                dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner(), no_dist=True)
         else:
-            dcp.load(state, checkpoint_id=str(path), process_group=tp_mesh.get_group())
+            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner(),
+                     process_group=tp_mesh.get_group())
     except BaseException as e:  # DCP's CheckpointException derives from BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise

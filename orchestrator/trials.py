@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import submitit
 from omegaconf import OmegaConf
 
 from launch.slurm import error_line, job_error
@@ -79,6 +78,8 @@ class RunProcess:
         info = json.loads((self.run_dir / "slurm_job.json").read_text())
         par = OmegaConf.load(self.run_dir / "config.yaml").parallel
         tasks = par["tp"] * par["pp"] * par["dp"]
+        import submitit  # here: local searches and trident-plan never need it (a GPU box may lack it)
+
         return submitit.SlurmJob(folder=info["folder"], job_id=info["job_id"], tasks=tuple(range(tasks)))
 
     @property

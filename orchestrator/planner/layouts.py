@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from models.llama import ModelArgs, Transformer, num_params
-from orchestrator.flops import DEVICE_PEAKS
+from orchestrator.flops import CLUSTER_DEVICES
 from orchestrator.planner.cost import bubble_of, step_time
 from orchestrator.planner.memory import GiB, RankMemory, layout_memory, probe_shards
 from orchestrator.validate import ConfigError, divisors, validate
@@ -71,28 +71,6 @@ def set_layout(c: DictConfig, tp, pp, dp, mb, schedule) -> None:
         c.launcher.nprocs = None
 
 
-def candidates(cfg: DictConfig):
-    """Every (tp, pp, dp, micro_batch, schedule) on cluster.gpus, before validation."""
-    gpus, t = cfg.cluster.gpus, cfg.train
-    for tp in divisors(gpus):
-        for pp in divisors(gpus // tp):
-            dp = gpus // (tp * pp)
-            if t.global_batch % dp:
-                continue
-            for mb in divisors(t.global_batch // dp):
-                for schedule in (SCHEDULES if pp > 1 else [cfg.parallel.schedule]):
-                    yield tp, pp, dp, mb, schedule
-
-
-def set_layout(c: DictConfig, tp, pp, dp, mb, schedule) -> None:
-    with open_dict(c):
-        c.parallel.tp, c.parallel.pp, c.parallel.dp, c.parallel.schedule = tp, pp, dp, schedule
-        c.parallel.microbatches = None
-        c.parallel.cut_points = None
-        c.train.micro_batch = mb
-        c.launcher.nprocs = None
-
-
 def n_params_of(cfg: DictConfig) -> int:
     with torch.device("meta"):
         return num_params(Transformer(ModelArgs.from_config(cfg.model)))
@@ -102,59 +80,10 @@ def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
     """Every valid layout, best first (fitting ones first, then by predicted step time)."""
     started = time.perf_counter()
     cl = cfg.cluster
-    if cl.device not in DEVICE_PEAKS:
-        raise ConfigError(f"cluster.device={cl.device!r} is not one of: {', '.join(DEVICE_PEAKS)} "
-                          "(orchestrator/flops.py DEVICE_PEAKS: each one's peak FLOP/s per dtype)")
-    try:  # resolved once, not per layout (${hydra:...} resolves only inside the Hydra app)
-        work = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    except InterpolationResolutionError:
-        work = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    rejected: dict[str, int] = {}
-    valid = []
-    for tp, pp, dp, mb, schedule in candidates(cfg):
-        set_layout(work, tp, pp, dp, mb, schedule)
-        try:
-            validate(work)
-        except ConfigError as e:
-            reason = re.match(r"[\w.]+", str(e)).group(0)  # the setting it names
-            rejected[reason] = rejected.get(reason, 0) + 1
-            continue
-        valid.append((tp, pp, dp, mb, schedule))
-    n_params = n_params_of(cfg)
-    args = ModelArgs.from_config(cfg.model)
-    shards = {}
-    for tp, pp, dp, _, _ in valid:
-        if (tp, pp, dp) not in shards:
-            set_layout(work, tp, pp, dp, 1, "1f1b")
-            shards[tp, pp, dp] = probe_shards(work)
-    rows = []
-    budget = (cl.gpu_memory_gb - cl.memory_reserve_gb) * GiB
-    for tp, pp, dp, mb, schedule in valid:
-        set_layout(work, tp, pp, dp, mb, schedule)
-        ranks = layout_memory(work, shards[tp, pp, dp], args, device="cuda")  # a cluster of GPUs
-        worst = max(ranks, key=lambda r: r.total)
-        m = cfg.train.global_batch // (mb * dp)
-        bubble = bubble_of(schedule, pp, m, cfg.parallel.stages_per_rank)
-        times = step_time(work, worst, n_params, bubble, args)
-        rows.append(Layout(tp, pp, dp, mb, schedule if pp > 1 else "-", m, worst, worst.total <= budget, bubble,
-                           **times))
-    rows.sort(key=lambda r: (not r.fits, r.step_s))
-    best = next((r.step_s for r in rows if r.fits), rows[0].step_s if rows else 1.0)
-    for r in rows:
-        r.rel = r.step_s / best
-    info = {"candidates": len(valid) + sum(rejected.values()), "valid": len(valid),
-            "fit": sum(r.fits for r in rows), "rejected": rejected, "n_params": n_params,
-            "seconds": time.perf_counter() - started}
-    return rows, info
-
-
-def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
-    """Every valid layout, best first (fitting ones first, then by predicted step time)."""
-    started = time.perf_counter()
-    cl = cfg.cluster
-    if cl.device not in DEVICE_PEAKS:
-        raise ConfigError(f"cluster.device={cl.device!r} is not one of: {', '.join(DEVICE_PEAKS)} "
-                          "(orchestrator/flops.py DEVICE_PEAKS: each one's peak FLOP/s per dtype)")
+    if cl.device not in CLUSTER_DEVICES:
+        raise ConfigError(f"cluster.device={cl.device!r} is not one of: {', '.join(CLUSTER_DEVICES)} "
+                          "(orchestrator/flops.py DEVICE_PEAKS: each one's peak FLOP/s per dtype; cpu: this "
+                          "machine's estimate)")
     try:  # resolved once, not per layout (${hydra:...} resolves only inside the Hydra app)
         work = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     except InterpolationResolutionError:

@@ -33,7 +33,7 @@ from tests.conftest import make_cfg
     (["launcher.max_restarts=-2"], ["launcher.max_restarts=-2 must be >= 0"]),
     (["logging.straggler_factor=1"], ["logging.straggler_factor=1", "above 1"]),
     (["parallel.layout=sideways"], ["parallel.layout='sideways'", "manual, auto"]),
-    (["parallel.auto_cluster=tpu-pod"], ["parallel.auto_cluster='tpu-pod'", "a100-80gb, h100-80gb"]),
+    (["parallel.auto_cluster=tpu-pod"], ["parallel.auto_cluster='tpu-pod'", "a100-80gb, cpu, h100-80gb"]),
     (["parallel=auto", "launcher.nprocs=3"],
      ["parallel=auto: no layout of llama-debug fits 3 rank(s)", "the smallest world size that fits is 1",
       "the largest below 3 is 2"]),
