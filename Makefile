@@ -22,7 +22,7 @@ train: $(STAMP)
 	$(BIN)/trident-train $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/loop_overhead.py

@@ -33,9 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import submitit
-from submitit.core.utils import FailedJobError
-
 from launch.env import from_environ
 from launch.local import RankFailed
 from launch.rank import pick_backend, run_rank
@@ -123,6 +120,8 @@ class SlurmRun:
 
     def checkpoint(self, *args, **kwargs):
         """submitit's protocol: what to run when the job comes back (the same run; it resumes itself)."""
+        import submitit  # only launcher=slurm needs it: a GPU box running launcher=local may not have it
+
         return submitit.helpers.DelayedSubmission(self)
 
 
@@ -167,6 +166,8 @@ def submit(run: SlurmRun, cfg) -> Any:
     run_dir = run.run_dir
     launcher = cfg.launcher
     params = executor_params(cfg)
+    import submitit  # only launcher=slurm needs it: a GPU box running launcher=local may not have it
+
     executor = submitit.AutoExecutor(folder=launcher.folder, cluster="slurm")
     executor.update_parameters(**params)
     job = executor.submit(run)
@@ -205,6 +206,8 @@ def submit_sweep(pending: list[SweepPoint], sweep_dir: str, sweep_id: str) -> li
     for point in pending:
         groups.setdefault(json.dumps([point.params, point.array_parallelism], sort_keys=True), []).append(point)
     jobs = []
+    import submitit  # only launcher=slurm needs it: a GPU box running launcher=local may not have it
+
     for points in groups.values():
         executor = submitit.AutoExecutor(folder=Path(sweep_dir) / "slurm", cluster="slurm")
         executor.update_parameters(**points[0].params, slurm_array_parallelism=points[0].array_parallelism)
@@ -226,6 +229,25 @@ def submit_sweep(pending: list[SweepPoint], sweep_dir: str, sweep_id: str) -> li
 
 # --- after submission --------------------------------------------------------------------------
 
+def job_error(job) -> Optional[str]:
+    """A finished job's error from submitit's own result files (None: every task returned), never sacct's state.
+
+    sacct lags the job by seconds: a job whose every task has written its result can still read RUNNING
+    there. submitit's `exception()` reads each task's result pickle: the failing task's traceback, or,
+    for a task that wrote none (killed with the others by srun), the job's error stream.
+    """
+    error = job.exception()
+    return None if error is None else str(error)
+
+
+def error_line(error: str) -> str:
+    """The line of a job error that says what went wrong: the last line of the task's traceback."""
+    lines = error.strip().splitlines()
+    bars = [i for i, line in enumerate(lines) if set(line.strip()) == {"-"}]
+    inside = lines[bars[0] + 1:bars[1]] if len(bars) >= 2 else lines  # submitit fences the trace with dashes
+    return next((line.strip() for line in reversed(inside) if line.strip()), error.strip()[:200])
+
+
 def follow(job, poll_s: float = 2.0) -> None:
     """Stream rank 0's log until the job ends; raise if it failed."""
     shown = 0
@@ -240,6 +262,8 @@ def follow(job, poll_s: float = 2.0) -> None:
         if done:
             break
         time.sleep(poll_s)
+    from submitit.core.utils import FailedJobError  # only launcher=slurm needs submitit
+
     try:
         job.results()
     except FailedJobError as e:  # carries the failing task's traceback

@@ -67,6 +67,7 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
         "vocab_size": args.vocab_size,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
+        **({"rope_scaling": {"rope_type": "llama3", **args.rope_scaling}} if args.rope_scaling else {}),
         "max_position_embeddings": args.max_seq_len,
         "tie_word_embeddings": args.tie_embeddings,
         "hidden_act": "silu",
@@ -76,19 +77,62 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
     }
 
 
+def _rope(config: dict) -> dict:
+    # transformers 5 writes `rope_parameters`; earlier versions `rope_theta` and `rope_scaling`.
+    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+
+
+def rope_type(config: dict) -> str:
+    rope = _rope(config)
+    return rope.get("rope_type", rope.get("type")) or "default"
+
+
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_scaling(config: dict):
+    """Our ModelArgs.rope_scaling from a HF config: the llama3 parameters, or None for plain RoPE."""
+    if rope_type(config) != "llama3":
+        return None
+    rope = _rope(config)
+    return {k: rope[k] for k in LLAMA3_SCALING_KEYS}
+
+
+def hf_value(config: dict, key: str):
+    """One field of a HF Llama config.json, with transformers' defaults where a field may be absent."""
+    defaults = {
+        "num_key_value_heads": config.get("num_attention_heads"),
+        "rope_theta": _rope(config).get("rope_theta", 10000.0),
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 2048,
+    }
+    if key == "rope_scaling":
+        return rope_scaling(config)
+    if key in config and config[key] is not None:
+        return config[key]
+    if key in defaults:
+        return defaults[key]
+    raise KeyError(f"config.json has no {key!r}")
+
+
 def args_from_hf(config: dict) -> dict:
     """The ModelArgs fields a HF Llama config fixes (the SwiGLU hidden size is checked separately)."""
     return {
         "dim": config["hidden_size"],
         "n_layers": config["num_hidden_layers"],
         "n_heads": config["num_attention_heads"],
-        "n_kv_heads": config.get("num_key_value_heads", config["num_attention_heads"]),
+        "n_kv_heads": hf_value(config, "num_key_value_heads"),
         "vocab_size": config["vocab_size"],
         "norm_eps": config["rms_norm_eps"],
-        "rope_theta": config.get("rope_theta", 10000.0),
-        "tie_embeddings": config.get("tie_word_embeddings", False),
+        "rope_theta": hf_value(config, "rope_theta"),
+        "rope_scaling": rope_scaling(config),
+        "tie_embeddings": hf_value(config, "tie_word_embeddings"),
         "ffn_hidden": config["intermediate_size"],
     }
+
+
+def read_config(folder) -> dict:
+    return json.loads((Path(folder).expanduser() / "config.json").read_text())
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -29,6 +30,9 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
+    # Llama 3.1's long-context rotary scaling, as in a HF config.json: {factor, low_freq_factor,
+    # high_freq_factor, original_max_position_embeddings}; None = plain RoPE.
+    rope_scaling: Optional[dict] = None
     max_seq_len: int = 8192
     tie_embeddings: bool = False
     # Rows of the embedding and output projection; more than vocab_size when a
@@ -38,10 +42,13 @@ class ModelArgs:
     @classmethod
     def from_config(cls, cfg) -> "ModelArgs":
         """Take the fields of ModelArgs from a config node (extra keys, like name, are ignored)."""
-        return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
+        values = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg}
+        if values.get("rope_scaling") is not None:
+            values["rope_scaling"] = dict(values["rope_scaling"])  # a plain dict, not a config node
+        return cls(**values)
 
     @property
-    def rows(self) -> int:
+    def vocab_rows(self) -> int:
         return self.padded_vocab_size or self.vocab_size
 
     @property
@@ -73,18 +80,38 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_table(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
+def llama3_scaled(freqs: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's rotary scaling: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_context / low, freqs / factor, freqs)
+    medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope_table(head_dim: int, max_seq_len: int, theta: float, device=None, scaling: Optional[dict] = None) -> torch.Tensor:
     """cos and sin of every (position, frequency), stacked: shape (max_seq_len, head_dim // 2, 2)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        freqs = llama3_scaled(freqs, scaling)
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate each (2i, 2i+1) pair of x (batch, seq, heads, head_dim) by its position's angle."""
-    seq = x.shape[1]
-    cos = table[:seq, :, 0].view(1, seq, 1, -1)
-    sin = table[:seq, :, 1].view(1, seq, 1, -1)
+    """Rotate each (2i, 2i+1) pair of x (batch, seq, heads, head_dim) by its position's angle.
+
+    table: the whole rotary table (positions 0, 1, ... are taken), or one row
+    of angles per token, (batch, seq, head_dim // 2, 2), when decoding.
+    """
+    bsz, seq = x.shape[:2]
+    if table.dim() == 4:
+        cos, sin = table[..., 0].unsqueeze(2), table[..., 1].unsqueeze(2)
+    else:
+        cos = table[:seq, :, 0].view(1, seq, 1, -1)
+        sin = table[:seq, :, 1].view(1, seq, 1, -1)
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
@@ -102,7 +129,10 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache=None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """cache: this layer's KV cache when decoding (models/kv_cache.py), else None.
+        mask: None for plain causal attention, else (batch, 1, seq, keys) bool, True where a query may attend
+        (document masking in training; a cache brings its own)."""
         bsz, seq, _ = x.shape
         # -1 rather than the head counts: under tensor parallelism a rank holds a
         # slice of the heads, and the same code must work on it unchanged.
@@ -110,12 +140,14 @@ class Attention(nn.Module):
         k = self.wk(x).view(bsz, seq, -1, self.head_dim)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if cache is not None:  # decoding: these keys and values join the cached ones
+            k, v, mask = cache.update(k, v)
         repeat = q.shape[2] // k.shape[2]
         if repeat > 1:
             k = k.repeat_interleave(repeat, dim=2)
             v = v.repeat_interleave(repeat, dim=2)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None
         )
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
@@ -139,8 +171,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache=None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # Every argument positional: the TP plan prepares the attention's inputs by position.
+        h = x + self.attention(self.attention_norm(x), rope, cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -148,29 +181,88 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.rows, args.dim)
+        self.tok_embeddings = nn.Embedding(args.vocab_rows, args.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.rows, bias=False)
-        if args.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.output = nn.Linear(args.dim, args.vocab_rows, bias=False)
+        self.tie_weights()
         self.register_buffer(
-            "rope", rope_table(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False
+            "rope", rope_table(args.head_dim, args.max_seq_len, args.rope_theta, scaling=args.rope_scaling),
+            persistent=False
         )
+        # With targets, the logits are made and reduced in this many token chunks (1: all at once).
+        self.loss_chunks = 1
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (batch, seq) -> logits (batch, seq, vocab)."""
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None, *, cache=None,
+                last_only: bool = False, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab); with targets (batch, seq), the mean cross-entropy
+        over the targets that are not IGNORE (-100).
+
+        cache: a KVCache (models/kv_cache.py) placed at these tokens' slots, when
+        decoding. last_only: the logits of the last position only (batch, 1, vocab).
+        doc_ids (batch, seq), in training: the document of each token; a token then attends only
+        to earlier tokens of its own document. (Rotary embeddings depend on relative positions
+        only, so each document is computed as if it stood alone.) A pipeline stage gets hidden
+        states as `tokens` and the same doc_ids.
+        """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, self.rope)
+        rope = self.rope if cache is None else cache.rope(self.rope)
+        mask = document_mask(doc_ids) if doc_ids is not None else None
+        for key, layer in self.layers.items():
+            h = layer(h, rope, None if cache is None else cache.layer(int(key)), mask)
+        h = h[:, -1:] if last_only else h
         h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
+        if self.output is None:
+            return h
+        if targets is None:
+            return self.output(h)
+        return cross_entropy(self.output, h, targets, self.loss_chunks)
+
+    def tie_weights(self) -> None:
+        """With tie_embeddings, make the output projection use the embedding's tensor.
+
+        Call again after `to_empty`: it gives each module its own new tensor, which
+        silently unties them (a tied model built on the meta device would otherwise
+        train a second, separately initialised output matrix).
+        """
+        if self.args.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
 
     def reset_buffers(self) -> None:
         """Recompute the rotary table (after `to_empty` from the meta device)."""
         self.rope = rope_table(
-            self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=self.rope.device
+            self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=self.rope.device,
+            scaling=self.args.rope_scaling,
         )
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, seq, seq) bool: query i may attend key j iff j <= i and both are in one document."""
+    seq = doc_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
+    return (doc_ids[:, :, None] == doc_ids[:, None, :]).unsqueeze(1) & causal
+
+
+def _loss_sum(output: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output(h).float(), targets, reduction="sum")
+
+
+def cross_entropy(output: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+    """Mean cross-entropy of output(h) against targets, with fp32 log-probabilities.
+
+    chunks > 1: the tokens are split into `chunks` pieces whose logits are made,
+    reduced and thrown away one at a time, and made again in backward
+    (activation checkpointing of the output projection and the loss), so the
+    (tokens, vocab) fp32 logits and their gradient are never whole: at a 128k
+    vocabulary they are the largest tensors of a step. The same numbers as one
+    piece up to the order of the final sum; one more output projection in
+    backward (2 * tokens * dim * vocab FLOPs).
+    """
+    if chunks <= 1:
+        return F.cross_entropy(output(h).flatten(0, 1).float(), targets.flatten())
+    total = sum(checkpoint(_loss_sum, output, hc, yc, use_reentrant=False)
+                for hc, yc in zip(h.flatten(0, 1).chunk(chunks), targets.flatten().chunk(chunks)))
+    return total / (targets != -100).sum()  # F.cross_entropy's mean: over the targets not ignored
 
 
 def num_params(model: nn.Module, exclude_embedding: bool = False) -> int:

@@ -18,8 +18,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from models.hf import load_hf
 from models.llama import ModelArgs, Transformer, full_init_value, num_params
 from models.plans import TP_PLANS, pipeline_cuts, stage_layers
-from orchestrator.levers import DTYPES, apply_levers
-from parallel.data_parallel import DataParallel, apply_dp, uses_fsdp
+from orchestrator.levers import DTYPES, apply_levers, compile_scope, compile_works
+from parallel.data_parallel import DataParallel, apply_dp, uses_ddp, uses_fsdp
 from parallel.pipeline_parallel import SPLIT_BACKWARD, stage_ids, stage_module, stages_per_rank
 from parallel.tensor_parallel import apply_tp, padded_vocab
 
@@ -33,6 +33,7 @@ class ModelParts:
     n_params: int  # of the whole model
     args: ModelArgs
     dp: Optional[DataParallel]  # the loop's data-parallel hooks (None when not materialized)
+    compiled: Optional[str] = None  # what train.compile compiled (levers.compile_scope), None: nothing
 
 
 @torch.no_grad()
@@ -81,23 +82,27 @@ def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device,
     ids, layers, n_stages = stage_plan(model_cfg, parallel_cfg, mesh["pp"].size(), mesh["pp"].get_local_rank())
     source = load_hf(model_cfg.init_from, args) if materialize and model_cfg.get("init_from") else None
     fsdp = uses_fsdp(parallel_cfg.dp_shard, dp_mesh.size())
+    pp = mesh["pp"].size()
+    scope = compile_scope(tp, fsdp or uses_ddp(parallel_cfg.dp_shard, dp_mesh.size(), tp, pp))
     modules = []
     for stage in ids:
         module = whole if n_stages == 1 else stage_module(whole, stage, n_stages, layers[stage])
         if tp > 1:
             apply_tp(module, mesh["tp"], TP_PLANS["llama"], parallel_cfg.sequence_parallel)
         if train_cfg is not None:
-            apply_levers(module, train_cfg, device, fsdp_mixed_precision=fsdp)
+            apply_levers(module, train_cfg, device, fsdp_mixed_precision=fsdp, scope=scope)
         modules.append(module)
 
     def materialize_(module: Transformer) -> None:
         module.to_empty(device=device)
+        module.tie_weights()  # to_empty unties them
         init_weights(module, seed, source)
 
     parts, dp = apply_dp(
-        modules, dp_mesh, parallel_cfg.dp_shard, tp=tp, pp=mesh["pp"].size(),
+        modules, dp_mesh, parallel_cfg.dp_shard, tp=tp, pp=pp,
         per_block=n_stages == 1 or parallel_cfg.schedule not in SPLIT_BACKWARD,
         param_dtype=DTYPES[train_cfg.dtype] if train_cfg is not None else torch.float32,
         materialize=materialize_ if materialize else None,
     )
-    return ModelParts(parts, modules, ids, n_stages, num_params(whole), args, dp)
+    compiled = scope if train_cfg is not None and train_cfg.compile and compile_works() else None
+    return ModelParts(parts, modules, ids, n_stages, num_params(whole), args, dp, compiled)

@@ -176,11 +176,6 @@ class Saver:
         dist.barrier()
 
 
-def save(modules: list, optimizers: list, step: int, directory: str, meta: dict, keep: int = 0) -> str:
-    """One synchronous save (see Saver)."""
-    return Saver(directory, keep).save(modules, optimizers, step, meta)
-
-
 def find_resume(resume: str, directory: str) -> Optional[Path]:
     """The checkpoint to start from: auto = newest complete in `directory` (None if there is none)."""
     if resume == "never":

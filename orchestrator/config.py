@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the config tree every CLI composes
 
@@ -27,6 +27,7 @@ class ModelConfig:
     ffn_dim_multiplier: Optional[float] = MISSING
     norm_eps: float = MISSING
     rope_theta: float = MISSING
+    rope_scaling: Any = MISSING  # a dict or null; untyped so that the fine-tune preset may interpolate it
     max_seq_len: int = MISSING
     tie_embeddings: bool = MISSING
     init_from: Optional[str] = MISSING
@@ -80,6 +81,11 @@ class DataConfig:
     bin_dtype: str = MISSING
     eval_fraction: float = MISSING
     cache_dir: str = MISSING
+    tokenizer: str = MISSING
+    text_key: str = MISSING
+    eos_token: Optional[str] = MISSING
+    mask_across_documents: bool = MISSING
+    tokenize_workers: Optional[int] = MISSING
 
 
 @dataclass
@@ -94,6 +100,7 @@ class OptimConfig:
     beta2: float = MISSING
     eps: float = MISSING
     grad_clip: float = MISSING
+    implementation: str = MISSING
 
 
 @dataclass
@@ -146,6 +153,7 @@ class LoopConfig:
     dtype: str = MISSING
     activation_checkpointing: str = MISSING
     compile: bool = MISSING
+    loss_chunks: int = MISSING
     nonfinite: str = MISSING
     max_skipped_steps: int = MISSING
     step_timeout_s: Optional[float] = MISSING
@@ -172,20 +180,71 @@ class ClusterConfig:
     gpus_per_node: int = MISSING
     gpu_memory_gb: float = MISSING
     memory_reserve_gb: float = MISSING
-    peak_tflops: dict[str, float] = MISSING
+    device: str = MISSING
     mfu: float = MISSING
     intra_node_gbps: float = MISSING
     inter_node_gbps: float = MISSING
+    hbm_gbps: float = MISSING
+    hbm_efficiency: float = MISSING
+    intra_node_latency_us: float = MISSING
+    inter_node_latency_us: float = MISSING
+
+
+@dataclass
+class GenerateSettings:
+    checkpoint: Optional[str] = MISSING
+    prompt: Optional[str] = MISSING
+    prompts_file: Optional[str] = MISSING
+    max_new_tokens: int = MISSING
+    temperature: float = MISSING
+    top_k: int = MISSING
+    top_p: float = MISSING
+    seed: int = MISSING
+    stop_ids: list[int] = MISSING
+    batch_size: int = MISSING
+    max_total_tokens: Optional[int] = MISSING
+    dtype: str = MISSING
+    compile: bool = MISSING
+    cuda_graphs: bool = MISSING
+    output: Optional[str] = MISSING
+    echo: bool = MISSING
+
+
+# A schema that extends TrainConfig is merged after train.yaml's groups: MISSING leaves what they set, where
+# LauncherConfig's own None defaults (for its slurm-only keys) would cover the launcher group's values.
+_KEEP = MISSING
+
+
+@dataclass
+class GenerateConfig(TrainConfig):
+    """`trident-generate`: the training config (model, parallel, launcher, data.tokenizer) plus `generate`."""
+
+    launcher: Any = _KEEP
+    generate: GenerateSettings = field(default_factory=GenerateSettings)
 
 
 @dataclass
 class PlanConfig(TrainConfig):
-    """`trident-plan`: the training config plus the cluster it is planned for."""
+    """`trident-plan`: the training config plus the cluster it is planned for (and, for --serve, `generate`)."""
 
+    launcher: Any = _KEEP
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    generate: GenerateSettings = field(default_factory=GenerateSettings)
+
+
+def hf_config_value(folder: Optional[str], key: str):
+    """`${hf:${model.init_from},hidden_size}`: a field of a Hugging Face model folder's config.json."""
+    from models.hf import hf_value, read_config  # torch comes with it: only when a preset reads a HF folder
+
+    if folder is None:
+        raise ValueError(f"${{hf:...,{key}}} needs model.init_from (a Hugging Face Llama folder); it is null")
+    return hf_value(read_config(folder), key)
 
 
 def register() -> None:
-    """Make the schema known to Hydra; `conf/train.yaml` extends it, `conf/plan.yaml` the plan's."""
+    """Make the schema known to Hydra; `conf/train.yaml` extends it, `conf/plan.yaml` and `conf/generate.yaml` theirs."""
+    if not OmegaConf.has_resolver("hf"):
+        OmegaConf.register_new_resolver("hf", hf_config_value)
     ConfigStore.instance().store(name="trident_schema", node=TrainConfig)
     ConfigStore.instance().store(name="trident_plan_schema", node=PlanConfig)
+    ConfigStore.instance().store(name="trident_generate_schema", node=GenerateConfig)

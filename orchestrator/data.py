@@ -1,14 +1,23 @@
-"""Token data with no download: a corpus on disk, a byte tokenizer, deterministic batches.
+"""Token data: a corpus on disk, tokenized once into a cached flat file; deterministic batches.
 
 A corpus is text (the Python standard library's own source by default, or a
-user's file or folder) tokenized once into a cached uint8 `.bin`, or a user's
-pre-tokenized uint16/uint32 `.bin`. A held-out tail (by file for folders)
-is the eval split.
+user's text file, folder, JSONL or Parquet) or a user's pre-tokenized
+uint16/uint32 `.bin`. With `data.tokenizer=bytes` a text file or folder is
+today's uint8 byte stream (files joined by a blank line, held-out files
+chosen by a hash of their path); any other corpus or tokenizer goes through
+`orchestrator/corpus.py`: documents encoded one by one with BOS/EOS into one
+flat token file, and the held-out split is the last whole documents.
 
 Batches are layout-independent: the sequences of step s are drawn from a
 generator seeded with (seed, s), the same on every rank; dp rank r takes its
 contiguous share. So the data a step sees, and the position to resume from
 (the step itself), do not depend on the TP x PP x DP layout.
+
+With `data.mask_across_documents=true` each micro-batch also carries the
+document index of every input token: the model lets a token attend only
+within its document, and a target that belongs to another document than its
+input (the token that would be predicted across a boundary) is IGNORE, which
+the loss skips.
 """
 
 import hashlib
@@ -17,26 +26,19 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-BYTE_VOCAB = 256
+from orchestrator import corpus as _corpus
+from orchestrator import tokenizer as _tokenizer
+from orchestrator.tokenizer import BYTE_VOCAB, ByteTokenizer  # noqa: F401 - ByteTokenizer is part of this API
+
 BIN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-FORMATS = ("auto", "text", "bin")
-_CACHE_VERSION = "1"
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: vocabulary 256, nothing to download, lossless."""
-
-    vocab_size = BYTE_VOCAB
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, tokens) -> str:
-        return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+FORMATS = ("auto", "text", "jsonl", "parquet", "bin")
+IGNORE = -100  # a target the loss skips (F.cross_entropy's ignore_index)
+_CACHE_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Split:
     dtype: str
     start: int
     end: int
+    docs: Optional[str] = None  # int64 offsets (in the file at `path`) where documents start; None: unknown
 
     @property
     def num_tokens(self) -> int:
@@ -55,6 +58,12 @@ class Split:
     def tokens(self) -> np.ndarray:
         return np.memmap(self.path, dtype=np.dtype(self.dtype), mode="r")[self.start : self.end]
 
+    def doc_starts(self) -> np.ndarray:
+        """Where this split's documents start, relative to the split; always starts with 0."""
+        starts = np.fromfile(self.docs, dtype=np.int64)
+        mine = starts[(starts > self.start) & (starts < self.end)] - self.start
+        return np.concatenate([np.zeros(1, np.int64), mine])
+
 
 @dataclass(frozen=True)
 class Corpus:
@@ -62,6 +71,8 @@ class Corpus:
     eval: Split
     source: str
     max_token: int  # the largest token id present; the model's vocabulary must exceed it
+    num_docs: Optional[int] = None  # None: a pre-tokenized .bin, whose documents are unknown
+    stats: Optional[dict] = None  # how the token file was made: cached, seconds, tokens_per_s, mb_per_s
 
 
 def stdlib_dir() -> Path:
@@ -69,9 +80,10 @@ def stdlib_dir() -> Path:
 
 
 def resolve_format(path: Path, fmt: str) -> str:
+    """bin, or the kind of text source (auto: by suffix; a folder holds files of any kind)."""
     if fmt != "auto":
         return fmt
-    return "bin" if path.suffix == ".bin" else "text"
+    return "bin" if path.suffix == ".bin" else "auto"
 
 
 def text_files(root: Path, pattern: str) -> list[Path]:
@@ -84,12 +96,60 @@ def text_files(root: Path, pattern: str) -> list[Path]:
     ]
 
 
-def prepare(data_cfg) -> Corpus:
-    """Find or build the token files of the configured corpus (in the launcher, once)."""
+def corpus_files(data_cfg) -> tuple[Path, list[tuple[Path, str]]]:
+    """(root, [(file, kind)]) of a text corpus: the file itself, or the folder's files matching data.pattern."""
+    root = Path(data_cfg.path).expanduser() if data_cfg.path else stdlib_dir()
+    fmt = resolve_format(root, data_cfg.format)
+    files = text_files(root, data_cfg.pattern)
+    if not files:
+        raise FileNotFoundError(f"no files match {data_cfg.pattern!r} under {root}")
+    return root, [(f, _corpus.file_kind(f, fmt)) for f in files]
+
+
+def prepare(data_cfg, init_from: Optional[str] = None, workers: Optional[int] = None, progress: bool = True) -> Corpus:
+    """Find or build the token files of the configured corpus (in the launcher, once, before ranks start).
+
+    init_from: model.init_from, for data.tokenizer=init_from. workers: tokenizing processes
+    (None: data.tokenize_workers, or every core).
+    """
     root = Path(data_cfg.path).expanduser() if data_cfg.path else stdlib_dir()
     if resolve_format(root, data_cfg.format) == "bin":
         return _bin_corpus(root, data_cfg.bin_dtype, data_cfg.eval_fraction)
-    return _text_corpus(root, data_cfg.pattern, data_cfg.eval_fraction, Path(data_cfg.cache_dir).expanduser())
+    tok = _tokenizer.load_tokenizer(data_cfg.get("tokenizer", "bytes"), init_from, data_cfg.get("eos_token"))
+    root, files = corpus_files(data_cfg)
+    cache_dir = Path(data_cfg.cache_dir).expanduser()
+    if isinstance(tok, ByteTokenizer) and all(kind == "text" for _, kind in files):
+        return _text_corpus(root, data_cfg.pattern, data_cfg.eval_fraction, cache_dir)
+    workers = workers or data_cfg.get("tokenize_workers")
+    tf = _corpus.tokenize_cached(files, tok, data_cfg.get("text_key", "text"), cache_dir, str(root), workers, progress)
+    return document_corpus(tf, data_cfg.eval_fraction, str(root))
+
+
+def eval_cut(doc_starts: np.ndarray, num_tokens: int, eval_fraction: float) -> int:
+    """Where the held-out split starts: at the first of the last whole documents that make up eval_fraction.
+
+    At least one document stays in training; a corpus of one document (one text file) can only
+    be cut inside it: its tail is held out.
+    """
+    want = max(1, int(num_tokens * eval_fraction))
+    if len(doc_starts) < 2:
+        return num_tokens - want
+    last = int(np.searchsorted(doc_starts, num_tokens - want, side="right")) - 1
+    return int(doc_starts[max(last, 1)])
+
+
+def document_corpus(tf: "_corpus.TokenFile", eval_fraction: float, source: str) -> Corpus:
+    cut = eval_cut(tf.doc_starts(), tf.num_tokens, eval_fraction)
+    return Corpus(
+        train=Split(tf.tokens, tf.dtype, 0, cut, tf.docs),
+        eval=Split(tf.tokens, tf.dtype, cut, tf.num_tokens, tf.docs),
+        source=source,
+        max_token=tf.max_token,
+        num_docs=tf.num_docs,
+        stats={"cached": tf.cached, "seconds": tf.seconds,
+               "tokens_per_s": tf.num_tokens / tf.seconds if tf.seconds else None,
+               "mb_per_s": tf.source_bytes / 1e6 / tf.seconds if tf.seconds else None},
+    )
 
 
 def _bin_corpus(path: Path, dtype: str, eval_fraction: float) -> Corpus:
@@ -106,6 +166,7 @@ def _bin_corpus(path: Path, dtype: str, eval_fraction: float) -> Corpus:
 
 
 def _text_corpus(root: Path, pattern: str, eval_fraction: float, cache_dir: Path) -> Corpus:
+    """Bytes of a text file or folder: today's byte stream (uint8, files joined by a blank line)."""
     files = text_files(root, pattern)
     if not files:
         raise FileNotFoundError(f"no files match {pattern!r} under {root}")
@@ -116,16 +177,18 @@ def _text_corpus(root: Path, pattern: str, eval_fraction: float, cache_dir: Path
         _tokenize(root, files, eval_fraction, out)
     paths = {name: str(out / f"{name}.bin") for name in ("train", "eval")}
     sizes = {name: os.path.getsize(p) for name, p in paths.items()}
+    docs = {name: str(out / f"{name}.docs.bin") for name in ("train", "eval")}
     return Corpus(
-        train=Split(paths["train"], "uint8", 0, sizes["train"]),
-        eval=Split(paths["eval"], "uint8", 0, sizes["eval"]),
+        train=Split(paths["train"], "uint8", 0, sizes["train"], docs["train"]),
+        eval=Split(paths["eval"], "uint8", 0, sizes["eval"], docs["eval"]),
         source=str(root),
         max_token=BYTE_VOCAB - 1,
+        num_docs=len(files),
     )
 
 
 def _tokenize(root: Path, files: list[Path], eval_fraction: float, out: Path) -> None:
-    """Write train.bin and eval.bin (bytes), atomically: eval.bin is renamed into place last."""
+    """Write train.bin and eval.bin (bytes) and where their files start, atomically: eval.bin is renamed last."""
     out.mkdir(parents=True, exist_ok=True)
     if len(files) == 1:
         data = files[0].read_bytes()
@@ -140,16 +203,28 @@ def _tokenize(root: Path, files: list[Path], eval_fraction: float, out: Path) ->
             parts["eval" if held_out else "train"].append(f.read_bytes())
     pid = os.getpid()
     for name in ("train", "eval"):
+        # Each file starts a document (a single file: its held-out tail starts one too).
+        starts = np.cumsum([0] + [len(p) + 2 for p in parts[name][:-1]], dtype=np.int64)
+        tmp = out / f"{name}.docs.bin.tmp{pid}"
+        starts.tofile(tmp)
+        os.replace(tmp, out / f"{name}.docs.bin")
+    for name in ("train", "eval"):
         tmp = out / f"{name}.bin.tmp{pid}"
         tmp.write_bytes(b"\n\n".join(parts[name]))
         os.replace(tmp, out / f"{name}.bin")
 
 
 class Batches:
-    """The micro-batches of each step for one dp rank, drawn deterministically from a split."""
+    """The micro-batches of each step for one dp rank, drawn deterministically from a split.
 
-    def __init__(self, split: Split, seq_len: int, global_batch: int, micro_batch: int, seed: int, dp_rank: int, dp_size: int):
+    mask_documents: each micro-batch is (inputs, targets, doc_ids) instead of (inputs, targets),
+    with the targets that cross a document boundary set to IGNORE.
+    """
+
+    def __init__(self, split: Split, seq_len: int, global_batch: int, micro_batch: int, seed: int, dp_rank: int,
+                 dp_size: int, mask_documents: bool = False):
         self.tokens = split.tokens()
+        self.doc_starts = split.doc_starts() if mask_documents else None
         self.seq_len = seq_len
         self.global_batch = global_batch
         self.micro_batch = micro_batch
@@ -157,28 +232,36 @@ class Batches:
         self.per_rank = global_batch // dp_size
         self.first = dp_rank * self.per_rank
 
-    def step(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """[(inputs, targets)] of shape (micro_batch, seq_len) each, for optimizer step `step`."""
+    def step(self, step: int) -> list[tuple[torch.Tensor, ...]]:
+        """[(inputs, targets[, doc_ids])] of shape (micro_batch, seq_len) each, for optimizer step `step`."""
         rng = np.random.default_rng([self.seed, step])
         offsets = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.global_batch)
         mine = offsets[self.first : self.first + self.per_rank]
         return [
-            windows(self.tokens, mine[i : i + self.micro_batch], self.seq_len)
+            windows(self.tokens, mine[i : i + self.micro_batch], self.seq_len, self.doc_starts)
             for i in range(0, self.per_rank, self.micro_batch)
         ]
 
 
-def eval_batches(split: Split, seq_len: int, n_sequences: int, micro_batch: int, dp_rank: int, dp_size: int):
+def eval_batches(split: Split, seq_len: int, n_sequences: int, micro_batch: int, dp_rank: int, dp_size: int,
+                 mask_documents: bool = False):
     """This rank's share of a fixed set of evenly spaced held-out windows."""
     tokens = split.tokens()
+    starts = split.doc_starts() if mask_documents else None
     span = len(tokens) - seq_len - 1
     offsets = np.array([i * span // n_sequences for i in range(n_sequences)])
     mine = np.array_split(offsets, dp_size)[dp_rank]
-    return [windows(tokens, mine[i : i + micro_batch], seq_len) for i in range(0, len(mine), micro_batch)]
+    return [windows(tokens, mine[i : i + micro_batch], seq_len, starts) for i in range(0, len(mine), micro_batch)]
 
 
-def windows(tokens: np.ndarray, offsets: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def windows(tokens: np.ndarray, offsets: np.ndarray, seq_len: int, doc_starts: Optional[np.ndarray] = None):
+    """(inputs, targets) of the windows at offsets; with doc_starts also doc_ids, and crossing targets IGNORE."""
     rows = np.stack([np.asarray(tokens[o : o + seq_len + 1], dtype=np.int64) for o in offsets])
     seqs = torch.from_numpy(rows)
-    return seqs[:, :-1], seqs[:, 1:]
-
+    if doc_starts is None:
+        return seqs[:, :-1], seqs[:, 1:]
+    positions = np.asarray(offsets, dtype=np.int64)[:, None] + np.arange(seq_len + 1)
+    docs = torch.from_numpy(np.searchsorted(doc_starts, positions, side="right") - 1)
+    targets = seqs[:, 1:].clone()
+    targets[docs[:, 1:] != docs[:, :-1]] = IGNORE
+    return seqs[:, :-1], targets, docs[:, :-1]

@@ -41,7 +41,7 @@ class FaultStop(RuntimeError):
 
 @dataclass
 class Verdict:
-    stop: bool
+    stop: float  # the ranks' stop flags summed: > 0 asks to stop (the trainer's _STOP_BY_* values)
     nonfinite: bool
     loss_sum: float  # summed over the world's contributing ranks
     pp_wait_s: float
@@ -59,7 +59,7 @@ class StepAgreement:
     def __init__(self, world: int, rank: int, device: torch.device):
         self.world, self.rank, self.device = world, rank, device
 
-    def agree(self, *, stop: bool, loss_sum: torch.Tensor, grad_norm: torch.Tensor, owns_loss: bool,
+    def agree(self, *, stop: float, loss_sum: torch.Tensor, grad_norm: torch.Tensor, owns_loss: bool,
               pp_wait_s: Optional[float], owns_pp_wait: bool, work_s: float, wait_s: float) -> Verdict:
         w = self.world
         host = torch.zeros(HEAD + 2 * w, dtype=torch.float64)  # what this rank knows on the CPU
@@ -75,7 +75,7 @@ class StepAgreement:
         if w > 1:
             dist.all_reduce(vec)
         v = vec.tolist()
-        return Verdict(stop=v[0] > 0, nonfinite=v[1] > 0 or not math.isfinite(v[2]), loss_sum=v[2],
+        return Verdict(stop=v[0], nonfinite=v[1] > 0 or not math.isfinite(v[2]), loss_sum=v[2],
                        pp_wait_s=v[3], work_s=v[HEAD:HEAD + w], wait_s=v[HEAD + w:])
 
 

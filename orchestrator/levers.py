@@ -13,16 +13,27 @@ train.dtype=bf16             parameters stay fp32 (the master weights the optimi
                              in bf16, norms and the loss in fp32, gradients fp32).
 activation_checkpointing     full: every transformer block keeps only its input and recomputes
                              the rest in backward. selective: the same for every second block
-                             (even global layer index), halving the saving and the recompute.
+                             (even global layer index), halving the saving and the recompute:
+                             layer-level selection, as torchtitan's selective AC with option "2",
+                             not Korthikanti et al.'s op-level selective recomputation (which
+                             keeps the linears' outputs and recomputes only attention's core).
                              Memory, per micro-batch in flight: a checkpointed block keeps one
                              (batch, seq/tp under SP, dim) tensor in the compute dtype instead
                              of its whole activations, plus one block's full activations while
                              it is recomputed; the recompute costs about one more forward of
                              those blocks (and, under TP/SP, their forward collectives again).
-compile                      torch.compile of each block's attention and MLP (its norms and
-                             residual adds stay eager); if the compiler does not work here
-                             (checked once on a small function), a message says so and the
-                             run stays eager.
+compile                      torch.compile of as much as is correct for the layout
+                             (`compile_scope`): the whole part (the model, or the pipeline
+                             stage), its loss included where the part computes it, without TP
+                             and without a per-block data-parallel wrapper; each whole block
+                             under FSDP2 (whose per-block hooks must stay outside a graph) and
+                             DDP (whose gradient hooks then still fire block by block, so its
+                             all-reduce overlaps backward); each block's attention and MLP
+                             under TP. If the compiler does not work here (checked once on a
+                             small function), a message says so and the run stays eager.
+loss_chunks                  the output projection and cross-entropy over that many token
+                             chunks, each recomputed in backward (models/llama.py
+                             cross_entropy): the fp32 logits are never whole.
 """
 
 import functools
@@ -98,27 +109,54 @@ def compile_works() -> bool:
     return _COMPILE_WORKS
 
 
-def apply_compile(model: nn.Module) -> bool:
-    """Compile each block's attention and MLP; False (and eager blocks) where the compiler does not work.
+COMPILE_SCOPES = ("model", "blocks", "sub-blocks")
 
-    Not the whole block: under TP its input is a plain tensor that hooks inside
-    turn into DTensors, and a compiled graph across that boundary gave wrong
-    input gradients (torch 2.13, seen here). The sub-blocks take and return
-    DTensors under TP (their hooks run outside, eagerly) and compile cleanly.
+
+def compile_scope(tp: int, per_block_dp: bool) -> str:
+    """What train.compile=true compiles at a layout.
+
+    model       the whole part (model or pipeline stage): embedding, blocks, norm, output
+                projection and, where the part computes it (pp=1), the loss. tp=1, no per-block
+                data-parallel hooks (dp=1, ZeRO-1, or replicate without DDP).
+    blocks      each transformer block whole: FSDP2 (dp_shard=full, dp>1) all-gathers and
+                reduce-scatters per block in hooks around each block's __call__, and DDP
+                reduces per bucket as gradients arrive: a graph across blocks would move or
+                serialise them. The embedding, final norm, output projection and loss stay eager.
+    sub-blocks  each block's attention and MLP, under TP. Not the whole block: its input is a
+                plain tensor that TP's hooks inside turn into DTensors, and a compiled graph
+                across that boundary gave wrong input gradients (torch 2.13, seen when this was
+                written; not re-investigated since). The sub-blocks take and return DTensors
+                (their hooks run outside, eagerly) and compile cleanly.
     """
+    if tp > 1:
+        return "sub-blocks"
+    return "blocks" if per_block_dp else "model"
+
+
+def apply_compile(model: nn.Module, scope: str = "model") -> bool:
+    """Compile `scope` of the part (compile_scope); False (and eager) where the compiler does not work."""
     if not compile_works():
         return False
-    for block in model.layers.values():
-        for sub in (block.attention, block.feed_forward):
-            sub.forward = torch.compile(sub.forward)
+    if scope == "model":
+        model.forward = torch.compile(model.forward)
+    elif scope == "blocks":
+        for block in model.layers.values():
+            block.forward = torch.compile(block.forward)
+    else:
+        for block in model.layers.values():
+            for sub in (block.attention, block.feed_forward):
+                sub.forward = torch.compile(sub.forward)
     return True
 
 
-def apply_levers(model: nn.Module, train_cfg, device: torch.device, fsdp_mixed_precision: bool) -> nn.Module:
-    """Activation checkpointing (a block's recompute calls its compiled sub-blocks again), compile, autocast."""
+def apply_levers(model: nn.Module, train_cfg, device: torch.device, fsdp_mixed_precision: bool,
+                 scope: str = "model") -> nn.Module:
+    """Activation checkpointing, compile of `scope` (a recompute calls the compiled code again), autocast
+    (outermost: compiled graphs are traced under it), the loss's token chunks."""
     apply_ac(model, train_cfg.activation_checkpointing)
+    model.loss_chunks = train_cfg.loss_chunks
     if train_cfg.compile:
-        apply_compile(model)
+        apply_compile(model, scope)
     if DTYPES[train_cfg.dtype] != torch.float32 and not fsdp_mixed_precision:
         apply_autocast(model, DTYPES[train_cfg.dtype], device.type)
     return model

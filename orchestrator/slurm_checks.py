@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from typing import Optional
 
 from launch.slurm import tasks_per_node
 from orchestrator.validate import ConfigError
@@ -83,3 +84,36 @@ def check_cluster(cfg) -> None:
     world = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp
     check_partition(cfg.launcher, tasks_per_node(cfg.launcher, world), partitions())
     check_no_secrets(cfg.launcher)
+
+
+def parse_nodes(text: str) -> list[tuple[str, str, int, int]]:
+    """`sinfo -h -N -o "%N %P %c %G"` lines -> (node, partition, CPUs, GPUs); a default partition keeps its `*`."""
+    nodes = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2].isdigit():
+            gres = fields[3] if len(fields) > 3 else ""
+            gpus = sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[^:,(]+)?:(\d+)", gres))
+            nodes.append((fields[0], fields[1], int(fields[2]), gpus))
+    return nodes
+
+
+def jobs_at_once(launcher, world: int, text: Optional[str] = None) -> tuple[int, str]:
+    """How many jobs of this shape the partition can run at the same time, and the figures that say so."""
+    if text is None:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %P %c %G"], capture_output=True, text=True, timeout=60)
+        if out.returncode:
+            raise ConfigError(f"launcher=slurm: sinfo failed, is the cluster up? {out.stderr.strip()}")
+        text = out.stdout
+    nodes = parse_nodes(text)
+    name = launcher.partition
+    mine = [n for n in nodes if (n[1].rstrip("*") == name if name else n[1].endswith("*"))]
+    per_node = tasks_per_node(launcher, world)
+    cpus = per_node * (launcher.cpus_per_task or 1)
+    gpus = launcher.gpus_per_node or 0
+    fits = sum(min(c // cpus, g // gpus if gpus else c // cpus) for _, _, c, g in mine)
+    jobs = fits // launcher.nodes
+    total_cpus = sum(c for _, _, c, _ in mine)
+    pname = name or (mine[0][1].rstrip("*") if mine else "(no default)")
+    return jobs, (f"partition {pname} has {len(mine)} node(s), {total_cpus} CPU(s) in all, and a job needs "
+                  f"{launcher.nodes} node(s) x {cpus} CPU(s)" + (f" and {gpus} GPU(s)" if gpus else ""))

@@ -124,7 +124,35 @@ def sweep_status(path: Path) -> list[dict]:
         if (d / "slurm_job.json").exists():
             ids.append(json.loads((d / "slurm_job.json").read_text())["job_id"])
     states = job_states(ids)
-    return [run_status(d, states) for d in runs]
+    rows = [run_status(d, states) for d in runs]
+    trials = search_trials(path)
+    for row in rows:  # a search's trial: its state in the study (a pruned trial's job still COMPLETED)
+        trial = trials.get(row["run_dir"])
+        if trial:
+            row["job_state"], row["state"] = row["state"], trial["state"]
+            row["trial"], row["objective"] = trial["trial"], trial["objective"]
+            row["error"] = row["error"] or trial["error"]
+    return rows
+
+
+def search_trials(path: Path) -> dict[str, dict]:
+    """A search's trials by run dir (hydra/sweeper=trident-optuna keeps its study in the sweep dir), else {}."""
+    if not (Path(path) / "study.journal").exists():
+        return {}
+    from orchestrator.search import report  # deferred: optuna is imported only for a search's dir
+
+    study = report.load_study(Path(path))
+    return report.trial_rows(study) if study else {}
+
+
+def search_summary(path: Path) -> list[str]:
+    """A search's counts by state and its best trial, in a few lines; [] for a dir without a study."""
+    if not (Path(path) / "study.journal").exists():
+        return []
+    from orchestrator.search import report  # deferred: optuna is imported only for a search's dir
+
+    study = report.load_study(Path(path))
+    return report.summary_lines(study) if study else []
 
 
 def print_table(rows: list[dict], out=sys.stdout) -> None:

@@ -12,6 +12,12 @@ there and nothing is submitted.
 
 Every point also learns what the sweep varies (`Sweep.describe`), so its W&B
 run joins the sweep's group with those overrides in its config.
+
+With launcher.wait=true the callback waits for every point and judges each by
+submitit's own result files (sacct's state lags the jobs by seconds). Hydra
+turns an exception raised in a callback into a warning, so the failed points
+are recorded here (`failures()`) and the entry point exits non-zero after
+Hydra returns.
 """
 
 import logging
@@ -24,8 +30,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from launch.local import RankFailed
-from launch.slurm import submit_sweep
+from launch.slurm import error_line, job_error, submit_sweep
 from orchestrator.status import print_table, sweep_status
 
 
@@ -60,8 +65,14 @@ class Sweep:
                 "overrides": {k: mine[k] for k in self.keys if k in mine}}
 
 
+# A search's trial (hydra/sweeper=trident-optuna) is started as its own trident-train process: its place in
+# the sweep (the same fields as Sweep.describe, JSON) comes in this environment variable.
+SWEEP_POINT_ENV = "TRIDENT_SWEEP_POINT"
+
 # Hydra builds the callback and calls the task function apart: this is where the two meet, per process.
 _ACTIVE: Optional[Sweep] = None
+# The points of the last waited-for sweep that did not complete (read by the entry point once Hydra returns).
+_FAILED: list[str] = []
 
 
 def active() -> Optional[Sweep]:
@@ -69,11 +80,19 @@ def active() -> Optional[Sweep]:
     return _ACTIVE
 
 
+def failures() -> list[str]:
+    """The points of the sweep this process waited for that failed ("<job id> <error>"), empty if none."""
+    return list(_FAILED)
+
+
 class SweepCallback(Callback):
     """Listed under `hydra.callbacks` in conf/train.yaml; Hydra calls it around every `-m` run."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _ACTIVE
+        _FAILED.clear()
+        if not str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+            return  # another sweeper (hydra/sweeper=trident-optuna) starts its trials itself
         _ACTIVE = Sweep(str(config.hydra.sweep.dir), swept_keys(config.hydra.overrides.task))
         if config.launcher.name == "slurm":
             # Hydra's basic launcher would announce "Launching N jobs locally": here it only prepares them.
@@ -86,16 +105,24 @@ class SweepCallback(Callback):
         if sweep is not None and sweep.pending:
             jobs = submit_sweep(sweep.pending, sweep.dir, sweep.id)
             if any(p.wait for p in sweep.pending):
-                follow_all(jobs, sweep.dir)
+                _FAILED[:] = follow_all(jobs, sweep.dir)
 
 
-def follow_all(jobs: list, sweep_dir: str, poll_s: float = 5.0) -> None:
-    """Wait for every job of a sweep, print the status table; raise if any failed."""
+def follow_all(jobs: list, sweep_dir: str, poll_s: float = 2.0) -> list[str]:
+    """Wait for every job of a sweep, print the status table; return the failed points ("<job id> <error>").
+
+    Each point is judged by submitit's result files (`job_error`): the table shows that judgement, not
+    sacct's state, which can still read RUNNING for a job whose tasks have all returned.
+    """
     while not all(job.done() for job in jobs):
         time.sleep(poll_s)
+    errors = {job.job_id: job_error(job) for job in jobs}
     rows = sweep_status(Path(sweep_dir))
+    for row in rows:
+        if row["job_id"] in errors:
+            row["state"] = "FAILED" if errors[row["job_id"]] else "COMPLETED"
     print_table(rows)
-    failed = [r for r in rows if r["state"] != "COMPLETED"]
+    failed = [f"{job_id} {error_line(error)}" for job_id, error in errors.items() if error]
     if failed:
-        raise RankFailed(f"{len(failed)} of {len(rows)} sweep point(s) did not complete: "
-                         + ", ".join(f"{r['job_id']} {r['state']}" for r in failed))
+        print(f"trident: {len(failed)} of {len(jobs)} sweep point(s) failed: " + "; ".join(failed), flush=True)
+    return failed

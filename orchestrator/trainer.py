@@ -6,6 +6,11 @@ schedule when pp > 1), clipping by the global gradient norm, AdamW, and the
 learning rate of that step (linear warmup, then cosine or linear decay),
 metrics (the loss is shared from the last stage), periodic evaluation on the
 held-out split, and checkpoints.
+
+Stopping early, agreed by all ranks at a step boundary (one all-reduce of a
+flag per step): a preemption signal (SLURM's USR2: checkpoint, then the
+launcher requeues), or a file named STOP in the run dir (checkpoint, then end
+cleanly: how a sweep prunes a trial, and how a person stops a run by hand).
 """
 
 import json
@@ -27,9 +32,9 @@ from orchestrator import checkpoint
 from orchestrator.faults import FaultStop, SpikeGuard, StepAgreement, StragglerWatch
 from orchestrator.build import build_model
 from orchestrator.data import Batches, Corpus, eval_batches
-from orchestrator.flops import flops_per_token, peak_flops
-from orchestrator.levers import compile_works
+from orchestrator.flops import flops_per_token, mfu, run_peak
 from orchestrator.metrics import MetricsLogger, NullLogger, console, fmt_count, fmt_duration, progress_line
+from orchestrator.optim import build_adamw, resolve_implementation
 from parallel.grad import clip_grads_
 from parallel.mesh import ParallelDims, build_mesh
 from parallel.pipeline_parallel import build_pipeline
@@ -48,18 +53,13 @@ def lr_at(step: int, o: DictConfig, steps: int) -> float:
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float, keep=lambda p: True) -> list[dict]:
-    """Decay the matrices of the blocks and the output; not norms, not the embedding. Only the params `keep` takes."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if keep(p):
-            (decay if p.ndim >= 2 and not name.startswith("tok_embeddings") else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _value(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a loss that may be a (replicated) DTensor under loss parallel."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+STOP_FILE = "STOP"  # in the run dir: stop at the next step boundary with a checkpoint, and end cleanly
+_STOP_BY_FILE, _STOP_BY_SIGNAL = 1.0, 2.0  # the agreed flag's values; the signal (requeue) wins
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
@@ -87,25 +87,28 @@ class Trainer:
         self.parts, self.modules, self.n_params = built.parts, built.modules, built.n_params
         self.params = [p for m in self.modules for p in m.parameters()]
         self.dp = built.dp
+        self.compiled = built.compiled
         o = cfg.optim
+        self.optim_implementation = resolve_implementation(o.implementation, self.params)
         # One optimizer per model part, as checkpointing helpers take one module per optimizer.
-        self.optimizers = [
-            torch.optim.AdamW(param_groups(m, o.weight_decay, self.dp.owns), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-            for m in self.modules
-        ]
-        self.batches = Batches(corpus.train, t.seq_len, t.global_batch, t.micro_batch, t.seed, dp_rank, par.dp)
-        self.eval_data = eval_batches(corpus.eval, t.seq_len, t.eval_sequences, t.micro_batch, dp_rank, par.dp)
+        self.optimizers = [build_adamw(m, o, self.optim_implementation, self.dp.owns) for m in self.modules]
+        mask = cfg.data.mask_across_documents  # micro-batches then carry doc_ids (orchestrator/data.py)
+        self.batches = Batches(corpus.train, t.seq_len, t.global_batch, t.micro_batch, t.seed, dp_rank, par.dp, mask)
+        self.eval_data = eval_batches(corpus.eval, t.seq_len, t.eval_sequences, t.micro_batch, dp_rank, par.dp, mask)
         self.pipeline = None
         if par.pp > 1:
+            # A compiled stage leaves the loss to the schedule: compile it too (at pp=1 the model computes it).
+            loss_fn = torch.compile(self._loss_fn) if self.compiled == "model" else self._loss_fn
             self.pipeline = build_pipeline(
                 par.schedule, self.parts, built.stage_ids, built.n_stages,
-                t.global_batch // (t.micro_batch * par.dp), self._loss_fn, self.pp_group, device,
+                t.global_batch // (t.micro_batch * par.dp), loss_fn, self.pp_group, device,
             )
         self.step = 0
         ck = cfg.checkpoint
         self.saver = checkpoint.Saver(ck.dir, ck.keep, ck.async_save)
         self.resumed_from = resume
         self.should_stop = should_stop  # a preemption signal arrived on this rank
+        self.stop_file = Path(run_dir) / STOP_FILE
         # The data position is step + data_offset: a spike's rollback skips batches (README "Faults").
         self.data_offset, self.skipped_steps, self.skipped_in_row, self.rollbacks = 0, 0, 0, 0
         if resume:
@@ -121,14 +124,12 @@ class Trainer:
         self.spike = SpikeGuard(t.spike.factor, t.spike.window) if t.spike.factor else None
         self.stragglers = StragglerWatch(cfg.logging.straggler_factor, cfg.logging.straggler_steps)
         self.watchdog: Optional[StepWatchdog] = None  # started by fit()
-        self.stop_requested = False
         self.first_step_times: list[float] = []
 
         self.flops_per_token = flops_per_token(built.args, self.n_params, t.seq_len)
-        self.peak = cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else None
-        self.peak_note = "logging.peak_tflops"
-        if self.peak is None:
-            self.peak, self.peak_note = peak_flops(device, env.local_world_size)
+        # MFU against one device's dense peak in the compute dtype (orchestrator/flops.py).
+        self.peak, self.peak_note = run_peak(cfg.logging.peak_tflops, device, t.dtype, env.local_world_size)
+        self.stop_requested = 0.0  # the agreed stop flag of the last step (_STOP_BY_*)
         self.is_logger = env.rank == 0
         self.logger = self._make_logger() if self.is_logger else NullLogger()
 
@@ -144,12 +145,21 @@ class Trainer:
         dist.all_reduce(both, group=self.dp_group)
         return (both[0] / both[1]).item()
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A batch tensor on this rank's device: on a GPU through pinned memory, without waiting for the copy."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
     @staticmethod
     def _loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The last pipeline stage's loss (at pp=1 the model computes the same, models/llama.py cross_entropy)."""
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
-    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self._loss_fn(self.parts[0](inputs.to(self.device)), targets.to(self.device))
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The mean loss of one micro-batch: the part's forward computes it (so a compiled part includes it)."""
+        kwargs = {} if doc_ids is None else {"doc_ids": self._to_device(doc_ids)}
+        return self.parts[0](self._to_device(inputs), self._to_device(targets), **kwargs)
 
     def _pp_sum(self, value: torch.Tensor) -> torch.Tensor:
         """The loss lives on the last stage: share it with every pp rank (the others add zero)."""
@@ -171,17 +181,16 @@ class Trainer:
     def _forward_backward(self, micro: list) -> torch.Tensor:
         loss_sum = torch.zeros((), device=self.device)
         if self.pipeline is not None:
-            inputs = torch.cat([x for x, _ in micro]).to(self.device)
-            targets = torch.cat([y for _, y in micro]).to(self.device)
+            inputs, targets, *doc_ids = (self._to_device(torch.cat(column)) for column in zip(*micro))
             with loss_context(self.dims.tp):
-                losses = self.pipeline.step(inputs, targets)
+                losses = self.pipeline.step(inputs, targets, *doc_ids)
             for loss in losses:
                 loss_sum += _value(loss.detach())
             return loss_sum
         model = self.parts[0]
-        for i, (inputs, targets) in enumerate(micro):
+        for i, batch in enumerate(micro):  # (inputs, targets[, doc_ids])
             with self.dp.micro_batch(model, last=i == len(micro) - 1), loss_context(self.dims.tp):
-                loss = self._loss(inputs, targets)
+                loss = self._loss(*batch)
                 (loss / len(micro)).backward()
             loss_sum += _value(loss.detach())
         return loss_sum
@@ -206,7 +215,7 @@ class Trainer:
         arrived = time.perf_counter()
         self._phase(BOUNDARY)
         v = self.agreement.agree(
-            stop=bool(self.should_stop and self.should_stop()), loss_sum=loss_sum, grad_norm=grad_norm,
+            stop=self._stop_flag(), loss_sum=loss_sum, grad_norm=grad_norm,
             owns_loss=self.owns_loss, pp_wait_s=pp_wait, owns_pp_wait=self.owns_pp_wait,
             work_s=arrived - start, wait_s=arrived - waited + (pp_wait or 0.0))
         self._phase(f"the optimizer step of step {self.step}")
@@ -244,14 +253,15 @@ class Trainer:
             console(message)
         return row
 
-    def _eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.pipeline is None:
-            return _value(self._loss(inputs, targets))
+            return _value(self._loss(inputs, targets, doc_ids))
         t, m = self.cfg.train, self.cfg.model
         sp = self.dims.tp > 1 and self.cfg.parallel.sequence_parallel
         shape = (inputs.shape[0], t.seq_len // self.dims.tp if sp else t.seq_len, m.dim)
-        logits = self.pipeline.forward_only(inputs.to(self.device), shape, torch.float32)
-        loss = _value(self._loss_fn(logits, targets.to(self.device))) if logits is not None else torch.zeros((), device=self.device)
+        doc_ids = self._to_device(doc_ids) if doc_ids is not None else None
+        logits = self.pipeline.forward_only(self._to_device(inputs), shape, torch.float32, doc_ids)
+        loss = _value(self._loss_fn(logits, self._to_device(targets))) if logits is not None else torch.zeros((), device=self.device)
         return self._pp_sum(loss)
 
     @torch.no_grad()
@@ -260,9 +270,10 @@ class Trainer:
             part.eval()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
-        for inputs, targets in self.eval_data:
+        for batch in self.eval_data:  # (inputs, targets[, doc_ids])
+            inputs = batch[0]
             with loss_context(self.dims.tp):
-                loss = self._eval_loss(inputs, targets)
+                loss = self._eval_loss(*batch)
             total += loss.double() * inputs.shape[0]
             count += inputs.shape[0]
         for part in self.parts:
@@ -383,7 +394,7 @@ class Trainer:
             tokens_per_s = tokens_per_step / dt
             row.update(
                 tokens_per_s=tokens_per_s,
-                mfu=self.flops_per_token * tokens_per_s / (self.peak * self.dims.world_size) if self.peak else 0.0,
+                mfu=mfu(self.flops_per_token, tokens_per_s, self.peak, self.dims.world_size),
                 mem_peak_gb=peak_memory_gb(self.device),
                 step_time_s=dt,
             )
@@ -419,16 +430,21 @@ class Trainer:
                 self.logger.log(row)
             if self.is_logger and (self.step % lg.console_every == 0 or last or self.step == 1):
                 console(progress_line(self.step, t.steps, row, time.perf_counter() - start))
-            if not last and self.stop_requested:
+            why = 0.0 if last else (_STOP_BY_SIGNAL if self.stop_requested >= _STOP_BY_SIGNAL
+                                    else _STOP_BY_FILE if self.stop_requested > 0 else 0.0)
+            if why:
                 if "checkpoint_blocked_s" not in row:
                     self._arm(f"the preemption checkpoint of step {self.step}", slow=True)
                     self.last_checkpoint = self.saver.save(self.modules, self.optimizers, self.step,
                                                            self._checkpoint_meta())
                 self.saver.wait()
+                preempted = why == _STOP_BY_SIGNAL
                 if self.is_logger:
-                    console(f"trident: preempted at step {self.step}; checkpoint {self.last_checkpoint}")
+                    cause = "preempted" if preempted else f"stopped ({self.stop_file} exists)"
+                    console(f"trident: {cause} at step {self.step}; checkpoint {self.last_checkpoint}")
                 self.logger.finish()
-                return {"steps": self.step, "preempted": True, "checkpoint": self.last_checkpoint}
+                return {"steps": self.step, "preempted" if preempted else "stopped": True,
+                        "checkpoint": self.last_checkpoint}
         self._arm("the last checkpoint's write", slow=True)
         self.saver.wait()
         summary = {
@@ -442,11 +458,19 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "rollbacks": self.rollbacks,
         }
-        summary["mfu"] = self.flops_per_token * summary["tokens_per_s"] / (self.peak * self.dims.world_size) if self.peak else 0.0
+        summary["mfu"] = mfu(self.flops_per_token, summary["tokens_per_s"], self.peak, self.dims.world_size)
         if self.is_logger:
             console(self._summary(summary))
         self.logger.finish()
         return summary
+
+    def _stop_flag(self) -> float:
+        """This rank's wish to stop: 0 none, by the stop file (rank 0 looks), by a signal (which wins)."""
+        if self.should_stop is not None and self.should_stop():
+            return _STOP_BY_SIGNAL
+        if self.is_logger and self.stop_file.exists():  # one rank looks: the all-reduce tells the others
+            return _STOP_BY_FILE
+        return 0.0
 
     def _checkpoint_meta(self) -> dict:
         d, t = self.dims, self.cfg.train
@@ -470,7 +494,10 @@ class Trainer:
         if t.activation_checkpointing != "none":
             levers.append(f"activation checkpointing {t.activation_checkpointing}")
         if t.compile:
-            levers.append("compiled" if compile_works() else "eager (compile failed)")
+            levers.append(f"compiled: {self.compiled}" if self.compiled else "eager (compile failed)")
+        if t.loss_chunks > 1:
+            levers.append(f"loss in {t.loss_chunks} chunks")
+        levers.append(f"AdamW {self.optim_implementation}")
         return (
             f"trident: {self.cfg.model.name} ({fmt_count(self.n_params)} parameters) on {d.world_size} rank(s) "
             f"tp={d.tp} pp={d.pp} dp={d.dp} ({self.cfg.parallel.dp_shard}), {self.device.type}, "

@@ -5,6 +5,7 @@ what would be valid: a user's mistake is one clear line, never a hang or a
 traceback from deep inside torch.
 """
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -12,12 +13,16 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from launch.slurm import time_minutes
-from models.hf import args_from_hf
+from models.hf import args_from_hf, rope_type
 from models.llama import ModelArgs
 from models.plans import pipeline_cuts
 from orchestrator.config import CONF_DIR
-from orchestrator.data import BIN_DTYPES, FORMATS
+from orchestrator.corpus import CorpusError, check_source, file_kind
+from orchestrator.data import BIN_DTYPES, FORMATS, resolve_format, text_files
 from orchestrator.levers import AC_MODES, DTYPES
+from orchestrator.tokenizer import TokenizerError
+from orchestrator.tokenizer import load_tokenizer
+from orchestrator.optim import IMPLEMENTATIONS
 from parallel.data_parallel import DP_SHARD_CHOICES
 from parallel.pipeline_parallel import SCHEDULES, SINGLE_STAGE, V_SHAPED, stages_per_rank
 
@@ -57,7 +62,7 @@ def validate(cfg: DictConfig, env=None) -> list[str]:
     warnings = _check_parallel(cfg, env)
     _check_batch(cfg)
     _check_pp(cfg)
-    _check_data(cfg)
+    check_data(cfg)
     _check_optim_logging(cfg)
     _check_levers(cfg)
     return warnings + _check_faults(cfg)
@@ -179,9 +184,20 @@ def _check_init_from(m) -> None:
         raise ConfigError(
             f"model.init_from={m.init_from!r} is not a Hugging Face Llama folder (config.json + model.safetensors)"
         )
-    theirs = args_from_hf(json.loads((folder / "config.json").read_text()))
+    config = json.loads((folder / "config.json").read_text())
+    if rope_type(config) not in ("default", "llama3"):
+        raise ConfigError(
+            f"model.init_from={m.init_from!r} scales its rotary embeddings with rope_type={rope_type(config)!r}, "
+            "which trident's model does not implement (valid: plain RoPE, rope_type 'default', or Llama 3.1's 'llama3')"
+        )
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if head_dim * config["num_attention_heads"] != config["hidden_size"]:
+        raise ConfigError(f"model.init_from={m.init_from!r} has head_dim={head_dim} x {config['num_attention_heads']} "
+                          f"heads != hidden_size={config['hidden_size']}, which trident's model requires")
+    theirs = args_from_hf(config)
     args = ModelArgs.from_config(m)
-    ours = {**{k: m[k] for k in theirs if k in m}, "n_kv_heads": args.kv_heads, "ffn_hidden": args.ffn_hidden}
+    ours = {**{k: m[k] for k in theirs if k in m}, "n_kv_heads": args.kv_heads, "ffn_hidden": args.ffn_hidden,
+            "rope_scaling": args.rope_scaling}
     diffs = [f"{k}={theirs[k]!r} there, {ours[k]!r} here" for k in theirs if theirs[k] != ours[k]]
     if diffs:
         raise ConfigError(f"model.init_from={m.init_from!r} holds a different model: " + "; ".join(diffs))
@@ -278,18 +294,63 @@ def _check_pp(cfg: DictConfig) -> None:
         )
 
 
-def _check_data(cfg: DictConfig) -> None:
+def check_data(cfg: DictConfig, against_model: bool = True) -> None:
+    """The data settings, the tokenizer (and, against_model, its vocabulary against the model's), the sources."""
     d = cfg.data
     _choice("data.format", d.format, FORMATS)
     _choice("data.bin_dtype", d.bin_dtype, tuple(BIN_DTYPES))
     if not 0 < d.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be between 0 and 1")
+    if d.tokenize_workers is not None:
+        _at_least("data.tokenize_workers", d.tokenize_workers, 1)
     if d.path is not None:
         path = Path(d.path).expanduser()
         if not path.exists():
-            raise ConfigError(f"data.path={d.path!r} does not exist (give a text file, a folder of text files, or a .bin of tokens)")
+            raise ConfigError(f"data.path={d.path!r} does not exist (give a text file, a folder of text files, "
+                              "a .jsonl / .jsonl.gz / .parquet file, or a .bin of tokens)")
         if not os.access(path, os.R_OK):
             raise ConfigError(f"data.path={d.path!r} is not readable")
+    _check_tokenizer(cfg, against_model)
+    root = Path(d.path).expanduser() if d.path is not None else None
+    if root is not None and resolve_format(root, d.format) == "bin":
+        if d.mask_across_documents:
+            raise ConfigError(f"data.mask_across_documents=true with data.path={d.path!r}: a pre-tokenized .bin "
+                              "holds no document boundaries (valid: false, or a text, JSONL or Parquet corpus)")
+        return
+    if root is not None:
+        try:
+            _check_sources(str(root), d.pattern, d.format, d.text_key, root.stat().st_mtime_ns)
+        except CorpusError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _check_tokenizer(cfg: DictConfig, against_model: bool = True) -> None:
+    """The tokenizer loads, and the model has a row for each of its ids."""
+    d, m = cfg.data, cfg.model
+    try:
+        tok = load_tokenizer(d.tokenizer, m.init_from, d.eos_token)
+    except TokenizerError as e:
+        raise ConfigError(str(e)) from None
+    if against_model and tok.vocab_size > m.vocab_size:
+        raise ConfigError(
+            f"data.tokenizer={d.tokenizer!r} has {tok.vocab_size} tokens, more than model.vocab_size={m.vocab_size} "
+            f"(a tokenizer may be smaller than the model, not larger: valid: model.vocab_size >= {tok.vocab_size})"
+        )
+
+
+@functools.lru_cache(maxsize=16)
+def _check_sources(root: str, pattern: str, fmt: str, text_key: str, _mtime_ns: int) -> None:
+    """The first JSONL and Parquet file of the corpus hold data.text_key (once per corpus: the planner asks often)."""
+    path = Path(root)
+    files = [path] if path.is_file() else text_files(path, pattern)
+    if not files:
+        raise CorpusError(f"data.path={root!r}: no files match data.pattern={pattern!r}")
+    seen = set()
+    for f in files:
+        kind = file_kind(f, resolve_format(path, fmt))
+        if kind != "text" and kind not in seen:
+            seen.add(kind)
+            check_source(f, kind, text_key)
 
 
 def _check_optim_logging(cfg: DictConfig) -> None:
@@ -302,6 +363,7 @@ def _check_optim_logging(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")
     _at_least("optim.warmup_steps", o.warmup_steps, 0)
     _at_least("optim.grad_clip", o.grad_clip, 0)
+    _choice("optim.implementation", o.implementation, IMPLEMENTATIONS)
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
     _at_least("logging.every", cfg.logging.every, 1)
     _at_least("logging.console_every", cfg.logging.console_every, 1)
@@ -351,6 +413,14 @@ def _check_levers(cfg: DictConfig) -> None:
     t = cfg.train
     _choice("train.dtype", t.dtype, tuple(DTYPES))
     _choice("train.activation_checkpointing", t.activation_checkpointing, AC_MODES)
+    _at_least("train.loss_chunks", t.loss_chunks, 1)
+    par = cfg.parallel
+    if t.loss_chunks > 1 and (par.tp > 1 or par.pp > 1):
+        raise ConfigError(
+            f"train.loss_chunks={t.loss_chunks} with parallel.tp={par.tp} parallel.pp={par.pp}: chunking the loss "
+            "needs the whole output projection in the model's forward (valid: train.loss_chunks=1, or tp=pp=1; "
+            "under tp>1 the logits are already split over the vocabulary by loss parallel)"
+        )
 
 
 def check_corpus(cfg: DictConfig, corpus) -> None:

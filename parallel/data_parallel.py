@@ -83,7 +83,11 @@ def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
 class DataParallel:
     """The loop's side of data parallelism: what FSDP2 or DDP does not do by itself.
 
-    micro_batch(part, last)  skip the dp reduction on all but a step's last micro-batch
+    micro_batch(part, last)  DDP: skip the all-reduce on all but a step's last micro-batch. FSDP2
+                             reduce-scatters every micro-batch (as torchtitan does): skipping it
+                             would keep every parameter's gradient unsharded, in fp32, until the
+                             last one (4 bytes x the rank's whole TP-local stage: 33 GiB per GPU
+                             for llama3-70b at tp=8), which sharding exists to avoid
     after_backward()         average gradients over dp (ZeRO-1, and replicate without DDP)
     owns(p)                  whether this rank's optimizer steps p (ZeRO-1: the params it owns)
     after_step()             ZeRO-1: every rank gets the new values of the params others own
@@ -103,10 +107,7 @@ class DataParallel:
     @staticmethod
     @contextlib.contextmanager
     def micro_batch(part: nn.Module, last: bool):
-        if isinstance(part, FSDPModule):
-            part.set_requires_gradient_sync(last)
-            yield
-        elif isinstance(part, DistributedDataParallel) and not last:
+        if isinstance(part, DistributedDataParallel) and not last:
             with part.no_sync():
                 yield
         else:

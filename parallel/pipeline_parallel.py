@@ -11,6 +11,7 @@ interleaved and V-shaped schedules:
 """
 
 import copy
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -102,6 +103,8 @@ class P2PWaitTimer:
             finally:
                 self.seconds += time.perf_counter() - start
 
+        # Module state of torch's, changed only while a step runs and restored after: torch has no public hook
+        # on the pipeline's p2p waits.
         _schedules._wait_batch_p2p = timed
         return self
 
@@ -131,19 +134,35 @@ class Pipeline:
     def has_last(self) -> bool:
         return self.n_stages - 1 in self.stage_ids
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
-        """One forward+backward over all micro-batches; the per-micro-batch losses (on the last stage)."""
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """One forward+backward over all micro-batches; the per-micro-batch losses (on the last stage).
+
+        doc_ids (the document of each input token, for document masking) reach every stage, not
+        only the first: the schedule splits keyword arguments into micro-batches like the inputs
+        and passes each stage its micro-batch's share, beside the hidden states it receives.
+
+        The last stage's outputs (every micro-batch's logits) are not kept: the
+        schedules would otherwise save each one and concatenate them all at the
+        end of the step, unused (gigabytes at a 128k vocabulary).
+        """
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.has_first else ()
         kwargs = {"target": targets, "losses": losses} if self.has_last else {}
+        if doc_ids is not None:
+            kwargs["doc_ids"] = doc_ids
+        if self.has_last and _takes_return_outputs(self.schedule):
+            kwargs["return_outputs"] = False
         with P2PWaitTimer() as timer:
             self.schedule.step(*args, **kwargs)
         self.last_wait_s = timer.seconds
         return losses
 
     @torch.no_grad()
-    def forward_only(self, inputs: torch.Tensor, activation_shape: tuple, dtype: torch.dtype):
+    def forward_only(self, inputs: torch.Tensor, activation_shape: tuple, dtype: torch.dtype,
+                     doc_ids: torch.Tensor | None = None):
         """Run the stages in order on one batch (evaluation); the last stage's output, on its rank, else None.
+
+        doc_ids, where given, go to every stage with its input (document masking).
 
         Plain blocking send/recv over the pp group: every rank walks the
         stages in the same order, so each send meets its recv.
@@ -161,13 +180,19 @@ class Pipeline:
                 else:
                     x = torch.empty(activation_shape, dtype=dtype, device=inputs.device)
                     dist.recv(x, group=self.group, group_src=prev)
-                hidden = self.parts[self.stage_ids.index(stage)](x)
+                part = self.parts[self.stage_ids.index(stage)]
+                hidden = part(x) if doc_ids is None else part(x, doc_ids=doc_ids)
                 if stage == self.n_stages - 1:
                     out = hidden
             elif prev == me:
                 # Always fp32 on the wire, whatever a stage computes in (train.dtype): the receiver expects it.
                 dist.send(hidden.float().contiguous(), group=self.group, group_dst=owner)
         return out
+
+
+def _takes_return_outputs(schedule) -> bool:
+    """Whether this torch's schedule.step has `return_outputs` (recent torch; older ones always return them)."""
+    return "return_outputs" in inspect.signature(type(schedule).step).parameters
 
 
 def build_pipeline(

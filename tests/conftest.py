@@ -31,6 +31,7 @@ TINY = [
     "optim.warmup_steps=2",
     "logging.wandb.mode=disabled",
     "logging.console_every=100",
+    "launcher.backend=gloo",  # CPU processes even where GPUs exist: the gpu tier (tests/gpu) names nccl
 ]
 
 
@@ -67,3 +68,23 @@ def fault_env(**faults) -> dict:
 def run_train(*overrides: str, timeout: float = 300, env: Optional[dict] = None) -> subprocess.CompletedProcess:
     return run_cmd([sys.executable, "-m", "orchestrator.cli.train", *overrides], timeout=timeout, env=env)
 
+
+
+# --- real text, built here (tests/textdata.py): no download -----------------------------------
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def bpe_json(tmp_path_factory) -> Path:
+    """A ~2k-token byte-level BPE trained on part of the stdlib, as a bare tokenizer.json."""
+    from tests.textdata import bare_tokenizer
+
+    return bare_tokenizer(tmp_path_factory.mktemp("bpe"))
+
+
+@pytest.fixture(scope="session")
+def hf_llama_dir(tmp_path_factory, bpe_json) -> Path:
+    """A tiny random Hugging Face Llama (transformers' save_pretrained) with that tokenizer beside it."""
+    from tests.textdata import hf_llama
+
+    return hf_llama(tmp_path_factory.mktemp("hf-llama"), bpe_json)

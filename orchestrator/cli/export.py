@@ -1,10 +1,12 @@
-"""`trident-export CHECKPOINT OUT_DIR [--dtype float32|bfloat16]`: a checkpoint as a Hugging Face Llama folder.
+"""`trident-export CHECKPOINT OUT_DIR [--dtype float32|bfloat16] [--tokenizer PATH]`: a checkpoint as a Hugging Face Llama folder.
 
 Reads a trident checkpoint saved at any layout (its marker holds the model
 config), gathers the full weights in this one process, and writes
 `config.json` + `model.safetensors` that `transformers.LlamaForCausalLM.
-from_pretrained` loads as they are. The reverse is `model.init_from=OUT_DIR`
-in trident-train, at any layout.
+from_pretrained` loads as they are, and next to them the files of the run's
+tokenizer (`data.tokenizer` in the checkpoint's config, or --tokenizer), so
+that `AutoTokenizer.from_pretrained(OUT_DIR)` loads too. The reverse is
+`model.init_from=OUT_DIR` in trident-train, at any layout.
 """
 
 import argparse
@@ -17,6 +19,8 @@ import torch.distributed.checkpoint as dcp
 from models.hf import export
 from models.llama import ModelArgs, Transformer
 from orchestrator.checkpoint import CheckpointError, SafePlanner, SafeReader, find_resume, read_marker
+from orchestrator.tokenizer import TokenizerError, copy_tokenizer
+from orchestrator.tokenizer import load_tokenizer
 
 
 def load_full_model(path: Path) -> tuple[dict, ModelArgs]:
@@ -34,17 +38,29 @@ def main(argv=None) -> int:
     ap.add_argument("checkpoint", help="a step-N checkpoint folder, or a checkpoint dir (its newest complete one)")
     ap.add_argument("out", help="the Hugging Face folder to write")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer files to copy next to the weights: a tokenizer.json or a folder "
+                         "(default: the run's data.tokenizer; 'bytes' copies none)")
     ns = ap.parse_args(argv)
     try:
         path = find_resume(ns.checkpoint, "") if Path(ns.checkpoint).exists() else None
         if path is None:
             raise CheckpointError(f"{ns.checkpoint} is not a trident checkpoint")
         state, args = load_full_model(path)
+        config = read_marker(path).get("config", {})
     except CheckpointError as e:
         print(f"trident-export: {e}", file=sys.stderr)
         return 2
+    data, model = config.get("data", {}), config.get("model", {})
+    spec = ns.tokenizer or data.get("tokenizer", "bytes")
+    try:
+        load_tokenizer(spec, model.get("init_from"), data.get("eos_token"))  # before writing anything
+    except TokenizerError as e:
+        print(f"trident-export: {e} (pass --tokenizer PATH, or --tokenizer bytes for none)", file=sys.stderr)
+        return 2
     export(state, args, ns.out, getattr(torch, ns.dtype))
-    print(f"trident-export: {path} -> {ns.out} (config.json, model.safetensors)")
+    files = copy_tokenizer(spec, model.get("init_from"), Path(ns.out), data.get("eos_token"))
+    print(f"trident-export: {path} -> {ns.out} ({', '.join(['config.json', 'model.safetensors', *files])})")
     return 0
 
 

@@ -2,12 +2,22 @@
 
     trident-plan model=llama3-70b cluster.gpus=256 train.seq_len=8192 train.global_batch=1024 \\
         train.dtype=bf16 [--top K] [--json] [--sweep K]
+    trident-plan --serve model=llama3-70b generate.batch_size=16 generate.max_total_tokens=8192 [--json]
+    trident-plan cluster=cpu --tune K [--tune-steps N] [--tune-dir DIR]
+
+--serve answers the question for serving instead: per tp degree, weights and
+KV cache per GPU and the predicted decode latency and tokens/s
+(orchestrator/planner/serve.py). --tune runs the best K layouts for a few
+steps each and prints the measurement beside the prediction (orchestrator/tune.py).
 
 A thin shell over `orchestrator.planner`: Hydra composes conf/plan.yaml (=
 train.yaml + a cluster) with the overrides; the flags choose the output.
 """
 
+import json
 import sys
+import time
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -15,7 +25,10 @@ from omegaconf import DictConfig
 
 from orchestrator.config import CONF_DIR, register
 from orchestrator.planner.layouts import plan
-from orchestrator.planner.render import as_json, sweep_lines, table
+from orchestrator.planner.render import as_json, serve_json, serve_table, sweep_lines, table
+from orchestrator.planner.serve import serve_plan
+from orchestrator.tune import layout_overrides, tune
+from orchestrator.tune import report as tune_report
 from orchestrator.validate import ConfigError
 
 
@@ -28,18 +41,27 @@ def user_overrides() -> list[str]:
 
 
 def _flags(argv: list[str]) -> tuple[dict, list[str]]:
-    """--top K, --json, --sweep K: output options, taken out before Hydra reads the overrides."""
-    flags, rest, i = {"top": None, "json": False, "sweep": None}, [], 0
+    """--top K, --json, --sweep K, --serve, --tune K, --tune-steps N, --tune-dir DIR: taken out before Hydra reads
+    the overrides."""
+    flags = {"top": None, "json": False, "sweep": None, "serve": False, "tune": None, "tune_steps": 10,
+             "tune_dir": None}
+    rest, i = [], 0
     while i < len(argv):
         a = argv[i]
-        if a in ("--top", "--sweep"):
-            if i + 1 >= len(argv) or not argv[i + 1].isdigit():
-                raise SystemExit(f"trident-plan: {a} needs a number")
-            flags[a[2:]] = int(argv[i + 1])
+        if a in ("--top", "--sweep", "--tune", "--tune-steps"):
+            if i + 1 >= len(argv) or not argv[i + 1].isdigit() or int(argv[i + 1]) < 1:
+                raise SystemExit(f"trident-plan: {a} needs a number (1 or more)")
+            flags[a[2:].replace("-", "_")] = int(argv[i + 1])
             i += 2
             continue
-        if a == "--json":
-            flags["json"] = True
+        if a == "--tune-dir":
+            if i + 1 >= len(argv):
+                raise SystemExit("trident-plan: --tune-dir needs a folder")
+            flags["tune_dir"] = argv[i + 1]
+            i += 2
+            continue
+        if a in ("--json", "--serve"):
+            flags[a[2:]] = True
         else:
             rest.append(a)
         i += 1
@@ -47,14 +69,44 @@ def _flags(argv: list[str]) -> tuple[dict, list[str]]:
 
 
 def run(cfg: DictConfig, flags: dict) -> None:
+    if flags["serve"]:
+        rows, info = serve_plan(cfg)
+        if not rows:
+            raise ConfigError(f"no tp degree of {cfg.model.name} on cluster.gpus={cfg.cluster.gpus}: "
+                              + "; ".join(f"tp={tp}: {why}" for tp, why in info["rejected"].items()))
+        print(serve_json(rows, info) if flags["json"] else serve_table(rows, cfg, info))
+        return
     rows, info = plan(cfg)
     if not rows:
         raise ConfigError(f"no valid layout of {cfg.model.name} on cluster.gpus={cfg.cluster.gpus}: "
                           + "; ".join(f"{n} rejected by {k}" for k, n in info["rejected"].items()))
+    if flags["tune"]:
+        run_tuning(cfg, rows, info, flags)
+        return
     top = flags["top"]
     print(as_json(rows, info, top) if flags["json"] else table(rows, cfg, info, top))
     if flags["sweep"]:
         print("\n".join(sweep_lines(rows, flags["sweep"], user_overrides())), file=sys.stderr if flags["json"] else sys.stdout)
+
+
+def run_tuning(cfg: DictConfig, rows, info: dict, flags: dict) -> None:
+    """--tune K: the best K fitting layouts run for a few steps each; prediction and measurement side by side."""
+    k = flags["tune"]
+    if not any(r.fits for r in rows):
+        raise ConfigError(f"--tune {k}: no layout fits cluster={cfg.cluster.name}, so there is nothing to run")
+    print(table(rows, cfg, info, k), flush=True)
+    tune_dir = Path(flags["tune_dir"] or f"multirun/tune-{time.strftime('%Y-%m-%d-%H-%M-%S')}").absolute()
+    user = user_overrides()
+    runs = tune(cfg, rows, k, user, tune_dir, flags["tune_steps"], out=lambda line: print(line, flush=True))
+    text, rho = tune_report(runs, cfg, user)
+    print(text, flush=True)
+    (tune_dir / "tune.json").write_text(json.dumps({
+        "spearman": rho, "steps": flags["tune_steps"], "cluster": cfg.cluster.name, "model": cfg.model.name,
+        "layouts": [{"overrides": layout_overrides(m.layout), "predicted_step_s": m.layout.step_s,
+                     "measured_step_s": m.step_s, "tokens_per_s": m.tokens_per_s,
+                     "predicted_gib": m.layout.worst.total / 2**30, "measured_peak_gb": m.mem_gb,
+                     "run_dir": str(m.run_dir), "error": m.error} for m in runs]}, indent=1) + "\n")
+    print(f"trident-plan: runs and tune.json in {tune_dir}", flush=True)
 
 
 def _hydra_app(flags: dict):

@@ -1,7 +1,9 @@
 """`trident-status [DIR ...] [--json]`: where a run's or a sweep's SLURM jobs stand.
 
 DIR is a run dir, a sweep dir (its points are the subdirs), or left out: the
-newest under `multirun/` and `outputs/`.
+newest under `multirun/` and `outputs/`. For a search (hydra/sweeper=trident-optuna)
+each trial's state is its state in the study, and the table ends with the
+counts by state and the best trial.
 """
 
 import argparse
@@ -9,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from orchestrator.status import newest, print_table, sweep_status
+from orchestrator.status import newest, print_table, search_summary, sweep_status
 
 
 def main(argv=None) -> int:
@@ -21,16 +23,19 @@ def main(argv=None) -> int:
     if not paths:
         print("trident-status: no runs under multirun/ or outputs/; name a run or sweep dir", file=sys.stderr)
         return 2
-    rows = []
+    rows, summary = [], []
     for path in paths:
         if not path.is_dir():
             print(f"trident-status: {path} is not a directory", file=sys.stderr)
             return 2
         rows += sweep_status(path)
+        summary += search_summary(path)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
         print_table(rows)
+        for line in summary:
+            print(line)
     return 0
 
 

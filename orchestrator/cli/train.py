@@ -8,6 +8,7 @@ Nothing is spawned or submitted until every check passed.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -22,11 +23,15 @@ from launch.rank import pick_backend, run_rank
 from launch.slurm import SlurmRun, submit, sweep_point, tasks_per_node
 from orchestrator.checkpoint import CheckpointError, check_compatible, find_resume
 from orchestrator.config import CONF_DIR, register
+from orchestrator.corpus import CorpusError
 from orchestrator.data import prepare
 from orchestrator.planner.auto import choose, relayout
 from orchestrator.planner.dry_run import dry_run
 from orchestrator.slurm_checks import check_cluster
+from orchestrator.sweep import SWEEP_POINT_ENV
 from orchestrator.sweep import active as active_sweep
+from orchestrator.sweep import failures as sweep_failures
+from orchestrator.tokenizer import TokenizerError
 from orchestrator.trainer import run_worker
 from orchestrator.validate import ConfigError, check_corpus, validate
 
@@ -124,9 +129,12 @@ def run(cfg: DictConfig, run_dir: str) -> None:
             print(dry_run(cfg), flush=True)
         return
     try:
-        corpus = prepare(cfg.data)
+        # Tokenized here, once, before any rank starts (under SLURM: before submission); ranks memory-map it.
+        corpus = prepare(cfg.data, cfg.model.init_from)
     except FileNotFoundError as e:
         raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
+    except (CorpusError, TokenizerError) as e:
+        raise ConfigError(str(e)) from None
     check_corpus(cfg, corpus)
     resume = resume_path(cfg, env)
 
@@ -137,6 +145,8 @@ def run(cfg: DictConfig, run_dir: str) -> None:
     if sweep is not None:  # this run is one point of a -m sweep: its W&B group and the overrides it varies
         hc = HydraConfig.get()
         plain["sweep"] = sweep.describe(hc.job.num, hc.overrides.task)
+    elif os.environ.get(SWEEP_POINT_ENV):  # a trial of a search (hydra/sweeper=trident-optuna) started this run
+        plain["sweep"] = json.loads(os.environ[SWEEP_POINT_ENV])
     if env is None or env.rank == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(plain), Path(run_dir) / "config.yaml")
@@ -172,6 +182,12 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     register()
     _hydra_main()
+    # A waited-for SLURM sweep (launcher.wait=true) whose points did not all complete: Hydra swallows what
+    # its callbacks raise, so the verdict is taken here, after Hydra returned.
+    failed = sweep_failures()
+    if failed:
+        print(f"trident: sweep failed: {len(failed)} point(s) did not complete", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from orchestrator.config import CONF_DIR
-from orchestrator.flops import GPU_PEAKS, peak_flops
+from orchestrator.flops import device_key
 from orchestrator.planner.layouts import Layout, candidates, plan, set_layout
 from orchestrator.validate import ConfigError, validate
 
@@ -42,15 +42,13 @@ def machine_cluster(world: int, local_world: int) -> dict:
     gib = 2**30
     if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
         props = torch.cuda.get_device_properties(0)
-        peaks = next((p for k, p in GPU_PEAKS.items() if k in props.name), GPU_PEAKS["H100"])
         return {"name": f"this machine ({props.name})", "gpus": world, "gpus_per_node": local_world,
                 "gpu_memory_gb": props.total_memory / gib, "memory_reserve_gb": 6,
-                "peak_tflops": {"bf16": peaks[torch.bfloat16] / 1e12, "fp32": peaks[torch.float32] / 1e12},
+                "device": device_key(props.name) or "h100-sxm",
                 "mfu": 0.45, "intra_node_gbps": 450, "inter_node_gbps": 50}
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / gib
-    peak = peak_flops(torch.device("cpu"), local_world)[0] / 1e12
     return {"name": "this machine (CPU ranks)", "gpus": world, "gpus_per_node": local_world,
-            "gpu_memory_gb": host / local_world, "memory_reserve_gb": 0.5, "peak_tflops": {"bf16": peak, "fp32": peak},
+            "gpu_memory_gb": host / local_world, "memory_reserve_gb": 0.5, "device": "cpu",
             "mfu": 0.5, "intra_node_gbps": 5, "inter_node_gbps": 1}
 
 

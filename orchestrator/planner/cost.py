@@ -13,7 +13,7 @@
             schedule (orchestrator/planner/bubble.py: analytic, or replayed from
             torch's own action lists)
   dp        FSDP2: two all-gathers per micro-batch (forward, backward) and one
-            reduce-scatter per step of the rank's parameters, overlapped with
+            reduce-scatter per micro-batch (per step under a pipeline) of the rank's parameters, overlapped with
             compute (only the excess shows); ZeRO-1 and tp>1 replicate: an
             all-reduce (+ ZeRO-1's broadcast) after backward, not overlapped;
             DDP: an all-reduce overlapped with backward
@@ -26,7 +26,7 @@ from functools import lru_cache
 from omegaconf import DictConfig
 
 from models.llama import ModelArgs
-from orchestrator.flops import flops_per_token
+from orchestrator.flops import cluster_peak, flops_per_token, mfu
 from orchestrator.levers import dtype_bytes
 from orchestrator.planner.bubble import analytic_bubble, simulate
 from orchestrator.planner.memory import RankMemory, orders_microbatches, schedule_orders
@@ -61,7 +61,7 @@ def step_time(cfg: DictConfig, mem: RankMemory, n_params: int, bubble: float, ar
     gpus = par.tp * par.pp * par.dp
     m = t.global_batch // (t.micro_batch * par.dp)
     act = dtype_bytes(t.dtype)
-    dtype_peak = cl.peak_tflops[t.dtype] * 1e12
+    dtype_peak = cluster_peak(cl.device, t.dtype, cl.gpus_per_node)
     peak = dtype_peak * cl.mfu
     flops = flops_per_token(args, n_params, t.seq_len) * t.global_batch * t.seq_len
     recompute = RECOMPUTED[t.activation_checkpointing]
@@ -83,8 +83,11 @@ def step_time(cfg: DictConfig, mem: RankMemory, n_params: int, bubble: float, ar
     frac = (par.dp - 1) / par.dp
     # The parameters of this rank's stages, whole over dp (weights are stored fp32: 4 bytes each).
     stage_params = mem.params / 4 * (par.dp if par.dp_shard == "full" else 1)
-    if par.dp_shard == "full":  # all-gathers in the compute dtype, reduce-scatter in fp32
-        dp_s = max(0.0, frac * stage_params * (2 * m * act + 4) / dp_bw - compute_s)
+    if par.dp_shard == "full":  # all-gathers in the compute dtype, reduce-scatters in fp32
+        # pp=1: every micro-batch gathers twice and reduce-scatters once (data_parallel.DataParallel.micro_batch);
+        # a pipeline stage reduce-scatters once per step (torch's stages defer it to the last backward).
+        scatters = m if par.pp == 1 else 1
+        dp_s = max(0.0, frac * stage_params * (2 * m * act + 4 * scatters) / dp_bw - compute_s)
     elif par.dp_shard == "optimizer":  # all-reduce (2 frac) + broadcast (frac), fp32
         dp_s = 3 * frac * stage_params * 4 / dp_bw
     else:  # DDP overlaps its all-reduce with backward; with tp > 1 the loop reduces after it
@@ -94,4 +97,4 @@ def step_time(cfg: DictConfig, mem: RankMemory, n_params: int, bubble: float, ar
         dp_s = 0.0
     step = (compute_s + tp_s + pp_s) / (1 - bubble) + dp_s
     return {"compute_s": compute_s, "tp_s": tp_s, "pp_s": pp_s, "dp_s": dp_s, "step_s": step,
-            "mfu": flops / (step * gpus * dtype_peak)}
+            "mfu": mfu(flops / (t.global_batch * t.seq_len), t.global_batch * t.seq_len / step, dtype_peak, gpus)}

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from models.llama import ModelArgs, Transformer, num_params
+from orchestrator.flops import DEVICE_PEAKS
 from orchestrator.planner.cost import bubble_of, step_time
 from orchestrator.planner.memory import GiB, RankMemory, layout_memory, probe_shards
 from orchestrator.validate import ConfigError, divisors, validate
@@ -101,6 +102,9 @@ def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
     """Every valid layout, best first (fitting ones first, then by predicted step time)."""
     started = time.perf_counter()
     cl = cfg.cluster
+    if cl.device not in DEVICE_PEAKS:
+        raise ConfigError(f"cluster.device={cl.device!r} is not one of: {', '.join(DEVICE_PEAKS)} "
+                          "(orchestrator/flops.py DEVICE_PEAKS: each one's peak FLOP/s per dtype)")
     try:  # resolved once, not per layout (${hydra:...} resolves only inside the Hydra app)
         work = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     except InterpolationResolutionError:
@@ -127,7 +131,7 @@ def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
     budget = (cl.gpu_memory_gb - cl.memory_reserve_gb) * GiB
     for tp, pp, dp, mb, schedule in valid:
         set_layout(work, tp, pp, dp, mb, schedule)
-        ranks = layout_memory(work, shards[tp, pp, dp], args)
+        ranks = layout_memory(work, shards[tp, pp, dp], args, device="cuda")  # a cluster of GPUs
         worst = max(ranks, key=lambda r: r.total)
         m = cfg.train.global_batch // (mb * dp)
         bubble = bubble_of(schedule, pp, m, cfg.parallel.stages_per_rank)
@@ -148,6 +152,9 @@ def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
     """Every valid layout, best first (fitting ones first, then by predicted step time)."""
     started = time.perf_counter()
     cl = cfg.cluster
+    if cl.device not in DEVICE_PEAKS:
+        raise ConfigError(f"cluster.device={cl.device!r} is not one of: {', '.join(DEVICE_PEAKS)} "
+                          "(orchestrator/flops.py DEVICE_PEAKS: each one's peak FLOP/s per dtype)")
     try:  # resolved once, not per layout (${hydra:...} resolves only inside the Hydra app)
         work = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     except InterpolationResolutionError:
@@ -174,7 +181,7 @@ def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
     budget = (cl.gpu_memory_gb - cl.memory_reserve_gb) * GiB
     for tp, pp, dp, mb, schedule in valid:
         set_layout(work, tp, pp, dp, mb, schedule)
-        ranks = layout_memory(work, shards[tp, pp, dp], args)
+        ranks = layout_memory(work, shards[tp, pp, dp], args, device="cuda")  # a cluster of GPUs
         worst = max(ranks, key=lambda r: r.total)
         m = cfg.train.global_batch // (mb * dp)
         bubble = bubble_of(schedule, pp, m, cfg.parallel.stages_per_rank)

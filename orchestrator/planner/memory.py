@@ -15,11 +15,19 @@ Activations are analytic: the bytes autograd saves for backward per token
 and layer, counted op by op for our Llama block (the analogue of Korthikanti
 et al.'s sbh(34 + 5as/h) for GPT), times the micro-batches a pipeline rank
 holds at once under its schedule.
+
+That is the CPU accounting: what the saved-tensor meter sees, summed. On a
+GPU (`device="cuda"`: the planner's clusters, and a dry run whose ranks will
+get GPUs) the number to predict is the CUDA caching allocator's peak
+(`torch.cuda.max_memory_allocated`), which also holds what is alive only for
+a moment and what the libraries allocate; `cuda_peak` adds those terms and
+takes the larger of the step's two fullest moments (see there).
 """
 
 from dataclasses import dataclass
 from functools import lru_cache
 from types import SimpleNamespace
+from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -126,6 +134,7 @@ class StateMemory:
     params: int
     grads: int
     optim: int
+    stepped: int = 0  # bytes of the parameters this rank's optimizer steps (ZeRO-1: the ones it owns)
 
     @property
     def total(self) -> int:
@@ -141,7 +150,7 @@ def state_memory(params: list[ParamShard], dp_shard: str, dp: int, dp_rank: int 
         owners = shard_owners([SimpleNamespace(numel=lambda s=s: s.numel) for s in params], dp)
         owned = [s for s, r in zip(params, owners) if r == dp_rank]
     optim = sum(ADAM_MOMENTS * s.local * s.itemsize + ADAM_STEP_BYTES for s in owned)
-    return StateMemory(local, grads, optim)
+    return StateMemory(local, grads, optim, sum(s.local * s.itemsize for s in owned))
 
 
 # ---- activations ----
@@ -178,13 +187,18 @@ def activation_model(cfg, args: ModelArgs = None) -> ActivationModel:
     stream = act if fsdp_mp else 4  # the residual stream: bf16 only when the weights themselves are gathered as bf16
     normed = stream if not bf16 else (act if fsdp_mp else 4)
     norm = (4 * h + normed * h + 4) / sp + act * h  # + the linears' input, gathered to the whole sequence
-    block = 2 * norm + (4 * act * h + 4 * heads + 4 * act * f) / tp
+    # Autocast casts an activation per op, not per tensor: wq, wk and wv each save their own bf16 copy of
+    # the (fp32) normed input, w1 and w3 theirs; `norm` counts one per sub-block: 2 + 1 more per block.
+    autocast_casts = 3 * act * h if bf16 and not fsdp_mp else 0
+    block = 2 * norm + autocast_casts + (4 * act * h + 4 * heads + 4 * act * f) / tp
     vocab = -(-args.vocab_size // tp) * tp
+    # The fp32 log-probabilities cross-entropy saves; chunked (train.loss_chunks), nothing stays saved.
+    log_probs = 4 * vocab / tp if t.get("loss_chunks", 1) <= 1 else 0
     return ActivationModel(
         block=block,
         block_input=stream * h / sp,
         first=8,
-        last=norm + 4 * vocab / tp,
+        last=norm + log_probs,
     )
 
 
@@ -260,7 +274,9 @@ def autocast_copy_bytes(cfg, shards: ModelShards) -> tuple[float, float]:
         return 0.0, 0.0
     dim = cfg.model.dim
     matrices = lambda shards_: 2 * sum(s.numel for s in shards_ if s.numel > dim) / par.tp  # noqa: E731 (not norms)
-    return matrices(shards.block), matrices(shards.head)
+    # A tied output projection is the embedding's tensor (listed there, not in the head): its matmul casts it too.
+    head = matrices(shards.head) + (matrices(shards.embed) if cfg.model.tie_embeddings else 0.0)
+    return matrices(shards.block), head
 
 
 def orders_microbatches(schedule: str, pp: int, m: int) -> int:
@@ -310,9 +326,106 @@ def activation_peaks(cfg, shards: ModelShards, stages=None, args: ModelArgs = No
     return peaks
 
 
+# ---- what a CUDA step holds beyond the CPU accounting ----
+
+MiB = 2**20
+# cuBLAS takes its workspace from the caching allocator, one per handle, and torch makes one handle per
+# (thread, device): the forward runs on the Python thread and backward on autograd's device thread. On
+# Hopper torch's default CUBLAS_WORKSPACE_CONFIG is 8 chunks of 4 MiB; cuBLASLt gets a workspace of its
+# own, at most as large: 2 threads x 2 x 32 MiB, an upper bound.
+CUBLAS_WORKSPACE = 4 * 32 * MiB
+# The caching allocator rounds each request up to 512 bytes and hands out a cached block whole when what
+# would remain after splitting it is under 1 MiB: at most 1 MiB more per live large tensor.
+ALLOCATOR_SLACK_PER_TENSOR = 1 * MiB
+# Live large tensors per transformer block in flight at the peak: the ~17 saved activations the block
+# formula counts (norm inputs and outputs, casts, q, k, v, attention output and log-sum-exp, the MLP's
+# four) and the 7 bf16 weight copies under autocast.
+TENSORS_PER_BLOCK = 24
+
+
+@dataclass(frozen=True)
+class CudaTerms:
+    """A rank's CUDA-only bytes (`cuda_terms`), each derived in its docstring."""
+
+    loss_backward: float  # cross-entropy's backward, beside the saved log-probabilities
+    workspace: float  # cuBLAS / cuBLASLt workspaces
+    slack: float  # caching-allocator rounding, an upper bound
+    optimizer_temp: float  # the optimizer step's temporaries
+    grads_at_loss: float  # gradient bytes that exist when the last micro-batch's backward starts
+    other_at_loss: float  # gathered (FSDP2) buffers then
+
+
+def cuda_terms(cfg, shards: ModelShards, pp_rank: int, st: "StateMemory", stages=None) -> CudaTerms:
+    """What a CUDA step holds at its fullest moments that the CPU accounting (saved tensors + state) does not.
+
+    loss_backward  The last micro-batch's backward starts with cross-entropy: nll_loss's backward
+                   makes the gradient of the fp32 log-probabilities, dense (tokens, vocab/tp), and
+                   log_softmax's backward the gradient of the logits, the same size, while the saved
+                   log-probabilities (counted in the activations) are still alive: 2 x 4 bytes x
+                   vocab/tp per token of the micro-batch. With train.loss_chunks=c only one chunk
+                   is ever alive, recomputed in backward: its log-probabilities and both gradients,
+                   3 x 4 x vocab/tp per token of a chunk. Only on the last stage.
+    workspace      CUBLAS_WORKSPACE above.
+    slack          ALLOCATOR_SLACK_PER_TENSOR x the large tensors alive at the peak
+                   (TENSORS_PER_BLOCK per block in flight, plus 8 for the head and the loss).
+    optimizer_temp foreach AdamW computes sqrt(exp_avg_sq) for a whole parameter group into a new
+                   list of tensors: at most the bytes of the parameters this rank steps. The fused
+                   kernel updates in place: nothing.
+    grads_at_loss  The trainer sets gradients to None after each step, so with one micro-batch per
+                   step none exists yet when backward starts. With more, the earlier micro-batches'
+                   have accumulated (sharded under FSDP2, which reduce-scatters every micro-batch at
+                   pp=1). Under a pipeline schedule torch's stages keep an FSDP2 stage's gradients
+                   unsharded until the step's last backward: 4 bytes per parameter of the stage,
+                   TP-local.
+    other_at_loss  The gathered buffers then: other_bytes, except that torch's pipeline stages also
+                   keep an FSDP2 stage's parameters gathered, in the compute dtype, from its first
+                   backward to its last (set_reshard_after_backward(False)).
+    """
+    par, t = cfg.parallel, cfg.train
+    ids_per_rank, layers, n_stages = stages or rank_stages(cfg)
+    ids = ids_per_rank[pp_rank]
+    tokens = t.micro_batch * t.seq_len
+    vocab_local = -(-cfg.model.vocab_size // par.tp)
+    chunks = t.get("loss_chunks", 1)
+    last = n_stages - 1 in ids
+    if not last:
+        loss_backward = 0.0
+    elif chunks <= 1:
+        loss_backward = 2 * 4 * vocab_local * tokens
+    else:
+        loss_backward = 3 * 4 * vocab_local * -(-tokens // chunks)
+    m = t.global_batch // (t.micro_batch * par.dp)
+    in_flight = m if par.pp > 1 and par.schedule == "gpipe" else min(m, par.pp) if par.pp > 1 else 1
+    blocks = sum(len(layers[s]) for s in ids) * in_flight
+    slack = ALLOCATOR_SLACK_PER_TENSOR * (TENSORS_PER_BLOCK * blocks + 8)
+    implementation = cfg.optim.get("implementation", "auto")
+    optimizer_temp = 0.0 if implementation in ("auto", "fused") else float(st.stepped)  # auto: fused on CUDA
+    other_at_loss = other_bytes(cfg, shards)
+    stage_numel = sum(s.numel for s in rank_params(cfg, shards, pp_rank, stages)) / par.tp
+    pipelined_fsdp = par.pp > 1 and par.dp > 1 and par.dp_shard == "full"
+    if m == 1:
+        grads_at_loss = 0.0
+    elif pipelined_fsdp:
+        grads_at_loss = 4 * stage_numel
+    else:
+        grads_at_loss = float(st.grads)
+    if pipelined_fsdp:
+        other_at_loss = max(other_at_loss, dtype_bytes(t.dtype) * stage_numel)
+    return CudaTerms(loss_backward, CUBLAS_WORKSPACE, slack, optimizer_temp, grads_at_loss, other_at_loss)
+
+
 @dataclass
 class RankMemory:
-    """What one rank holds at its peak, in bytes."""
+    """What one rank holds at its peak, in bytes.
+
+    CPU accounting (cuda is None): the sum of weights, gradients, optimizer state,
+    saved activations and transient buffers. CUDA accounting: the larger of the
+    step's two fullest moments, as the caching allocator sees them:
+      loss     weights + optimizer state + the gradients that exist then
+               + activations + the gathered buffers then + loss_backward + workspace + slack
+      step     weights + gradients + optimizer state + optimizer_temp + workspace
+    (activations and gathered buffers are gone when the optimizer steps).
+    """
 
     pp_rank: int
     params: int
@@ -320,14 +433,43 @@ class RankMemory:
     optim: int
     activations: float
     other: float
+    cuda: Optional[CudaTerms] = None
+
+    @property
+    def loss_moment(self) -> float:
+        c = self.cuda
+        return (self.params + self.optim + c.grads_at_loss + self.activations + c.other_at_loss
+                + c.loss_backward + c.workspace + c.slack)
+
+    @property
+    def step_moment(self) -> float:
+        c = self.cuda
+        return self.params + self.grads + self.optim + c.optimizer_temp + c.workspace
+
+    def shown(self) -> tuple[float, float, float, float, float, float]:
+        """(params, grads, optim, activations, other, total) as the tables show them: under CUDA
+        accounting, what is alive at the fuller moment (gradients that exist then; the CUDA-only
+        terms in other), so that the columns add up to the total."""
+        if self.cuda is None:
+            return self.params, self.grads, self.optim, self.activations, self.other, self.total
+        c = self.cuda
+        if self.loss_moment >= self.step_moment:
+            return (self.params, c.grads_at_loss, self.optim, self.activations,
+                    c.other_at_loss + c.loss_backward + c.workspace + c.slack, self.total)
+        return self.params, self.grads, self.optim, 0.0, c.optimizer_temp + c.workspace, self.total
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optim + self.activations + self.other
+        if self.cuda is None:
+            return self.params + self.grads + self.optim + self.activations + self.other
+        return max(self.loss_moment, self.step_moment)
 
 
-def layout_memory(cfg, shards: ModelShards, args: ModelArgs = None) -> list[RankMemory]:
-    """Every pp rank's memory at its fullest dp rank (tp rank 0, whose shards are the largest)."""
+def layout_memory(cfg, shards: ModelShards, args: ModelArgs = None, device: str = "cpu") -> list[RankMemory]:
+    """Every pp rank's memory at its fullest dp rank (tp rank 0, whose shards are the largest).
+
+    device="cuda": the CUDA allocator's peak (RankMemory), else the CPU accounting.
+    """
     par = cfg.parallel
     stages = rank_stages(cfg)
     acts = activation_peaks(cfg, shards, stages, args)
@@ -337,5 +479,6 @@ def layout_memory(cfg, shards: ModelShards, args: ModelArgs = None) -> list[Rank
     for r in range(par.pp):
         params = rank_params(cfg, shards, r, stages)
         st = max((state_memory(params, par.dp_shard, par.dp, d) for d in dp_ranks), key=lambda m: m.total)
-        out.append(RankMemory(r, st.params, st.grads, st.optim, acts[r], other))
+        cuda = cuda_terms(cfg, shards, r, st, stages) if device == "cuda" else None
+        out.append(RankMemory(r, st.params, st.grads, st.optim, acts[r], other, cuda))
     return out

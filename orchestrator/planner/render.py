@@ -30,8 +30,7 @@ def table(rows: list[Layout], cfg: DictConfig, info: dict, top=None) -> str:
     for r in rows[:top]:
         w = r.worst
         cells = [f"{r.tp:>4}", f"{r.pp:>4}", f"{r.dp:>4}", f"{r.micro_batch:>4}", f"{r.schedule:<16}",
-                 f"{r.microbatches:>8}", *(f"{x / size:>8.1f}" for x in (w.params, w.grads, w.optim, w.activations,
-                                                                    w.other, w.total)),
+                 f"{r.microbatches:>8}", *(f"{x / size:>8.1f}" for x in w.shown()),
                  f"{'yes' if r.fits else 'no':>8}", f"{r.bubble:>8.3f}", f"{100 * r.mfu:>7.1f}%",
                  f"{r.step_s:>8.3g}", f"{r.rel:>8.2f}"]
         lines.append("  ".join(cells))
@@ -68,8 +67,46 @@ def as_json(rows: list[Layout], info: dict, top=None) -> str:
     for r in rows[:top]:
         d = asdict(r)
         w = d.pop("worst")
-        d["memory_gib"] = {k: w[k] / GiB for k in ("params", "grads", "optim", "activations", "other")}
-        d["memory_gib"]["total"] = r.worst.total / GiB
+        keys = ("params", "grads", "optim", "activations", "other", "total")
+        d["memory_gib"] = {k: x / GiB for k, x in zip(keys, r.worst.shown())}  # at the fullest moment
         d["worst_pp_rank"] = w["pp_rank"]
         out.append(d)
     return json.dumps({**info, "layouts": out}, indent=1)
+
+
+def serve_table(rows: list, cfg: DictConfig, info: dict) -> str:
+    """trident-plan --serve: one line per tp degree."""
+    cl, m = cfg.cluster, cfg.model
+    gb = 1e9
+    head = (f"trident-plan --serve: {m.name} ({info['n_params'] / 1e9:.2f}B parameters, {info['dtype']} weights "
+            f"{info['n_params'] * (2 if info['dtype'] == 'bf16' else 4) / gb:.2f} GB before the split) on {cl.name} "
+            f"({cl.gpu_memory_gb:g} GiB = {cl.gpu_memory_gb * GiB / gb:.1f} GB per GPU, "
+            f"{info['budget_bytes'] / gb:.1f} GB usable; HBM {cl.hbm_gbps:g} GB/s x {cl.hbm_efficiency:g})\n"
+            f"batch {info['batch']} x {info['context']} tokens (generate.batch_size x generate.max_total_tokens). "
+            "Memory in GB per GPU; times per decode step (one token for every sequence) at the end of a full "
+            "context: max(read, flop) + comm.")
+    cols = ("tp", "weights", "kv_cache", "total", "fits", "link", "read_ms", "flop_ms", "comm_ms", "token_ms", "bound",
+            "tok/s", "tok/s/GPU")
+    lines = [head, "  ".join(f"{c:>9}" for c in cols)]
+    for r in rows:
+        cells = [f"{r.tp:>9}", *(f"{x / gb:>9.2f}" for x in (r.weights, r.kv_cache, r.total)),
+                 f"{'yes' if r.fits else 'no':>9}", f"{r.link:>9}",
+                 *(f"{1e3 * x:>9.2f}" for x in (r.read_s, r.compute_s, r.comm_s, r.token_s)),
+                 f"{r.bound:>9}", f"{r.tokens_per_s:>9.1f}", f"{r.tokens_per_s_per_gpu:>9.1f}"]
+        lines.append("  ".join(cells))
+    fitting = [r for r in rows if r.fits]
+    if fitting:
+        best = min(fitting, key=lambda r: r.token_s)
+        lines.append(f"Smallest tp that fits: {fitting[0].tp}; lowest latency: tp={best.tp} "
+                     f"({1e3 * best.token_s:.2f} ms per token); most tokens/s per GPU: "
+                     f"tp={max(fitting, key=lambda r: r.tokens_per_s_per_gpu).tp}.")
+    else:
+        lines.append("No tp fits: lower generate.batch_size or generate.max_total_tokens, or more GPUs per group.")
+    for tp, why in info["rejected"].items():
+        lines.append(f"tp={tp} not possible: {why}")
+    return "\n".join(lines)
+
+
+def serve_json(rows: list, info: dict) -> str:
+    out = [{**asdict(r), "total": r.total} for r in rows]
+    return json.dumps({**info, "rows": out}, indent=1)

@@ -59,7 +59,7 @@ def _exact_resume_worker(env, device, cfg_dict, corpus, out_dir):
     straight = _steps(Trainer(cfg, env, device, out_dir, corpus), 10)
     first = Trainer(cfg, env, device, out_dir, corpus)
     before = _steps(first, 5)
-    path = checkpoint.save(first.modules, first.optimizers, first.step, cfg.checkpoint.dir, {"config": cfg_dict})
+    path = checkpoint.Saver(cfg.checkpoint.dir).save(first.modules, first.optimizers, first.step, {"config": cfg_dict})
     resumed = Trainer(cfg, env, device, out_dir, corpus, resume=path)
     after = _steps(resumed, 5)
     if env.rank == 0:
@@ -79,8 +79,8 @@ def _save_worker(env, device, cfg_dict, corpus, out_dir):
     cfg = OmegaConf.create(cfg_dict)
     trainer = Trainer(cfg, env, device, out_dir, corpus)
     _steps(trainer, 5)
-    checkpoint.save(trainer.modules, trainer.optimizers, trainer.step, cfg.checkpoint.dir,
-                    {"config": cfg_dict}, keep=1)
+    checkpoint.Saver(cfg.checkpoint.dir, keep=1).save(trainer.modules, trainer.optimizers, trainer.step,
+                                                      {"config": cfg_dict})
     _write_state(trainer, env, f"{out_dir}/saved")
 
 
@@ -121,7 +121,7 @@ def _crash_in_second_save_worker(env, device, cfg_dict, corpus, out_dir):
     cfg = OmegaConf.create(cfg_dict)
     trainer = Trainer(cfg, env, device, out_dir, corpus)
     _steps(trainer, 2)
-    checkpoint.save(trainer.modules, trainer.optimizers, trainer.step, cfg.checkpoint.dir, {"config": cfg_dict})
+    checkpoint.Saver(cfg.checkpoint.dir).save(trainer.modules, trainer.optimizers, trainer.step, {"config": cfg_dict})
     _steps(trainer, 2)
     real_save = checkpoint.dcp.save
 
@@ -132,7 +132,7 @@ def _crash_in_second_save_worker(env, device, cfg_dict, corpus, out_dir):
         return real_save(state, checkpoint_id=checkpoint_id)
 
     checkpoint.dcp.save = dying_save
-    checkpoint.save(trainer.modules, trainer.optimizers, trainer.step, cfg.checkpoint.dir, {"config": cfg_dict})
+    checkpoint.Saver(cfg.checkpoint.dir).save(trainer.modules, trainer.optimizers, trainer.step, {"config": cfg_dict})
 
 
 def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_newest(single, tmp_path):

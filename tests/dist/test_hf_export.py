@@ -25,7 +25,7 @@ def _train_save_and_logits(env, device, cfg_dict, corpus, out_dir):
     trainer = Trainer(cfg, env, device, out_dir, corpus)
     for _ in range(3):
         trainer.train_step()
-    checkpoint.save(trainer.modules, trainer.optimizers, trainer.step, cfg.checkpoint.dir, {"config": cfg_dict})
+    checkpoint.Saver(cfg.checkpoint.dir).save(trainer.modules, trainer.optimizers, trainer.step, {"config": cfg_dict})
     seq = TOKENS.shape[1]
     logits = trainer.pipeline.forward_only(TOKENS, (1, seq // cfg.parallel.tp, cfg.model.dim), torch.float32)
     if logits is not None:

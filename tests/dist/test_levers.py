@@ -17,9 +17,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from launch.local import spawn
+from models.llama import ModelArgs, Transformer, num_params
 from orchestrator import checkpoint
 from orchestrator.data import prepare
 from orchestrator.trainer import Trainer
@@ -78,5 +80,16 @@ def test_tp2_pp2_bf16_autocast_matches_single_fp32_process_within_bf16_rounding(
     assert_bf16_run(run_layout(tmp_path, "bf16-autocast", 2, 1, "train.dtype=bf16", pp=2), single)
 
 
-def test_compiled_blocks_match_single_eager_process(single, tmp_path):
-    assert_same_run(run_layout(tmp_path, "compiled", 1, 1, "train.compile=true"), single)
+def test_compiled_whole_model_and_loss_match_single_eager_process_and_log_mfu_by_its_formula(single, tmp_path):
+    """tp=1: train.compile compiles the whole model with its loss (levers.compile_scope) in one graph."""
+    got = run_layout(tmp_path, "compiled", 1, 1, "train.compile=true", "logging.peak_tflops=0.5")
+    assert_same_run(got, single)
+    # MFU = model FLOPs per token x tokens/s / (peak x ranks), by hand: 6 N (the embedding is a lookup) + 12 L d s.
+    cfg = make_cfg(tmp=tmp_path)
+    with torch.device("meta"):
+        n = num_params(Transformer(ModelArgs.from_config(cfg.model)))
+    m, s = cfg.model, cfg.train.seq_len
+    per_token = 6 * (n - m.vocab_size * m.dim) + 12 * m.n_layers * m.dim * s
+    for row in got.rows.values():
+        if "mfu" in row:
+            assert row["mfu"] == pytest.approx(per_token * row["tokens_per_s"] / 0.5e12, rel=0.01)

@@ -24,7 +24,7 @@ def single_deep(tmp_path_factory):
 @pytest.mark.parametrize("tp, dp", [(1, 1), (2, 1), (1, 2), (2, 2)])
 def test_pp2_1f1b_loss_curve_grads_and_init_match_single_process(single, tmp_path, tp, dp):
     got = run_layout(tmp_path, f"tp{tp}pp2dp{dp}", tp, dp, "parallel.schedule=1f1b", pp=2)
-    assert_same_run(got, single)
+    assert_same_run(got, single, exact=tp == dp == 1)
     # The measured bubble is logged every step: time blocked on pipeline p2p against the step time.
     for s in got.losses():
         assert 0 < got.rows[s]["pp_bubble"] < 1 and got.rows[s]["pp_wait_s"] > 0
@@ -35,9 +35,12 @@ def test_pp2_1f1b_loss_curve_grads_and_init_match_single_process(single, tmp_pat
                                           ("zbv", 2), ("dualpipev", 2)])
 def test_pp4_every_schedule_matches_single_process(single_deep, tmp_path, schedule, dp):
     got = run_layout(tmp_path, schedule, 1, dp, *DEEP, f"parallel.schedule={schedule}", pp=4)
-    assert_same_run(got, single_deep)
+    assert_same_run(got, single_deep, exact=dp == 1)
 
 
-def test_explicit_cut_points_give_the_same_run(single_deep, tmp_path):
+def test_explicit_cut_points_give_the_same_run_bit_for_bit(single_deep, tmp_path):
+    """Stages of unequal size sum the grad norm's pieces in another grouping than one process: in fp32 that
+    moved the clip coefficient by a rounding and, through a loss spike at step 7, the grad norm by 4.1e-5
+    (parallel/grad.py says why). Summed in float64, the run is the one-process run exactly."""
     got = run_layout(tmp_path, "cuts", 1, 1, *DEEP, "parallel.schedule=gpipe", "parallel.cut_points=[1,3,6]", pp=4)
-    assert_same_run(got, single_deep)
+    assert_same_run(got, single_deep, exact=True)

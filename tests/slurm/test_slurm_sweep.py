@@ -1,6 +1,7 @@
 """On the real local cluster: -m sweeps as job arrays, failing ranks, trident-status, checks before submitting."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -97,3 +98,31 @@ def test_a_sweep_with_one_invalid_point_submits_none_of_them(slurm_cluster, tmp_
     assert out.returncode == 2
     assert "config error: parallel.dp=3 with train.micro_batch=2 does not divide train.global_batch=8" in out.stderr
     assert "submitted" not in out.stdout and not (tmp_path / "slurm").exists()
+
+
+def test_a_waiting_sweep_exits_1_exactly_when_a_point_failed_and_0_when_all_completed(slurm_cluster, tmp_path):
+    """launcher.wait=true judges each point by submitit's results, not sacct's lagging state, and says so by exit code."""
+    common = [*TINY, "train.steps=3", "launcher=slurm", "launcher.wait=true", "logging.wandb.mode=disabled"]
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
+    cmd = [sys.executable, "-m", "orchestrator.cli.train", "-m"]
+    # Rank 1 fails on purpose: only the dp=2 point has one. Both sweeps run at once on the cluster.
+    bad = subprocess.Popen([*cmd, f"hydra.sweep.dir={tmp_path / 'bad'}", *common, "parallel.dp=1,2"], cwd=ROOT,
+                           env={**base, **crash_rank_env(1)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    good = subprocess.Popen([*cmd, f"hydra.sweep.dir={tmp_path / 'good'}", *common, "parallel.dp=2",
+                             "optim.lr=1e-3,2e-3"], cwd=ROOT, env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    bad_out, bad_err = bad.communicate(timeout=300)
+    good_out, good_err = good.communicate(timeout=300)
+
+    assert bad.returncode == 1, bad_out[-2000:] + bad_err[-2000:]
+    assert "trident: sweep failed: 1 point(s) did not complete" in bad_err
+    assert "rank 1 fails on purpose" in bad_out
+    table = [line.split() for line in bad_out.splitlines() if re.match(r"\d+(_\d+)? +[A-Z]+ ", line)]
+    assert [row[1] for row in table[-2:]] == ["COMPLETED", "FAILED"], bad_out
+    assert not (tmp_path / "bad" / "0" / "failed-rank0.txt").exists()
+    assert "fails on purpose" in (tmp_path / "bad" / "1" / "failed-rank1.txt").read_text()
+
+    assert good.returncode == 0, good_out[-2000:] + good_err[-2000:]
+    table = [line.split() for line in good_out.splitlines() if re.match(r"\d+(_\d+)? +[A-Z]+ ", line)]
+    assert [(row[1], row[2]) for row in table[-2:]] == [("COMPLETED", "3/3")] * 2, good_out
+    assert "failed" not in good_out + good_err

@@ -6,7 +6,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 import orchestrator.cli.train as train_app
 from orchestrator.validate import ConfigError
-from tests.conftest import ROOT, compose_as_shipped, make_cfg, run_train
+from tests.conftest import compose_as_shipped, make_cfg, run_train
 
 
 def test_default_config_composes_with_llama_field_names():
@@ -33,8 +33,10 @@ def test_typo_in_a_key_fails_at_composition():
 
 
 def test_levers_default_off_and_compile_takes_only_a_bool():
-    t = compose_as_shipped().train
-    assert (t.dtype, t.activation_checkpointing, t.compile) == ("fp32", "none", False)
+    cfg = compose_as_shipped()
+    t = cfg.train
+    assert (t.dtype, t.activation_checkpointing, t.compile, t.loss_chunks) == ("fp32", "none", False, 1)
+    assert cfg.optim.implementation == "auto"
     with pytest.raises(ConfigCompositionException) as e:
         make_cfg("train.compile=maybe")
     assert "train.compile" in str(e.value.__cause__)
@@ -95,13 +97,17 @@ def test_unknown_model_fails_naming_the_group():
         (["train.activation_checkpointing=some"], ["train.activation_checkpointing='some'", "none, full, selective"]),
         (["launcher.backend=mpi"], ["launcher.backend='mpi'", "auto, gloo, nccl"]),
         (["data.path=/no/such/corpus"], ["data.path='/no/such/corpus'", "does not exist"]),
-        (["data.format=csv"], ["data.format='csv'", "auto, text, bin"]),
+        (["data.format=csv"], ["data.format='csv'", "auto, text, jsonl, parquet, bin"]),
         (["model.n_kv_heads=3"], ["model.n_kv_heads=3", "valid: 1, 2, 4, 8"]),
         (["model.dim=36"], ["model.dim=36", "model.n_heads=8"]),
         (["train.seq_len=4096"], ["train.seq_len=4096", "model.max_seq_len=2048"]),
         (["optim.schedule=step"], ["optim.schedule='step'", "cosine, linear, constant"]),
         (["logging.wandb.mode=cloud"], ["logging.wandb.mode='cloud'", "offline, online, disabled"]),
         (["model.vocab_size=100"], ["model.vocab_size=100", "vocab_size >= 256"]),
+        (["optim.implementation=apex"], ["optim.implementation='apex'", "auto, fused, foreach"]),
+        (["train.loss_chunks=0"], ["train.loss_chunks=0 must be >= 1"]),
+        (["train.loss_chunks=4", "parallel.tp=2"], ["train.loss_chunks=4 with parallel.tp=2 parallel.pp=1",
+                                                    "valid: train.loss_chunks=1, or tp=pp=1"]),
     ],
 )
 def test_bad_input_is_a_config_error_and_spawns_nothing(overrides, names, tmp_path, monkeypatch):
@@ -173,4 +179,3 @@ def test_cfg_job_prints_the_composed_config():
     out = run_train("--cfg", "job", "parallel.dp=4", timeout=60)
     assert out.returncode == 0, out.stderr
     assert "dp: 4" in out.stdout and "name: llama-debug" in out.stdout
-    assert (ROOT / "conf" / "train.yaml").exists()

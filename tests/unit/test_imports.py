@@ -116,3 +116,17 @@ def test_function_local_imports_say_why_in_a_comment():
                     if "#" not in here and not above.strip().startswith("#"):
                         unexplained.append(f"{m}:{node.lineno}: {here.strip()}")
     assert unexplained == []
+
+
+def test_training_and_the_gpu_bench_import_without_submitit_or_wandb(tmp_path):
+    """A GPU box with torch, hydra and omegaconf only (../shared/gpu/README.md) runs launcher=local with W&B off."""
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nfor name in ('submitit', 'wandb'):\n    sys.modules[name] = None  # import raises ImportError\n")
+    code = ("import orchestrator.cli.train, orchestrator.cli.plan, orchestrator.trainer, orchestrator.sweep, "
+            "launch.slurm, runpy; runpy.run_path('bench/gpu_step.py', run_name='not_main')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]

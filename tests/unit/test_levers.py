@@ -83,3 +83,72 @@ def test_zero1_owners_balance_whole_parameters_deterministically(model):
     assert owners == shard_owners(params, 2)
     load = [sum(p.numel() for p, o in zip(params, owners) if o == r) for r in range(2)]
     assert abs(load[0] - load[1]) <= max(p.numel() for p in params)
+
+
+def test_compile_scope_is_the_whole_model_without_tp_or_per_block_dp_hooks():
+    assert levers.compile_scope(tp=1, per_block_dp=False) == "model"
+    assert levers.compile_scope(tp=1, per_block_dp=True) == "blocks"  # FSDP2 / DDP hooks stay between graphs
+    assert levers.compile_scope(tp=2, per_block_dp=True) == "sub-blocks"
+    assert levers.compile_scope(tp=2, per_block_dp=False) == "sub-blocks"
+
+
+def _loss_and_grads(model, tokens):
+    model.zero_grad(set_to_none=True)
+    loss = model(tokens, tokens.roll(-1, 1))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_chunked_loss_is_the_whole_loss_up_to_float64_summation_order(model):
+    """In float64 the only difference left is the order of the final sums (tokens per chunk, chunks):
+    at most tokens x 2^-53 relatively, 1e-14 here; a wrong chunking would show at 1e-2."""
+    m = copy.deepcopy(model).double()
+    tokens = torch.arange(4 * 16).reshape(4, 16) % ARGS.vocab_size
+    whole_loss, whole = _loss_and_grads(m, tokens)
+    m.loss_chunks = 5  # uneven: 64 tokens in chunks of 13
+    loss, grads = _loss_and_grads(m, tokens)
+    bound = tokens.numel() * 2.0 ** -53
+    assert abs(loss - whole_loss) <= bound * whole_loss
+    for name, g in grads.items():
+        assert (g - whole[name]).abs().max() <= 10 * bound * whole[name].abs().max(), name
+
+
+def test_whole_model_compile_with_checkpointed_blocks_matches_eager_within_fp32_reduction_error(model):
+    """The compiled model (its loss inside the graph, every block checkpointed) against eager, one step in fp32.
+
+    Inductor fuses and reorders fp32 reductions; each value's rounding error is then bounded by the longest
+    reduction it passes, K = 64 terms here (dim, tokens per sequence, vocabulary: all <= 64), times the unit
+    roundoff 2^-24: the loss within K u, gradients within (layers + 1) K u of their largest entry.
+    """
+    tokens = torch.arange(4 * 16).reshape(4, 16) % ARGS.vocab_size
+    ref_loss, ref = _loss_and_grads(copy.deepcopy(model), tokens)
+    m = levers.apply_ac(copy.deepcopy(model), "full")
+    assert levers.apply_compile(m, "model")
+    loss, grads = _loss_and_grads(m, tokens)
+    ku = 64 * 2.0 ** -24
+    assert abs(loss - ref_loss) <= ku * ref_loss
+    for name, g in grads.items():
+        assert (g - ref[name]).abs().max() <= (ARGS.n_layers + 1) * ku * ref[name].abs().max(), name
+
+
+def test_autocast_activation_formula_counts_each_linears_own_bf16_cast(tmp_path):
+    """Under autocast every linear saves its own bf16 copy of its input (wq, wk, wv each): the formula's
+    per-token bytes equal what autograd keeps saved, measured by the meter, to 0.1% (the rest: the loss's
+    few scalars)."""
+    from orchestrator.planner.memory import activation_peaks, probe_shards
+    from orchestrator.planner.meter import SavedTensorMeter
+    from tests.conftest import make_cfg
+
+    cfg = make_cfg("model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.n_layers=2", "train.seq_len=64",
+                   "train.micro_batch=2", "parallel.dp=1", "train.dtype=bf16", tmp=tmp_path)
+    m = Transformer(ModelArgs.from_config(cfg.model))
+    init_weights(m, seed=0)
+    levers.apply_autocast(m, torch.bfloat16, "cpu")
+    tokens = torch.arange(2 * 64).reshape(2, 64) % 256
+    meter = SavedTensorMeter([m])
+    with meter.measuring():
+        m(tokens, tokens.roll(-1, 1)).backward()
+    predicted = activation_peaks(cfg, probe_shards(cfg))[0]
+    assert abs(predicted - meter.peak) <= 1e-3 * meter.peak
+    # Without the per-op casts the formula would be short by 3 x 2 bytes x dim per token and block.
+    assert meter.peak - (predicted - 2 * 3 * 2 * 64 * 2 * 64) > 0.015 * meter.peak

@@ -95,3 +95,21 @@ def test_tied_embeddings_share_one_tensor():
     model = Transformer(args)
     assert model.output.weight is model.tok_embeddings.weight
     assert num_params(model) == num_params(Transformer(ModelArgs(**{**args.__dict__, "tie_embeddings": False}))) - 64 * 32
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+def test_a_tied_model_built_on_meta_stays_tied_once_materialized(dp, tmp_path):
+    """`to_empty` gives each module a new tensor: without re-tying, the output projection became a second,
+    separately initialised matrix (issue 11's llama3-1b run trained 1.50B parameters, not 1.24B)."""
+    from orchestrator.build import build_model
+    from parallel.mesh import ParallelDims, build_mesh, fake_world
+    from tests.conftest import make_cfg
+
+    cfg = make_cfg("model.tie_embeddings=true", f"parallel.dp={dp}", tmp=tmp_path)
+    with fake_world(dp, 0):
+        mesh = build_mesh(ParallelDims(1, 1, dp), "cpu")
+        built = build_model(cfg.model, cfg.parallel, mesh, torch.device("cpu"), 0, train_cfg=cfg.train)
+    model = built.modules[0]
+    assert model.output.weight is model.tok_embeddings.weight
+    assert sum(p.numel() for p in model.parameters()) * dp >= built.n_params  # counted once (FSDP: a shard)
+    assert "output.weight" not in dict(model.named_parameters())

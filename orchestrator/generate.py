@@ -1,0 +1,316 @@
+"""`trident-generate`'s work around the ranks: checks and prompts before launch, decoding and text out in them.
+
+Before anything starts (in the launching process, or in every rank under
+launcher=external) the config is checked: the sampling settings, the
+tensor-parallel-only layout and the model's split (trident-train's own
+validation), where the weights come from and that they hold this model, the
+tokenizer, and each prompt's length against the context. Prompts are read
+and tokenized there, once: tokenizing is data preparation, ranks never do it.
+
+Each rank then builds its shard of the model (orchestrator/generator.py),
+decodes the prompts batch by batch, and rank 0 writes each prompt's text to
+stdout, or one JSON line per prompt to generate.output.
+"""
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, TextIO
+
+import submitit
+from omegaconf import DictConfig, OmegaConf
+
+from launch.env import from_environ
+from launch.rank import pick_backend, run_rank
+from launch.slurm import executor_params, follow
+from orchestrator.checkpoint import MARKER, CheckpointError, check_compatible, complete_checkpoints, find_resume
+from orchestrator.generator import Generator, Sampling, build_model, load_weights, resolve_dtype
+from orchestrator.tokenizer import TokenizerError, load_tokenizer
+from orchestrator.validate import ConfigError, validate
+from parallel.mesh import ParallelDims, build_mesh
+from parallel.tensor_parallel import padded_vocab
+
+GEN_DTYPES = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class Plan:
+    """What the ranks need, decided before launch."""
+
+    prompts: list[dict]  # {"prompt": text, "ids": token ids}
+    checkpoint: Optional[str]  # a complete step-N folder, or None (model.init_from, or random weights)
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The generate group's own values (before anything is read from disk)."""
+    g = cfg.generate
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"generate.top_p={g.top_p} must be in (0, 1] (1: no nucleus filtering)")
+    if g.temperature < 0:
+        raise ConfigError(f"generate.temperature={g.temperature} must be >= 0 (0: greedy)")
+    if g.top_k < 0:
+        raise ConfigError(f"generate.top_k={g.top_k} must be >= 0 (0: every token)")
+    for key in ("max_new_tokens", "batch_size"):
+        if g[key] < 1:
+            raise ConfigError(f"generate.{key}={g[key]} must be >= 1")
+    if g.dtype not in GEN_DTYPES:
+        raise ConfigError(f"generate.dtype={g.dtype!r} is not one of: {', '.join(GEN_DTYPES)}")
+    m = cfg.model
+    if g.max_total_tokens is not None and not 2 <= g.max_total_tokens <= m.max_seq_len:
+        raise ConfigError(f"generate.max_total_tokens={g.max_total_tokens} must be between 2 and "
+                          f"model.max_seq_len={m.max_seq_len} (the rotary table's length), or null for that")
+    if g.prompt is not None and g.prompts_file is not None:
+        raise ConfigError("generate.prompt and generate.prompts_file are both set: give one of them")
+    if g.prompts_file is not None and not Path(g.prompts_file).expanduser().is_file():
+        raise ConfigError(f"generate.prompts_file={g.prompts_file!r} is not a file")
+
+
+def check_layout(cfg: DictConfig, env=None) -> list[str]:
+    """Tensor parallelism only; then trident-train's own checks of the model and its split."""
+    par = cfg.parallel
+    if par.pp != 1 or par.dp != 1:
+        raise ConfigError(
+            f"parallel.pp={par.pp} parallel.dp={par.dp}: trident-generate splits a model by tensor parallelism "
+            "only (valid: parallel.pp=1 parallel.dp=1, and parallel.tp=N; pipeline- and data-parallel "
+            "generation are not implemented)")
+    if par.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel=true: a decode step holds one token, which cannot be split "
+                          "over tp (valid: false)")
+    # Generation writes no checkpoint: trident-train's check that checkpoint.dir is writable does not apply.
+    return validate(OmegaConf.merge(cfg, {"checkpoint": {"every": 0, "at_end": False}}), env)
+
+
+def context_length(cfg: DictConfig) -> int:
+    """Tokens per sequence the KV cache holds: prompt + output."""
+    return cfg.generate.max_total_tokens or cfg.model.max_seq_len
+
+
+def saved_rows(marker: dict) -> int:
+    """Rows of the embedding a checkpoint holds: its vocabulary, padded to a multiple of its tp if need be."""
+    config = marker.get("config", {})
+    vocab, tp = config["model"]["vocab_size"], config.get("parallel", {}).get("tp", 1)
+    return padded_vocab(vocab, tp) if vocab % tp else vocab
+
+
+def check_weights(cfg: DictConfig) -> Optional[str]:
+    """The checkpoint to load (None: model.init_from or random weights), checked against the model."""
+    g, m = cfg.generate, cfg.model
+    if g.checkpoint is None:
+        return None
+    if m.init_from is not None:
+        raise ConfigError(f"generate.checkpoint={g.checkpoint!r} and model.init_from={m.init_from!r} are both set: "
+                          "give one source of weights")
+    if not Path(g.checkpoint).exists():
+        raise ConfigError(f"generate.checkpoint={g.checkpoint!r} does not exist (valid: a step-N checkpoint "
+                          "folder, or a checkpoint dir whose newest complete step is taken)")
+    if not (Path(g.checkpoint) / MARKER).is_file() and not complete_checkpoints(str(g.checkpoint)):
+        raise ConfigError(f"generate.checkpoint={g.checkpoint!r} holds no complete checkpoint (a step-N folder "
+                          f"with {MARKER}, or a dir of them)")
+    try:
+        path = find_resume(str(g.checkpoint), "")
+        marker = check_compatible(path, m)
+    except CheckpointError as e:
+        raise ConfigError(f"generate.checkpoint: {e} (set model=... to the model it was trained as)") from None
+    tp, rows = cfg.parallel.tp, saved_rows(marker)
+    ours = padded_vocab(m.vocab_size, tp) if m.vocab_size % tp else m.vocab_size
+    if rows != ours:
+        raise ConfigError(
+            f"generate.checkpoint={str(path)!r} holds a vocabulary padded to {rows} rows (its tp); parallel.tp={tp} "
+            f"needs {ours}: choose a tp that divides model.vocab_size={m.vocab_size}, or the one it was trained at")
+    return str(path)
+
+
+def read_prompts(g, stdin: Optional[TextIO] = None) -> list[str]:
+    """generate.prompt, else generate.prompts_file (lines, or JSONL), else stdin (one per line)."""
+    if g.prompt is not None:
+        return [str(g.prompt)]
+    if g.prompts_file is not None:
+        path = Path(g.prompts_file).expanduser()
+        lines = path.read_text().splitlines()
+        if path.suffix != ".jsonl":
+            return [line for line in lines if line.strip()]
+        prompts = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"generate.prompts_file={g.prompts_file!r} line {n} is not JSON: {e}") from None
+            if isinstance(item, dict):
+                item = item.get("prompt", item.get("text"))
+            if not isinstance(item, str):
+                raise ConfigError(f"generate.prompts_file={g.prompts_file!r} line {n}: expected a string or an "
+                                  'object with a "prompt" (or "text") string')
+            prompts.append(item)
+        return prompts
+    stdin = stdin or sys.stdin
+    if stdin.isatty():
+        print("trident-generate: reading prompts from stdin, one per line (end with Ctrl-D)", file=sys.stderr)
+    return [line for line in stdin.read().splitlines() if line.strip()]
+
+
+def encode_prompts(cfg: DictConfig, texts: list[str], tokenizer) -> tuple[list[dict], list[str]]:
+    """Token ids of each prompt, checked against the context. Returns (prompts, warnings)."""
+    g, context = cfg.generate, context_length(cfg)
+    where = "generate.prompt" if g.prompt is not None else (
+        f"generate.prompts_file={g.prompts_file!r}" if g.prompts_file is not None else "stdin")
+    if not texts:
+        raise ConfigError(f"{where}: no prompt (set generate.prompt, generate.prompts_file, or pipe prompts to stdin)")
+    context_key = (f"generate.max_total_tokens={g.max_total_tokens}" if g.max_total_tokens
+                   else f"model.max_seq_len={cfg.model.max_seq_len}")
+    prompts, long = [], []
+    for i, text in enumerate(texts):
+        ids = tokenizer.encode(text)
+        if not ids:
+            raise ConfigError(f"{where}: prompt {i} is empty (no token to continue from)")
+        if len(ids) >= context:
+            raise ConfigError(
+                f"{where}: prompt {i} is {len(ids)} tokens, longer than the context ({context_key}), which must "
+                f"also hold at least one generated token (valid: prompts of at most {context - 1} tokens, or a "
+                f"larger generate.max_total_tokens, up to model.max_seq_len={cfg.model.max_seq_len})")
+        if max(ids) >= cfg.model.vocab_size:
+            raise ConfigError(f"{where}: prompt {i} holds token id {max(ids)}, beyond model.vocab_size="
+                              f"{cfg.model.vocab_size} (is data.tokenizer={cfg.data.tokenizer!r} this model's?)")
+        if len(ids) + g.max_new_tokens > context:
+            long.append(i)
+        prompts.append({"prompt": text, "ids": ids})
+    warnings = []
+    if long:
+        warnings.append(f"{len(long)} prompt(s) (first: {long[0]}) plus generate.max_new_tokens={g.max_new_tokens} "
+                        f"exceed the context ({context_key}): their output stops at it (finish: context)")
+    return prompts, warnings
+
+
+def tokenizer_of(cfg: DictConfig):
+    try:
+        tok = load_tokenizer(cfg.data.tokenizer, cfg.model.init_from)
+    except TokenizerError as e:
+        raise ConfigError(str(e)) from None
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r} has {tok.vocab_size} tokens, more than "
+                          f"model.vocab_size={cfg.model.vocab_size} (a tokenizer may be smaller than the model, not larger)")
+    return tok
+
+
+def prepare(cfg: DictConfig, env=None, stdin: Optional[TextIO] = None) -> Plan:
+    """Every check, in the order a user's mistake is cheapest to find; then the prompts, tokenized."""
+    check_settings(cfg)
+    warnings = check_layout(cfg, env)
+    if cfg.generate.prompt is None and cfg.generate.prompts_file is None and cfg.launcher.name != "local":
+        raise ConfigError(f"launcher={cfg.launcher.name} reads no stdin: give generate.prompt or generate.prompts_file")
+    checkpoint = check_weights(cfg)
+    if checkpoint is None and cfg.model.init_from is None:
+        warnings.append("neither generate.checkpoint nor model.init_from is set: random weights from train.seed, "
+                        "the text will be noise")
+    tokenizer = tokenizer_of(cfg)
+    prompts, more = encode_prompts(cfg, read_prompts(cfg.generate, stdin), tokenizer)
+    return Plan(prompts, checkpoint, warnings + more)
+
+
+# ---- in every rank ----
+
+def generate_worker(env, device, cfg_dict: dict, prompts: list[dict], checkpoint: Optional[str]) -> None:
+    """One rank of the tp group: build and load its shard, decode every batch; rank 0 writes the text."""
+    cfg = OmegaConf.create(cfg_dict)
+    g, tp = cfg.generate, cfg.parallel.tp
+    started = time.perf_counter()
+    tp_mesh = build_mesh(ParallelDims(tp, 1, 1), device.type)["tp"]
+    model = build_model(cfg.model, tp_mesh, device, cfg.train.seed)
+    if checkpoint:
+        load_weights(model, checkpoint, tp_mesh)
+    dtype = resolve_dtype(g.dtype, device)
+    rank0 = env.rank == 0
+    gen = Generator(model, tp_mesh, device, dtype, batch=min(g.batch_size, len(prompts)),
+                    max_len=context_length(cfg), compile=g.compile, cuda_graphs=g.cuda_graphs, rank0=rank0)
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.init_from)  # decoding only
+    sampling = Sampling.from_config(g, tokenizer.eos_ids)
+    writer = Writer(g, tokenizer) if rank0 else None
+    ready = time.perf_counter()
+    for first in range(0, len(prompts), gen.batch):
+        batch = prompts[first: first + gen.batch]
+        outs = gen.generate([p["ids"] for p in batch], list(range(first, first + len(batch))), sampling)
+        if writer:
+            for p, o in zip(batch, outs):
+                writer.write(p["prompt"], o)
+    if writer:
+        writer.close(tp=tp, dtype=str(dtype).removeprefix("torch."), device=device.type, load_s=ready - started,
+                     compiled=gen.compiled, graphed=gen.graphed, step_times=gen.step_times)
+
+
+class Writer:
+    """Rank 0's output: each prompt's text on stdout, or one JSON line per prompt in generate.output."""
+
+    def __init__(self, g, tokenizer):
+        self.g, self.tokenizer = g, tokenizer
+        self.file = None
+        if g.output is not None:
+            Path(g.output).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(Path(g.output).expanduser(), "w")
+        self.count = self.tokens = 0
+        self.ttft = []
+
+    def write(self, prompt: str, o) -> None:
+        text = self.tokenizer.decode(o.tokens)
+        if self.file is not None:
+            row = {"prompt": prompt, "tokens": o.tokens, "text": text, "ttft_s": o.ttft_s, "decode_s": o.decode_s,
+                   "finish": o.finish}
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        else:
+            if self.count:
+                print("\n" + "-" * 40)
+            print((prompt if self.g.echo else "") + text, flush=True)
+        self.count += 1
+        self.tokens += len(o.tokens)
+        self.ttft.append(o.ttft_s)
+
+    def close(self, tp: int, dtype: str, device: str, load_s: float, compiled: bool, graphed: bool,
+              step_times: list[float]) -> None:
+        if self.file is not None:
+            self.file.close()
+        steps = sorted(step_times)
+        per_token = f"{1e3 * statistics.median(steps):.1f} ms per decode step (p50)" if steps else "no decode step"
+        print(f"trident-generate: {self.count} prompt(s), {self.tokens} tokens; tp={tp} {dtype} on {device}, "
+              f"ready in {load_s:.1f} s; time to first token {1e3 * statistics.median(self.ttft):.1f} ms (p50), "
+              f"{per_token}; compiled: {'yes' if compiled else 'no'}, CUDA graphs: {'yes' if graphed else 'no'}"
+              + (f"; wrote {self.g.output}" if self.file is not None else ""), file=sys.stderr, flush=True)
+
+
+# ---- launcher=slurm ----
+
+class GenerateTask:
+    """What submitit pickles for launcher=slurm: every task of the job is one rank of the tp group."""
+
+    def __init__(self, cfg_dict: dict, prompts: list[dict], checkpoint: Optional[str], backend: str, timeout_s: float):
+        self.cfg_dict, self.prompts, self.checkpoint = cfg_dict, prompts, checkpoint
+        self.backend, self.timeout_s = backend, timeout_s
+
+    def __call__(self) -> int:
+        env = from_environ()
+        backend = pick_backend(self.backend, env.local_world_size)
+        run_rank(generate_worker, env, backend, self.timeout_s, self.cfg_dict, self.prompts, self.checkpoint,
+                 exit_process=False)
+        return env.rank
+
+
+def submit(cfg: DictConfig, plain: dict, plan: Plan):
+    """One SLURM job whose tasks are the tp ranks; rank 0's log holds the text (or generate.output does)."""
+    params = {**executor_params(cfg), "name": f"trident-generate-{cfg.model.name}"}
+    executor = submitit.AutoExecutor(folder=cfg.launcher.folder, cluster="slurm")
+    executor.update_parameters(**params)
+    job = executor.submit(GenerateTask(plain, plan.prompts, plan.checkpoint, cfg.launcher.backend,
+                                       cfg.parallel.timeout_s))
+    print(f"trident-generate: submitted SLURM job {job.job_id} ({cfg.launcher.nodes} node(s) x "
+          f"{params['tasks_per_node']} task(s))", flush=True)
+    print(f"  rank 0 log  {job.paths.stdout}", flush=True)
+    print(f"  errors      {job.paths.stderr}", flush=True)
+    if cfg.generate.output is not None:
+        print(f"  output      {cfg.generate.output}", flush=True)
+    if cfg.launcher.wait:
+        follow(job)
+    return job
