@@ -23,6 +23,7 @@ Each line says:
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -265,9 +266,8 @@ def crash_mid_save(root: Path) -> dict:
     count = len(run.steps())
     recovered = run.wait_for(new_step_after(run, count), 300) - t0
     rc = run.finish()
-    partial = [p.name for p in (run.dir / "checkpoints").glob("*.tmp")]
     return line("crash in the middle of a checkpoint write", detected=True, detect_s=detected, recover_s=recovered,
-                outcome=f"restarted from step 10 ({partial} never read); finished (exit {rc})",
+                outcome=f"restarted from step 10, the partial step-20.tmp never read; finished (exit {rc})",
                 steps_lost=20 - 10, data_lost=data_lost(run), replayed_exactly=replayed_exactly(run),
                 left_behind=run.left_behind())
 
@@ -320,18 +320,19 @@ def slurm_end(run: Run, job: str) -> str:
     return sacct_state(job)
 
 
-def slurm_fault(root: Path, name: str, label: str, inject, *extra: str) -> dict:
+def slurm_fault(root: Path, name: str, label: str, inject, noticed: str, *extra: str) -> dict:
+    """inject(run, job) at step >= 30; `noticed`: the words in rank 0's logs that say the run saw it."""
     run, job = slurm_run(root, name, *extra)
     run.wait_for(lambda: len(run.steps()) >= 30 and marker(run.dir), 600)
-    before = max(run.steps())
     t = time.monotonic()
     inject(run, job)
-    count = len(run.steps())
-    log = run.dir / "slurm" / f"{job}_0_log.out"
-    detected = run.wait_for(lambda: log.read_text().count("trident: llama-debug") >= 2
-                            or "preempted at step" in log.read_text(), 300) - t
-    recovered = run.wait_for(new_step_after(run, count), 600) - t
-    resumed = min(r["step"] for r in run.rows()[count:] if "loss" in r) - 1
+    out, err = run.dir / "slurm" / f"{job}_0_log.out", run.dir / "slurm" / f"{job}_0_log.err"
+    detected = run.wait_for(lambda: noticed in out.read_text() + err.read_text(), 300) - t
+    run.wait_for(lambda: "resumed from" in out.read_text(), 600)
+    logged = len(run.steps())  # the first run is gone: this is what it logged; the resumed one logs next
+    before = max(run.steps())
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", out.read_text()).group(1))
+    recovered = run.wait_for(new_step_after(run, logged), 600) - t
     state = slurm_end(run, job)
     return line(label, detected=True, detect_s=detected, recover_s=recovered,
                 outcome=f"requeued, resumed from step {resumed}, job {state}", steps_lost=max(0, before - resumed),
@@ -345,11 +346,14 @@ def slurm_faults(root: Path, only) -> list:
     try:
         cases = {
             "usr2": ("preemption (scancel --signal=USR2)",
-                     lambda run, job: subprocess.run(["scancel", "--signal=USR2", job], check=True)),
+                     lambda run, job: subprocess.run(["scancel", "--signal=USR2", job], check=True),
+                     "preempted at step"),
             "requeue": ("scontrol requeue",
-                        lambda run, job: subprocess.run(["scontrol", "requeue", job], check=True)),
+                        lambda run, job: subprocess.run(["scontrol", "requeue", job], check=True),
+                        "DUE TO JOB REQUEUE"),
             "slurm-dead": ("dead srun task (SIGKILL), max_restarts=1",
-                           lambda run, job: os.kill(run.rank_pids()[1], signal.SIGKILL), "launcher.max_restarts=1"),
+                           lambda run, job: os.kill(run.rank_pids()[1], signal.SIGKILL), "requeueing job",
+                           "launcher.max_restarts=1"),
         }
         return [slurm_fault(root, name, *case) for name, case in cases.items() if not only or name in only]
     finally:
