@@ -9,6 +9,7 @@ the launcher wait for the others' reports, ask the ranks that could not
 report (stopped ones) for their stacks, and name the late rank(s).
 """
 
+import ctypes
 import multiprocessing.connection
 import os
 import pickle
@@ -25,6 +26,7 @@ from launch.rank import pick_backend, run_rank
 from launch.watchdog import HUNG_EXIT, SETTLE_S, describe_hang, hang_reports, process_state, rank_file
 
 GRACE_S = 5.0  # after SIGTERM, before SIGKILL
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class RankFailed(RuntimeError):
@@ -37,7 +39,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_launcher() -> None:
+    """SIGKILL this rank when the launcher dies, even a stopped rank (torch asks for SIGINT, which a stopped
+    process never handles): nothing outlives a launcher that was killed."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: torch's own SIGINT stays
+        pass
+
+
 def _entry(local_rank: int, fn, world_size: int, port: int, backend: str, timeout_s: float, trace_dir, args) -> None:
+    _die_with_launcher()
     env = RankEnv(
         rank=local_rank,
         world_size=world_size,
