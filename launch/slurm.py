@@ -101,6 +101,8 @@ class SlurmRun:
                 print(f"trident: {message}", flush=True)
         if env.rank == 0 and os.environ.get("SLURM_JOB_ID"):
             # For launch.restart in the batch script's teardown: which run this job is.
+            import submitit  # only launcher=slurm needs it, and this is inside a SLURM job
+
             job_folder = submitit.JobEnvironment().paths.folder
             Path(job_folder, f"trident-run-{os.environ['SLURM_JOB_ID']}.json").write_text(
                 json.dumps({"run_dir": str(Path(self.run_dir).resolve())}))
