@@ -247,6 +247,9 @@ class Trainer:
             row["rollbacks"] = self.rollbacks
         if self.pipeline is not None and pp_wait is not None:
             row["pp_wait_s"] = v.pp_wait_s / self.dims.pp  # mean over the pipeline's ranks
+            # A rank's step starts when it leaves the last agreement, so the waiting ranks' steps can be longer
+            # than rank 0's: the bubble is taken against the longest one (each rank's wait is inside its own step).
+            self._slowest_step_s = max(v.work_s)
         stats, message = self.stragglers.update(v)
         row.update(stats)
         if message and self.is_logger:
@@ -400,7 +403,7 @@ class Trainer:
             )
             if "pp_wait_s" in row:
                 # The measured bubble: time blocked on pipeline p2p against the step.
-                row["pp_bubble"] = row["pp_wait_s"] / dt
+                row["pp_bubble"] = row["pp_wait_s"] / max(dt, self._slowest_step_s)
             if row.get("skipped"):
                 bad = f"non-finite loss ({row['loss']}) or gradient norm ({row['grad_norm']}) at step {self.step}"
                 if t.nonfinite == "stop":
