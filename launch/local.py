@@ -115,13 +115,23 @@ def _watch(context, ranks_dir: Optional[str]) -> None:
         codes = {r: processes[r].exitcode for r in failed}
         if ranks_dir is not None and HUNG_EXIT in codes.values():
             raise RankFailed(_hang_message(processes, ranks_dir))
-        first = min(failed, key=lambda r: (codes[r] >= 0, not _raised(context, r), r))
+        first = cause(failed, codes, context.error_files)
         raise RankFailed(_failure_message(context, first, codes[first]))
 
 
-def _raised(context, rank: int) -> bool:
-    f = context.error_files[rank]
-    return bool(f) and os.access(f, os.R_OK)
+def cause(failed: list, codes: dict, error_files: list) -> int:
+    """Which failed rank to name. Several may have exited before the launcher woke: a signal first, else
+    the earliest exception (a peer's "connection closed" comes after the dead rank's socket closed, which is
+    after that rank wrote its own exception), else the lowest rank."""
+    return min(failed, key=lambda r: (codes[r] >= 0, _written_at(error_files[r]), r))
+
+
+def _written_at(error_file) -> float:
+    """When the rank wrote its exception; inf if it wrote none."""
+    try:
+        return os.stat(error_file).st_mtime_ns
+    except (OSError, TypeError):
+        return float("inf")
 
 
 def _failure_message(context, rank: int, code: int) -> str:

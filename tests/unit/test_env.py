@@ -1,8 +1,11 @@
 """Rank environments read from torchrun's and srun's variables (faked here: no process is started)."""
 
+import os
+
 import pytest
 
 from launch.env import expand_hostlist, from_environ, slurm_port
+from launch.local import cause
 
 
 def test_expand_hostlist():
@@ -35,3 +38,14 @@ def test_array_elements_of_one_job_get_different_ports_fake_slurm_env():
 def test_no_rank_environment_is_a_clear_error():
     with pytest.raises(RuntimeError, match="RANK and WORLD_SIZE.*SLURM_PROCID"):
         from_environ({})
+
+
+def test_the_launcher_names_the_rank_that_failed_first_not_its_echoes(tmp_path):
+    """Both ranks exited before the launcher woke: rank 1 raised first, rank 0 then saw "connection closed"."""
+    files = [tmp_path / "rank0.pickle", tmp_path / "rank1.pickle", str(tmp_path / "rank2-wrote-none")]
+    for f, t in ((files[1], 1_000), (files[0], 2_000)):
+        f.write_bytes(b"x")
+        os.utime(f, ns=(t, t))
+    assert cause([0, 1], {0: 1, 1: 1}, files) == 1
+    assert cause([0, 1, 2], {0: 1, 1: 1, 2: 1}, files) == 1  # a rank that wrote nothing is never first
+    assert cause([0, 1, 2], {0: 1, 1: 1, 2: -9}, files) == 2  # a killed rank is the cause of the others
