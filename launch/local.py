@@ -5,8 +5,8 @@ rank's function once (`multiprocessing`'s forkserver, preloaded with fn's
 module): a rank then starts in milliseconds instead of paying its own
 imports (4.8 s of CPU each, most of a short run's time on a small machine).
 Each is still a fresh process that has run no torch op, with the launcher's
-environment, stdout and stderr of the moment; the server exits with the
-launcher, each rank with the server. NCCL ranks are spawned: no process
+environment, stdout and stderr of the moment; the server dies with the
+launcher (launch/forkserver.py), each rank with its parent. NCCL ranks are spawned: no process
 that might have touched CUDA is ever forked.
 
 The launcher waits on every rank's process at once. The first one to fail
@@ -51,9 +51,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_launcher() -> None:
-    """SIGKILL this rank when the launcher dies, even a stopped rank (torch asks for SIGINT, which a stopped
-    process never handles): nothing outlives a launcher that was killed."""
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent dies, even if it is stopped (torch asks for SIGINT, which a
+    stopped process never handles): a rank's parent is the launcher or the fork server, which dies with the
+    launcher (launch/forkserver.py), so nothing outlives a launcher that was killed."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: torch's own SIGINT stays
@@ -85,7 +86,7 @@ class _Launcher:
 
 def _entry(local_rank: int, fn, world_size: int, port: int, backend: str, timeout_s: float, trace_dir, launcher,
            args) -> None:
-    _die_with_launcher()
+    die_with_parent()
     env = RankEnv(
         rank=local_rank,
         world_size=world_size,
@@ -124,7 +125,7 @@ def spawn(fn: Callable, world_size: int, *args, backend: str = "auto", timeout_s
     if forked:
         # Takes effect when the server starts (this process's first spawn); a later fn's module is imported by
         # its ranks, on top of what the server holds. A script's own __main__ is not preloaded by name.
-        multiprocessing.set_forkserver_preload(["launch.local", fn.__module__])
+        multiprocessing.set_forkserver_preload(["launch.forkserver", "launch.local", fn.__module__])
     context = mp.start_processes(
         _entry,
         args=(fn, world_size, free_port(), backend, timeout_s, ranks_dir, _Launcher() if forked else None, args),
@@ -161,10 +162,12 @@ def _watch(context, ranks_dir: Optional[str]) -> None:
 
 
 def cause(failed: list, codes: dict, error_files: list) -> int:
-    """Which failed rank to name. Several may have exited before the launcher woke: a signal first, else
-    the earliest exception (a peer's "connection closed" comes after the dead rank's socket closed, which is
-    after that rank wrote its own exception), else the lowest rank."""
-    return min(failed, key=lambda r: (codes[r] >= 0, _written_at(error_files[r]), r))
+    """Which failed rank to name. Several may have exited before the launcher woke; their peers' "connection
+    closed" exceptions are echoes, written after the first one's socket closed. So: a rank killed by a
+    signal, else one that exited without an exception (os._exit, SystemExit: it ended itself, it was not
+    told by a peer), else the one whose exception was written first, the lowest rank breaking ties."""
+    return min(failed, key=lambda r: (codes[r] >= 0, _written_at(error_files[r]) < float("inf"),
+                                      _written_at(error_files[r]), r))
 
 
 def _written_at(error_file) -> float:

@@ -41,11 +41,11 @@ def test_no_rank_environment_is_a_clear_error():
 
 
 def test_the_launcher_names_the_rank_that_failed_first_not_its_echoes(tmp_path):
-    """Both ranks exited before the launcher woke: rank 1 raised first, rank 0 then saw "connection closed"."""
+    """Several ranks exited before the launcher woke: rank 1 raised first, rank 0 then saw "connection closed"."""
     files = [tmp_path / "rank0.pickle", tmp_path / "rank1.pickle", str(tmp_path / "rank2-wrote-none")]
     for f, t in ((files[1], 1_000), (files[0], 2_000)):
         f.write_bytes(b"x")
         os.utime(f, ns=(t, t))
     assert cause([0, 1], {0: 1, 1: 1}, files) == 1
-    assert cause([0, 1, 2], {0: 1, 1: 1, 2: 1}, files) == 1  # a rank that wrote nothing is never first
+    assert cause([0, 1, 2], {0: 1, 1: 1, 2: 1}, files) == 2  # exited without an exception: it ended itself
     assert cause([0, 1, 2], {0: 1, 1: 1, 2: -9}, files) == 2  # a killed rank is the cause of the others
