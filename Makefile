@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/trident-train $(ARGS)
 
+# Two workers: half the suite's time is spent waiting (SLURM's scheduler, trial processes starting), and a
+# file's tests stay on one worker (tests/conftest.py). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/loop_overhead.py

@@ -4,11 +4,30 @@ import functools
 import re
 import shutil
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
 from launch.slurm import tasks_per_node
 from orchestrator.validate import ConfigError
+
+UNREACHABLE = "Unable to contact slurm controller"
+RETRY_S = (2, 4, 8)  # a controller restarting or failing over is back within seconds
+
+
+def sinfo(*args: str) -> str:
+    """`sinfo ARGS`'s output. A controller that cannot be reached is asked again a few times first (it may be
+    restarting, failing over or too busy to accept): one refused connection must not fail a submission."""
+    for wait in (*RETRY_S, None):
+        out = subprocess.run(["sinfo", *args], capture_output=True, text=True, timeout=60)
+        if out.returncode == 0:
+            return out.stdout
+        if wait is None or UNREACHABLE not in out.stderr:
+            raise ConfigError(f"launcher=slurm: sinfo failed, is the cluster up? {out.stderr.strip()}")
+        print(f"trident: {out.stderr.strip()}; asking again in {wait} s", file=sys.stderr, flush=True)
+        time.sleep(wait)
+
 
 SECRET = re.compile(r"\b(\w*(API_KEY|TOKEN|SECRET|PASSWORD)\w*)\s*=\s*['\"]?[^$'\"\s]")
 
@@ -70,10 +89,8 @@ def check_partition(launcher, tasks: int, partitions: list[Partition]) -> None:
 @functools.lru_cache(maxsize=1)
 def partitions() -> list[Partition]:
     """The cluster's partitions, asked once per process (a sweep checks every point against them)."""
-    out = subprocess.run(["sinfo", "-h", "-o", "%P %G"], capture_output=True, text=True, timeout=60)
-    if out.returncode:
-        raise ConfigError(f"launcher=slurm: sinfo failed, is the cluster up? {out.stderr.strip()}")
-    return parse_sinfo(out.stdout)
+    text = sinfo("-h", "-o", "%P %G")
+    return parse_sinfo(text)
 
 
 def check_cluster(cfg) -> None:
@@ -101,10 +118,7 @@ def parse_nodes(text: str) -> list[tuple[str, str, int, int]]:
 def jobs_at_once(launcher, world: int, text: Optional[str] = None) -> tuple[int, str]:
     """How many jobs of this shape the partition can run at the same time, and the figures that say so."""
     if text is None:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %P %c %G"], capture_output=True, text=True, timeout=60)
-        if out.returncode:
-            raise ConfigError(f"launcher=slurm: sinfo failed, is the cluster up? {out.stderr.strip()}")
-        text = out.stdout
+        text = sinfo("-h", "-N", "-o", "%N %P %c %G")
     nodes = parse_nodes(text)
     name = launcher.partition
     mine = [n for n in nodes if (n[1].rstrip("*") == name if name else n[1].endswith("*"))]

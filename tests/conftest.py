@@ -88,3 +88,12 @@ def hf_llama_dir(tmp_path_factory, bpe_json) -> Path:
     from tests.textdata import hf_llama
 
     return hf_llama(tmp_path_factory.mktemp("hf-llama"), bpe_json)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs two workers (pytest-xdist, `--dist loadgroup`): a file's tests stay together, so a
+    module fixture is built once, and the SLURM tier is one group, since it shares the one local cluster
+    its session fixture starts (two workers would start two on the same ports)."""
+    for item in items:
+        path = Path(str(item.fspath)).resolve().relative_to(ROOT).as_posix()
+        item.add_marker(pytest.mark.xdist_group("slurm" if path.startswith("tests/slurm/") else path))

@@ -1,8 +1,12 @@
 """What launcher=slurm checks before it submits, against faked sinfo output and fake sacct ids; and the sweep's keys."""
 
+import os
+import stat
+
 import pytest
 from omegaconf import OmegaConf
 
+from orchestrator import slurm_checks
 from orchestrator.slurm_checks import check_no_secrets, check_partition, parse_sinfo
 from orchestrator.sweep import Sweep, swept_keys
 from orchestrator.status import _expand
@@ -71,3 +75,39 @@ def test_swept_keys_are_the_overrides_with_several_values():
 def test_sacct_pending_array_ranges_expand_to_their_elements():
     assert _expand("12_[0-2,5%8]") == ["12_0", "12_1", "12_2", "12_5"]
     assert _expand("12_[3]") == ["12_3"] and _expand("12_4") == ["12_4"] and _expand("13") == ["13"]
+
+
+def _fake_sinfo(tmp_path, monkeypatch, failures: int, error: str):
+    """A fake `sinfo` on PATH that fails `failures` times with `error`, then prints one partition."""
+    count = tmp_path / "calls"
+    script = tmp_path / "sinfo"
+    script.write_text(f"""#!/bin/sh
+n=$(cat {count} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {count}
+if [ $n -le {failures} ]; then echo "sinfo: error: {error}" >&2; exit 1; fi
+echo "debug* (null)"
+""")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(slurm_checks, "RETRY_S", (0.01, 0.01, 0.01))
+    return count
+
+
+def test_an_unreachable_controller_is_asked_again_before_the_submission_fails_fake_sinfo(tmp_path, monkeypatch,
+                                                                                         capsys):
+    unreachable = "slurm_load_partitions: Unable to contact slurm controller (connect failure)"
+    calls = _fake_sinfo(tmp_path, monkeypatch, 2, unreachable)
+    assert slurm_checks.sinfo("-h") == "debug* (null)\n"
+    assert calls.read_text().strip() == "3"
+    assert capsys.readouterr().err.count("asking again") == 2
+    calls.unlink()
+    _fake_sinfo(tmp_path, monkeypatch, 4, unreachable)  # down for longer than the retries: the error is its own
+    with pytest.raises(ConfigError, match="sinfo failed, is the cluster up.*connect failure"):
+        slurm_checks.sinfo("-h")
+    assert calls.read_text().strip() == "4"
+
+
+def test_another_sinfo_error_is_not_asked_again_fake_sinfo(tmp_path, monkeypatch):
+    calls = _fake_sinfo(tmp_path, monkeypatch, 1, "invalid option -- 'Z'")
+    with pytest.raises(ConfigError, match="invalid option"):
+        slurm_checks.sinfo("-Z")
+    assert calls.read_text().strip() == "1"
