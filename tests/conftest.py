@@ -94,6 +94,12 @@ def pytest_collection_modifyitems(config, items):
     """`make test` runs two workers (pytest-xdist, `--dist loadgroup`): a file's tests stay together, so a
     module fixture is built once, and the SLURM tier is one group, since it shares the one local cluster
     its session fixture starts (two workers would start two on the same ports)."""
-    for item in items:
+    def group(item) -> str:
         path = Path(str(item.fspath)).resolve().relative_to(ROOT).as_posix()
-        item.add_marker(pytest.mark.xdist_group("slurm" if path.startswith("tests/slurm/") else path))
+        return "slurm" if path.startswith("tests/slurm/") else path
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    # The SLURM tier first (the Makefile keeps this order, --no-loadscope-reorder): it is the longest group,
+    # mostly waiting, and the other worker's files fill that time; the short unit files fill the end.
+    items.sort(key=lambda item: group(item) != "slurm")

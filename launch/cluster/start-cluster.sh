@@ -189,23 +189,33 @@ start_bg slurmd "$S/log/slurmd.out" slurmd -D -N "$NODE" -f "$SLURM_CONF"
 
 # ---------------------------------------------------------------- 7. health check
 st=""
-for i in $(seq 1 120); do st=$(sinfo -h -n "$NODE" -o %t 2>/dev/null || true); [ "$st" = idle ] && break; sleep 0.25; done
+for i in $(seq 1 240); do st=$(sinfo -h -n "$NODE" -o %t 2>/dev/null || true); [ "$st" = idle ] && break; sleep 0.25; done
 [ "$st" = idle ] || die "node state is '$st', not idle"
 log "node $NODE idle"
-out=$(timeout 60 srun -N1 -n2 hostname) || die "srun failed"
+# A command the controller refuses in its first seconds on a busy machine is tried again (seen once: the
+# health check's sbatch, or the first test's sinfo, got "Unable to contact slurm controller").
+again() {  # again CMD...: up to 5 tries 2 s apart; its stdout; its last stderr goes to $S/log/again.err
+  local i
+  for i in 1 2 3 4 5; do
+    "$@" 2>"$S/log/again.err" && return 0
+    echo "[trident-slurm] try $i: $* failed: $(tail -n 1 "$S/log/again.err")" >&2; sleep 2
+  done
+  return 1
+}
+out=$(again timeout 60 srun -N1 -n2 hostname) || die "srun failed: $(cat "$S/log/again.err")"
 [ "$(echo "$out" | wc -l)" = 2 ] || die "srun output unexpected: $out"
 mkdir -p "$S/healthcheck"
-jid=$(cd "$S/healthcheck" && timeout 30 sbatch --parsable -n2 -o hc-%j.out --wrap 'srun echo ok-$SLURM_PROCID') \
-  || die "sbatch failed"
+jid=$(cd "$S/healthcheck" && again timeout 60 sbatch --parsable -n2 -o hc-%j.out --wrap 'srun echo ok-$SLURM_PROCID') \
+  || die "sbatch failed: $(cat "$S/log/again.err")"
 js=""   # (sbatch --wait polls every 2-10 s, so poll scontrol ourselves)
-for i in $(seq 1 240); do
+for i in $(seq 1 720); do   # up to 3 minutes: a machine busy with other work starts a job late
   js=$(scontrol show job "$jid" -o 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2 || true)
   case "$js" in COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY) break;; esac; sleep 0.25
 done
 [ "$js" = COMPLETED ] || die "batch job $jid state '$js'"
 [ "$(grep -c '^ok-' "$S/healthcheck/hc-$jid.out")" = 2 ] || die "batch job output wrong"
 if [ "$ACCT" = 1 ]; then
-  for i in $(seq 1 40); do sacct -n -X -j "$jid" -o State 2>/dev/null | grep -q COMPLETED && break; sleep 0.25; done
+  for i in $(seq 1 240); do sacct -n -X -j "$jid" -o State 2>/dev/null | grep -q COMPLETED && break; sleep 0.25; done
   sacct -n -X -j "$jid" -o State | grep -q COMPLETED || die "sacct does not report job $jid"
 fi
 log "healthy: srun + sbatch$([ "$ACCT" = 1 ] && echo ' + sacct') OK.  Now:  source $S/env.sh"

@@ -76,7 +76,10 @@ def rank_pids(run_dir: Path) -> dict[int, int]:
     out = {}
     for p in (run_dir / "ranks").glob("rank-*.json"):
         if not p.name.endswith(".hang.json"):
-            info = json.loads(p.read_text())
+            try:
+                info = json.loads(p.read_text())
+            except ValueError:  # being written by a rank that just started
+                continue
             out[info["rank"]] = info["pid"]
     return out
 
@@ -273,8 +276,10 @@ def test_a_killed_rank_is_named_in_seconds_restarted_from_its_checkpoint_then_th
         noticed = time.monotonic() - killed
         assert "rank 1 exited with code -9 (killed by SIGKILL)" in err.read_text()
         wait_for(lambda: "resumed from" in (run_dir / "out.txt").read_text(), 120, "the resumed run")
+        # Each rank writes its pid file as it enters the loop; rank 0's banner can come before rank 1's file.
+        wait_for(lambda: len(rank_pids(run_dir)) == 2 and set(first.values()).isdisjoint(rank_pids(run_dir).values()),
+                 30, "both restarted ranks in the loop")
         second = rank_pids(run_dir)
-        assert set(first.values()).isdisjoint(second.values())
         assert not [p for p in first.values() if alive(p)]
         os.kill(second[0], signal.SIGKILL)
         killed = time.monotonic()

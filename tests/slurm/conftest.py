@@ -23,7 +23,9 @@ def slurm_cluster():
     env = {**os.environ, **CLUSTER_ENV}
     start = subprocess.run(["bash", str(ROOT / "launch/cluster/start-cluster.sh")], env=env,
                            capture_output=True, text=True, timeout=600)
-    assert start.returncode == 0, start.stdout[-3000:] + start.stderr[-3000:]
+    # die() writes its reason first, then the daemons' log tails: keep the reason whatever the length.
+    reason = [line for line in start.stderr.splitlines() if "ERROR:" in line]
+    assert start.returncode == 0, "\n".join(reason) + "\n" + start.stdout[-3000:] + start.stderr[-3000:]
     conf = f"{CLUSTER_ENV['SLURM_BASE']}/etc/slurm.conf"
     previous = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = conf  # sbatch, sacct and submitit in this process and its children
