@@ -90,16 +90,31 @@ def hf_llama_dir(tmp_path_factory, bpe_json) -> Path:
     return hf_llama(tmp_path_factory.mktemp("hf-llama"), bpe_json)
 
 
-def pytest_collection_modifyitems(config, items):
-    """`make test` runs two workers (pytest-xdist, `--dist loadgroup`): a file's tests stay together, so a
-    module fixture is built once, and the SLURM tier is one group, since it shares the one local cluster
-    its session fixture starts (two workers would start two on the same ports)."""
-    def group(item) -> str:
-        path = Path(str(item.fspath)).resolve().relative_to(ROOT).as_posix()
-        return "slurm" if path.startswith("tests/slurm/") else path
+def _scope(nodeid: str) -> str:
+    """The unit a worker takes whole: the SLURM tier (it shares the one local cluster its session fixture
+    starts: two workers would start two on the same ports), else a file (a module fixture is built once)."""
+    path = nodeid.split("::")[0]
+    return "tests/slurm" if path.startswith("tests/slurm/") else path
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
-    # The SLURM tier first (the Makefile keeps this order, --no-loadscope-reorder): it is the longest group,
+
+def pytest_collection_modifyitems(config, items):
+    # The SLURM tier first (the Makefile keeps this order, --no-loadscope-reorder): it is the longest unit,
     # mostly waiting, and the other worker's files fill that time; the short unit files fill the end.
-    items.sort(key=lambda item: group(item) != "slurm")
+    items.sort(key=lambda item: _scope(item.nodeid) != "tests/slurm")
+
+
+try:  # `make test` runs two workers (pytest-xdist, a test dependency; see the Makefile)
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # pytest alone runs the suite in one process
+    LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+    class _ScopeScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    def pytest_xdist_make_scheduler(config, log):
+        """`--dist loadscope` by _scope (xdist's loadgroup marks no longer reach the test ids on pytest 9)."""
+        if config.getoption("dist") == "loadscope":
+            return _ScopeScheduling(config, log)
+        return None
