@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/trident-train $(ARGS)
 
-# Two workers: half the suite's time is spent waiting (SLURM's scheduler, trial processes starting), and a
-# file's tests stay on one worker (tests/conftest.py). TEST_WORKERS=0 runs them in this process.
+# Two workers: a third of a serial run is spent waiting (SLURM's scheduler, trial processes starting); a
+# file's tests stay on one worker, the SLURM tier on one (tests/conftest.py). TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)

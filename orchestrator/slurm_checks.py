@@ -89,8 +89,7 @@ def check_partition(launcher, tasks: int, partitions: list[Partition]) -> None:
 @functools.lru_cache(maxsize=1)
 def partitions() -> list[Partition]:
     """The cluster's partitions, asked once per process (a sweep checks every point against them)."""
-    text = sinfo("-h", "-o", "%P %G")
-    return parse_sinfo(text)
+    return parse_sinfo(sinfo("-h", "-o", "%P %G"))
 
 
 def check_cluster(cfg) -> None:

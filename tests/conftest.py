@@ -106,9 +106,8 @@ def pytest_collection_modifyitems(config, items):
 try:  # `make test` runs two workers (pytest-xdist, a test dependency; see the Makefile)
     from xdist.scheduler import LoadScopeScheduling
 except ImportError:  # pytest alone runs the suite in one process
-    LoadScopeScheduling = None
-
-if LoadScopeScheduling is not None:
+    pass
+else:
     class _ScopeScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return _scope(nodeid)

@@ -192,8 +192,8 @@ st=""
 for i in $(seq 1 240); do st=$(sinfo -h -n "$NODE" -o %t 2>/dev/null || true); [ "$st" = idle ] && break; sleep 0.25; done
 [ "$st" = idle ] || die "node state is '$st', not idle"
 log "node $NODE idle"
-# A command the controller refuses in its first seconds on a busy machine is tried again (seen once: the
-# health check's sbatch, or the first test's sinfo, got "Unable to contact slurm controller").
+# A command the controller refuses in its first seconds on a busy machine is tried again (a precaution: the
+# refusals once seen here came from a second cluster started over this one).
 again() {  # again CMD...: up to 5 tries 2 s apart; its stdout; its last stderr goes to $S/log/again.err
   local i
   for i in 1 2 3 4 5; do

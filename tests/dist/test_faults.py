@@ -277,9 +277,11 @@ def test_a_killed_rank_is_named_in_seconds_restarted_from_its_checkpoint_then_th
         assert "rank 1 exited with code -9 (killed by SIGKILL)" in err.read_text()
         wait_for(lambda: "resumed from" in (run_dir / "out.txt").read_text(), 120, "the resumed run")
         # Each rank writes its pid file as it enters the loop; rank 0's banner can come before rank 1's file.
-        wait_for(lambda: len(rank_pids(run_dir)) == 2 and set(first.values()).isdisjoint(rank_pids(run_dir).values()),
-                 30, "both restarted ranks in the loop")
-        second = rank_pids(run_dir)
+        def restarted():
+            pids = rank_pids(run_dir)
+            return pids if len(pids) == 2 and set(first.values()).isdisjoint(pids.values()) else None
+
+        second = wait_for(restarted, 30, "both restarted ranks in the loop")
         assert not [p for p in first.values() if alive(p)]
         os.kill(second[0], signal.SIGKILL)
         killed = time.monotonic()
