@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +27,7 @@ def test_a_killed_srun_task_requeues_the_job_which_resumes_from_its_checkpoint_b
     out = run_train(f"hydra.run.dir={run_dir}", *layout, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     job_id = json.loads((run_dir / "slurm_job.json").read_text())["job_id"]
-    wait_for(lambda: list((run_dir / "checkpoints").glob("step-*/trident.json")), 180, "a checkpoint")
+    wait_for(lambda: past_a_checkpoint(run_dir), 180, "a step logged after a checkpoint")
     pid = json.loads((run_dir / "ranks" / "rank-1.json").read_text())["pid"]
     os.kill(pid, signal.SIGKILL)  # srun's task of rank 1, as a dying process or node would
     wait_for(lambda: job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the requeued job to end")
@@ -37,16 +38,27 @@ def test_a_killed_srun_task_requeues_the_job_which_resumes_from_its_checkpoint_b
     assert "resumed from" in log and "trident: done, 60 steps" in log
     counted = json.loads((run_dir / "slurm" / f"trident-restarts-{job_id}.json").read_text())
     assert counted["restarts"] == 1 and counted["history"][0]["status"] != 0
-    # Steps run twice (after the checkpoint, before the kill) repeat bit for bit: nothing lost, nothing changed.
-    seen: dict[int, float] = {}
-    repeated = 0
-    for r in rows(run_dir):
-        if "loss" in r:
-            if r["step"] in seen:
-                assert r["loss"] == seen[r["step"]], r["step"]
-                repeated += 1
-            seen[r["step"]] = r["loss"]
-    assert sorted(seen) == list(range(1, 61)) and repeated >= 1
+    # The steps logged between the checkpoint it resumed from and the kill ran twice and repeat bit for bit;
+    # every other step ran once: nothing lost, nothing changed.
+    resumed_at = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
+    logged = [r for r in rows(run_dir) if "loss" in r]
+    first_run, second_run = logged[: len(logged) - (60 - resumed_at)], logged[len(logged) - (60 - resumed_at):]
+    assert [r["step"] for r in first_run] == list(range(1, len(first_run) + 1))
+    assert [r["step"] for r in second_run] == list(range(resumed_at + 1, 61))
+    assert len(first_run) > resumed_at >= 10  # the kill came after a step past the checkpoint (past_a_checkpoint)
+    for again in second_run[: len(first_run) - resumed_at]:
+        assert again["loss"] == first_run[again["step"] - 1]["loss"], again["step"]
+
+
+def past_a_checkpoint(run_dir: Path) -> bool:
+    """Whether a step after the newest complete checkpoint is logged, so that killing now repeats at least one."""
+    done = [int(p.parent.name[5:]) for p in (run_dir / "checkpoints").glob("step-*/trident.json")
+            if re.fullmatch(r"step-\d+", p.parent.name)]  # not a step-N.tmp being written
+    metrics = run_dir / "metrics.jsonl"
+    if not done or not metrics.exists():
+        return False
+    logged = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line.endswith("}")]
+    return max(logged, default=0) > max(done)
 
 
 AUTO = [*TINY, "parallel=auto", "train.steps=8", "train.eval_every=0", "checkpoint.every=4"]
