@@ -1,13 +1,16 @@
 """launcher=local: spawn the world's ranks as processes on this machine, and watch them.
 
-On gloo, ranks are forked from a fork server that imported torch and the
-rank's function once (`multiprocessing`'s forkserver, preloaded with fn's
-module): a rank then starts in milliseconds instead of paying its own
-imports (4.8 s of CPU each, most of a short run's time on a small machine).
-Each is still a fresh process that has run no torch op, with the launcher's
-environment, stdout and stderr of the moment; the server dies with the
-launcher (launch/forkserver.py), each rank with its parent. NCCL ranks are spawned: no process
-that might have touched CUDA is ever forked.
+On gloo, ranks are forked: a rank then starts in milliseconds instead of
+paying its own imports (4.8 s of CPU each, most of a short run's time on a
+small machine). `trident-train` forks them itself when no thread has started
+in it since its imports (orchestrator/cli/train.py). Any other launcher (a
+test process; one where a tokenizer's or torch's thread pool runs) could
+hand a rank a lock held by a thread the copy does not have, so its ranks
+come from a fork server that imported torch and the rank's function once
+(`multiprocessing`'s forkserver, preloaded with fn's module), each with the
+launcher's environment, stdout and stderr of the moment. The server dies
+with the launcher (launch/forkserver.py), each rank with its parent. NCCL
+ranks are spawned: no process that might have touched CUDA is ever forked.
 
 The launcher waits on every rank's process at once. The first one to fail
 ends the run: the others are continued (a stopped process cannot die of
@@ -49,6 +52,14 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def thread_count() -> Optional[int]:
+    """The threads this process runs (Linux; elsewhere None: not known)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return None
 
 
 def die_with_parent() -> None:
@@ -109,29 +120,35 @@ def exit_text(code: int) -> str:
 
 
 def spawn(fn: Callable, world_size: int, *args, backend: str = "auto", timeout_s: float = 300.0,
-          ranks_dir: Optional[str] = None) -> None:
+          ranks_dir: Optional[str] = None, fork_here: bool = False) -> None:
     """Run fn(env, device, *args) on world_size new processes; return when all finish.
 
-    fn must be importable by name (the processes are spawned, not forked). If
+    fn must be importable by name (ranks may come from a fork server). If
     any rank fails, the others are ended and RankFailed says which rank and
     why. ranks_dir: the run's `ranks/` folder (hang reports and stacks; the
-    NCCL flight recorder's dumps).
+    NCCL flight recorder's dumps). fork_here: gloo ranks may be forked from
+    this process itself (the caller knows no thread of it could hold a lock).
     """
     backend = pick_backend(backend, world_size)
     if ranks_dir is not None:
         for stale in Path(ranks_dir).glob("rank-*.hang.json"):
             stale.unlink()
-    forked = backend == "gloo"
-    if forked:
+    if backend != "gloo":
+        method = "spawn"
+    elif fork_here:
+        method = "fork"
+    else:
+        method = "forkserver"
         # Takes effect when the server starts (this process's first spawn); a later fn's module is imported by
         # its ranks, on top of what the server holds. A script's own __main__ is not preloaded by name.
         multiprocessing.set_forkserver_preload(["launch.forkserver", "launch.local", fn.__module__])
+    launcher = _Launcher() if method == "forkserver" else None
     context = mp.start_processes(
         _entry,
-        args=(fn, world_size, free_port(), backend, timeout_s, ranks_dir, _Launcher() if forked else None, args),
+        args=(fn, world_size, free_port(), backend, timeout_s, ranks_dir, launcher, args),
         nprocs=world_size,
         join=False,
-        start_method="forkserver" if forked else "spawn",
+        start_method=method,
     )
     try:
         _watch(context, ranks_dir)

@@ -62,7 +62,8 @@ class StepWatchdog:
         self._stacks = open(rank_file(self.dir, rank, ".stacks"), "w")
         faulthandler.register(signal.SIGUSR1, file=self._stacks, all_threads=True, chain=False)
         rank_file(self.dir, rank, ".json").write_text(json.dumps(
-            {"rank": rank, "world": world, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
+            {"rank": rank, "world": world, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+             "parent": os.getppid()}))  # the launcher, its fork server, or srun's step daemon
         self._thread = threading.Thread(target=self._watch, name="trident-step-watchdog", daemon=True)
         self._thread.start()
 

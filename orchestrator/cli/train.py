@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from launch.env import from_environ
-from launch.local import RankFailed, spawn
+from launch.local import RankFailed, spawn, thread_count
 from launch.rank import pick_backend, run_rank
 from launch.slurm import SlurmRun, submit, sweep_point, tasks_per_node
 from orchestrator.checkpoint import CheckpointError, check_compatible, find_resume
@@ -34,6 +34,19 @@ from orchestrator.sweep import failures as sweep_failures
 from orchestrator.tokenizer import TokenizerError
 from orchestrator.trainer import run_worker
 from orchestrator.validate import ConfigError, check_corpus, validate
+
+# The threads once everything is imported: the main one and OpenBLAS's idle pool (numpy's; it stops its threads
+# before a fork and starts them again after). One started later (a tokenizer's or torch's pool, W&B) could hold a
+# lock that a forked rank would wait on forever: then the ranks come from the fork server (launch/local.py).
+THREADS_AT_IMPORT = thread_count()
+
+
+def may_fork(planned: bool) -> bool:
+    """Whether launcher=local may fork the ranks from this process: no thread started since the imports, and
+    no torch code run here. The planner (parallel=auto) builds models in a fake world, and DTensor keeps what
+    it computed there (orchestrator/planner/auto.py): a copy of this process would shard as rank 0 of it."""
+    return not planned and THREADS_AT_IMPORT is not None and thread_count() == THREADS_AT_IMPORT
+
 
 def rank_env(cfg: DictConfig):
     """launcher=external: the environment torchrun or srun gave this process (None for local)."""
@@ -99,14 +112,17 @@ def deliberate_stop(run_dir: str) -> bool:
     return fault.exists() and not json.loads(fault.read_text()).get("restart", True)
 
 
-def spawn_with_restarts(cfg: DictConfig, plain: dict, run_dir: str, corpus, resume: Optional[str]) -> None:
-    """launcher=local: spawn the ranks; if one fails, start again up to launcher.max_restarts times."""
+def spawn_with_restarts(cfg: DictConfig, plain: dict, run_dir: str, corpus, resume: Optional[str],
+                        planned: bool) -> None:
+    """launcher=local: spawn the ranks; if one fails, start again up to launcher.max_restarts times.
+    planned: parallel=auto chose the layout in this process."""
     par, la = cfg.parallel, cfg.launcher
     for attempt in range(la.max_restarts + 1):
         (Path(run_dir) / "fault.json").unlink(missing_ok=True)
         try:
             spawn(run_worker, par.tp * par.pp * par.dp, plain, run_dir, corpus, resume, backend=la.backend,
-                  timeout_s=par.timeout_s, ranks_dir=str(Path(run_dir) / "ranks"))
+                  timeout_s=par.timeout_s, ranks_dir=str(Path(run_dir) / "ranks"),
+                  fork_here=may_fork(planned))
             return
         except RankFailed as e:
             if attempt == la.max_restarts or deliberate_stop(run_dir):
@@ -120,6 +136,7 @@ def spawn_with_restarts(cfg: DictConfig, plain: dict, run_dir: str, corpus, resu
 def run(cfg: DictConfig, run_dir: str) -> None:
     """Check, prepare, launch. Raises ConfigError before anything starts if the config cannot work."""
     env = rank_env(cfg)
+    planned = cfg.parallel.layout == "auto"
     cfg = auto_layout(cfg, env)
     for warning in validate(cfg, env):
         if env is None or env.rank == 0:
@@ -160,7 +177,7 @@ def run(cfg: DictConfig, run_dir: str) -> None:
         else:
             submit(job, cfg)
     elif env is None:
-        spawn_with_restarts(cfg, plain, run_dir, corpus, resume)
+        spawn_with_restarts(cfg, plain, run_dir, corpus, resume, planned)
     else:
         backend = pick_backend(cfg.launcher.backend, env.local_world_size)
         run_rank(run_worker, env, backend, par.timeout_s, plain, run_dir, corpus, resume,

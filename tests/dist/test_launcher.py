@@ -1,5 +1,6 @@
 """launcher=local's processes: ranks forked from a preloaded server behave as freshly spawned ones."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from launch.local import spawn
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY
 
 pytestmark = pytest.mark.dist
 
@@ -38,6 +39,7 @@ def test_ranks_take_the_launchers_environment_and_stdout_of_the_moment(tmp_path,
 
 
 def _sleep(env, device, out_dir):
+    Path(out_dir, f"rank-{env.rank}.parent").write_text(str(os.getppid()))
     Path(out_dir, f"rank-{env.rank}.pid").write_text(str(os.getpid()))
     time.sleep(600)
 
@@ -50,8 +52,10 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_a_killed_launcher_leaves_no_rank_running(tmp_path):
-    code = f"from launch.local import spawn; from tests.dist.test_launcher import _sleep; spawn(_sleep, 2, {str(tmp_path)!r})"
+@pytest.mark.parametrize("fork_here", [False, True], ids=["from-the-fork-server", "forked-by-the-launcher"])
+def test_a_killed_launcher_leaves_no_rank_running(tmp_path, fork_here):
+    code = ("from launch.local import spawn; from tests.dist.test_launcher import _sleep; "
+            f"spawn(_sleep, 2, {str(tmp_path)!r}, fork_here={fork_here})")
     launcher = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
     try:
         deadline = time.monotonic() + 120
@@ -59,6 +63,8 @@ def test_a_killed_launcher_leaves_no_rank_running(tmp_path):
             time.sleep(0.1)
         pids = [int(p.read_text()) for p in tmp_path.glob("rank-*.pid")]
         assert len(pids) == 2 and all(_alive(p) for p in pids)
+        parents = {int(p.read_text()) for p in tmp_path.glob("rank-*.parent")}
+        assert (parents == {launcher.pid}) == fork_here and len(parents) == 1  # else both the server's
         launcher.send_signal(signal.SIGKILL)  # no handler, no cleanup: only the kernel and the server notice
         launcher.wait()
         deadline = time.monotonic() + 10
@@ -72,3 +78,17 @@ def test_a_killed_launcher_leaves_no_rank_running(tmp_path):
                 os.kill(int(p.read_text()), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_trident_train_forks_its_ranks_itself_unless_the_planner_ran_in_it(tmp_path):
+    """A fresh `trident-train` has run no torch code and started no thread: its ranks are its own children.
+    After parallel=auto's planner (torch code, DTensor caches) they come from the fork server."""
+    for name, layout in (("plain", ["parallel.dp=2"]), ("auto", ["parallel=auto", "launcher.nprocs=2"])):
+        run_dir = tmp_path / name
+        cmd = [sys.executable, "-m", "orchestrator.cli.train", f"hydra.run.dir={run_dir}", *TINY, *layout,
+               "train.steps=2", "checkpoint.at_end=false"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        parents = {json.loads((run_dir / "ranks" / f"rank-{r}.json").read_text())["parent"] for r in range(2)}
+        assert (parents == {proc.pid}) == (name == "plain") and len(parents) == 1, (name, parents, proc.pid)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.data import Batches, ByteTokenizer, eval_batches, prepare
+from orchestrator.data import Batches, ByteTokenizer, eval_batches, prepare, text_files
 from orchestrator.validate import ConfigError, check_corpus
 from tests.conftest import make_cfg
 
@@ -66,6 +66,20 @@ def test_user_text_file_and_folder(tmp_path):
     single = prepare(make_cfg(f"data.path={one}", f"data.cache_dir={tmp_path / 'c'}").data)
     assert single.train.num_tokens + single.eval.num_tokens == 12000
     assert single.eval.num_tokens == 240  # the last 2%
+
+
+def test_a_folders_files_are_globbed_in_path_order_without_installed_packages_or_caches(tmp_path):
+    for name in ("b.py", "a-c.py", "a/b.py", ".hidden.py", ".dot/x.py", "a/deep/er/z.py", "a/notes.txt",
+                 "site-packages/pkg/m.py", "a/__pycache__/b.cpython-311.py", "dist-packages/n.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x = 1\n")
+    (tmp_path / "dir.py").mkdir()  # matches the pattern, but is no file
+    found = text_files(tmp_path, "**/*.py")
+    assert [f.relative_to(tmp_path).as_posix() for f in found] == [
+        ".dot/x.py", ".hidden.py", "a/b.py", "a/deep/er/z.py", "a-c.py", "b.py"]  # Path order: "a" < "a-c.py"
+    assert [f.name for f in text_files(tmp_path, "*.py")] == [".hidden.py", "a-c.py", "b.py"]
+    assert text_files(tmp_path / "site-packages", "**/*.py") == []
+    assert text_files(tmp_path / "b.py", "*.md") == [tmp_path / "b.py"]
 
 
 def test_pretokenized_bin_file_and_vocab_check(tmp_path):
