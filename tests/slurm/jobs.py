@@ -16,11 +16,11 @@ def job_state(job_id: str) -> str:
     return out.stdout.strip().split("\n")[0].strip() if out.stdout.strip() else ""
 
 
-def wait_for(predicate, timeout_s: float, what: str):
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 1.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(1)
+        time.sleep(poll_s)
     raise AssertionError(f"timed out waiting for {what}")

@@ -27,7 +27,8 @@ def test_a_killed_srun_task_requeues_the_job_which_resumes_from_its_checkpoint_b
     out = run_train(f"hydra.run.dir={run_dir}", *layout, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     job_id = json.loads((run_dir / "slurm_job.json").read_text())["job_id"]
-    wait_for(lambda: past_a_checkpoint(run_dir), 180, "a step logged after a checkpoint")
+    # Polled often: a step takes ~40 ms here, the 60 steps ~4 s, and the kill must come before the last one.
+    wait_for(lambda: past_a_checkpoint(run_dir), 180, "a step logged after a checkpoint", poll_s=0.1)
     pid = json.loads((run_dir / "ranks" / "rank-1.json").read_text())["pid"]
     os.kill(pid, signal.SIGKILL)  # srun's task of rank 1, as a dying process or node would
     wait_for(lambda: job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the requeued job to end")
