@@ -39,13 +39,15 @@ from orchestrator.validate import ConfigError, check_corpus, validate
 # before a fork and starts them again after). One started later (a tokenizer's or torch's pool, W&B) could hold a
 # lock that a forked rank would wait on forever: then the ranks come from the fork server (launch/local.py).
 THREADS_AT_IMPORT = thread_count()
+# Whether parallel=auto's planner ran in this process (for this run or, under -m, an earlier point): it builds
+# models in a fake world, and DTensor keeps what it computed there (orchestrator/planner/auto.py).
+_planned_here = False
 
 
-def may_fork(planned: bool) -> bool:
+def may_fork() -> bool:
     """Whether launcher=local may fork the ranks from this process: no thread started since the imports, and
-    no torch code run here. The planner (parallel=auto) builds models in a fake world, and DTensor keeps what
-    it computed there (orchestrator/planner/auto.py): a copy of this process would shard as rank 0 of it."""
-    return not planned and THREADS_AT_IMPORT is not None and thread_count() == THREADS_AT_IMPORT
+    no torch code ran here (a copy of a process the planner ran in would shard as rank 0 of its fake world)."""
+    return not _planned_here and THREADS_AT_IMPORT is not None and thread_count() == THREADS_AT_IMPORT
 
 
 def rank_env(cfg: DictConfig):
@@ -92,9 +94,11 @@ def available_world(cfg: DictConfig, env) -> tuple[int, int]:
 
 def auto_layout(cfg: DictConfig, env) -> DictConfig:
     """parallel=auto: the planner's best layout for the ranks there are (orchestrator/planner/auto.py)."""
+    global _planned_here
     if cfg.parallel.layout != "auto":
         return cfg
     world, local = available_world(cfg, env)
+    _planned_here = _planned_here or env is None
     cfg, line = choose(cfg, world, local, isolated=env is not None)  # a rank plans in a child process
     if env is None or env.rank == 0:
         print(f"trident: {line}", flush=True)
@@ -112,17 +116,15 @@ def deliberate_stop(run_dir: str) -> bool:
     return fault.exists() and not json.loads(fault.read_text()).get("restart", True)
 
 
-def spawn_with_restarts(cfg: DictConfig, plain: dict, run_dir: str, corpus, resume: Optional[str],
-                        planned: bool) -> None:
-    """launcher=local: spawn the ranks; if one fails, start again up to launcher.max_restarts times.
-    planned: parallel=auto chose the layout in this process."""
+def spawn_with_restarts(cfg: DictConfig, plain: dict, run_dir: str, corpus, resume: Optional[str]) -> None:
+    """launcher=local: spawn the ranks; if one fails, start again up to launcher.max_restarts times."""
     par, la = cfg.parallel, cfg.launcher
     for attempt in range(la.max_restarts + 1):
         (Path(run_dir) / "fault.json").unlink(missing_ok=True)
         try:
             spawn(run_worker, par.tp * par.pp * par.dp, plain, run_dir, corpus, resume, backend=la.backend,
                   timeout_s=par.timeout_s, ranks_dir=str(Path(run_dir) / "ranks"),
-                  fork_here=may_fork(planned))
+                  fork_here=may_fork())
             return
         except RankFailed as e:
             if attempt == la.max_restarts or deliberate_stop(run_dir):
@@ -136,7 +138,6 @@ def spawn_with_restarts(cfg: DictConfig, plain: dict, run_dir: str, corpus, resu
 def run(cfg: DictConfig, run_dir: str) -> None:
     """Check, prepare, launch. Raises ConfigError before anything starts if the config cannot work."""
     env = rank_env(cfg)
-    planned = cfg.parallel.layout == "auto"
     cfg = auto_layout(cfg, env)
     for warning in validate(cfg, env):
         if env is None or env.rank == 0:
@@ -177,7 +178,7 @@ def run(cfg: DictConfig, run_dir: str) -> None:
         else:
             submit(job, cfg)
     elif env is None:
-        spawn_with_restarts(cfg, plain, run_dir, corpus, resume, planned)
+        spawn_with_restarts(cfg, plain, run_dir, corpus, resume)
     else:
         backend = pick_backend(cfg.launcher.backend, env.local_world_size)
         run_rank(run_worker, env, backend, par.timeout_s, plain, run_dir, corpus, resume,

@@ -82,13 +82,22 @@ def test_a_killed_launcher_leaves_no_rank_running(tmp_path, fork_here):
 
 def test_trident_train_forks_its_ranks_itself_unless_the_planner_ran_in_it(tmp_path):
     """A fresh `trident-train` has run no torch code and started no thread: its ranks are its own children.
-    After parallel=auto's planner (torch code, DTensor caches) they come from the fork server."""
-    for name, layout in (("plain", ["parallel.dp=2"]), ("auto", ["parallel=auto", "launcher.nprocs=2"])):
-        run_dir = tmp_path / name
-        cmd = [sys.executable, "-m", "orchestrator.cli.train", f"hydra.run.dir={run_dir}", *TINY, *layout,
-               "train.steps=2", "checkpoint.at_end=false"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    Once parallel=auto's planner ran in it (torch code, DTensor caches), they come from the fork server, for
+    that run and, under -m, every later point of the sweep."""
+    def parents(run_dir: Path) -> set[int]:
+        return {json.loads((run_dir / "ranks" / f"rank-{r}.json").read_text())["parent"] for r in range(2)}
+
+    common = [*TINY, "parallel.dp=2", "train.steps=2", "checkpoint.at_end=false"]
+    for name, args in (("plain", [f"hydra.run.dir={tmp_path / 'plain'}"]),
+                       ("sweep", ["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "launcher.nprocs=2",
+                                  "parallel.layout=auto,manual"])):
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli.train", *args, *common], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
-        parents = {json.loads((run_dir / "ranks" / f"rank-{r}.json").read_text())["parent"] for r in range(2)}
-        assert (parents == {proc.pid}) == (name == "plain") and len(parents) == 1, (name, parents, proc.pid)
+        if name == "plain":
+            assert parents(tmp_path / "plain") == {proc.pid}
+        else:
+            planned, manual = parents(tmp_path / "sweep" / "0"), parents(tmp_path / "sweep" / "1")
+            assert out.count("trident: parallel=auto: 2 rank(s) -> ") == 1, out[-2000:]  # point 0 alone planned
+            assert len(planned) == 1 and planned == manual and proc.pid not in planned, (planned, manual, proc.pid)
