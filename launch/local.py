@@ -133,16 +133,16 @@ def spawn(fn: Callable, world_size: int, *args, backend: str = "auto", timeout_s
     if ranks_dir is not None:
         for stale in Path(ranks_dir).glob("rank-*.hang.json"):
             stale.unlink()
+    launcher = None
     if backend != "gloo":
         method = "spawn"
     elif fork_here:
         method = "fork"
     else:
-        method = "forkserver"
+        method, launcher = "forkserver", _Launcher()
         # Takes effect when the server starts (this process's first spawn); a later fn's module is imported by
         # its ranks, on top of what the server holds. A script's own __main__ is not preloaded by name.
         multiprocessing.set_forkserver_preload(["launch.forkserver", "launch.local", fn.__module__])
-    launcher = _Launcher() if method == "forkserver" else None
     context = mp.start_processes(
         _entry,
         args=(fn, world_size, free_port(), backend, timeout_s, ranks_dir, launcher, args),

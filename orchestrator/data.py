@@ -176,7 +176,7 @@ def _bin_corpus(path: Path, dtype: str, eval_fraction: float) -> Corpus:
 
 def _text_corpus(root: Path, files: list[Path], eval_fraction: float, cache_dir: Path) -> Corpus:
     """Bytes of a text file or folder's files: today's byte stream (uint8, files joined by a blank line)."""
-    stats = [(str(f), st.st_size, st.st_mtime_ns) for f, st in ((f, f.stat()) for f in files)]
+    stats = [(str(f), (st := f.stat()).st_size, st.st_mtime_ns) for f in files]
     key = hashlib.sha256(repr((_CACHE_VERSION, eval_fraction, stats)).encode()).hexdigest()[:16]
     out = cache_dir / key
     if not (out / "eval.bin").exists():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.checkpoint import complete_checkpoints
 from tests.conftest import ROOT, TINY, run_train
 from tests.slurm.jobs import job_state, wait_for
 
@@ -43,7 +44,8 @@ def test_a_killed_srun_task_requeues_the_job_which_resumes_from_its_checkpoint_b
     # every other step ran once: nothing lost, nothing changed.
     resumed_at = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
     logged = [r for r in rows(run_dir) if "loss" in r]
-    first_run, second_run = logged[: len(logged) - (60 - resumed_at)], logged[len(logged) - (60 - resumed_at):]
+    restart = len(logged) - (60 - resumed_at)  # the second run logged steps resumed_at+1..60
+    first_run, second_run = logged[:restart], logged[restart:]
     assert [r["step"] for r in first_run] == list(range(1, len(first_run) + 1))
     assert [r["step"] for r in second_run] == list(range(resumed_at + 1, 61))
     assert len(first_run) > resumed_at >= 10  # the kill came after a step past the checkpoint (past_a_checkpoint)
@@ -53,13 +55,12 @@ def test_a_killed_srun_task_requeues_the_job_which_resumes_from_its_checkpoint_b
 
 def past_a_checkpoint(run_dir: Path) -> bool:
     """Whether a step after the newest complete checkpoint is logged, so that killing now repeats at least one."""
-    done = [int(p.parent.name[5:]) for p in (run_dir / "checkpoints").glob("step-*/trident.json")
-            if re.fullmatch(r"step-\d+", p.parent.name)]  # not a step-N.tmp being written
+    done = complete_checkpoints(str(run_dir / "checkpoints"))
     metrics = run_dir / "metrics.jsonl"
     if not done or not metrics.exists():
         return False
     logged = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line.endswith("}")]
-    return max(logged, default=0) > max(done)
+    return max(logged, default=0) > int(done[-1].name.removeprefix("step-"))
 
 
 AUTO = [*TINY, "parallel=auto", "train.steps=8", "train.eval_every=0", "checkpoint.every=4"]
