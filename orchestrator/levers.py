@@ -26,11 +26,11 @@ compile                      torch.compile of as much as is correct for the layo
                              (`compile_scope`): the whole part (the model, or the pipeline
                              stage), its loss included where the part computes it, without TP
                              and without a per-block data-parallel wrapper; each whole block
-                             under FSDP2 (whose per-block hooks must stay outside a graph) and
-                             DDP (whose gradient hooks then still fire block by block, so its
-                             all-reduce overlaps backward); each block's attention and MLP
-                             under TP. If the compiler does not work here (checked once on a
-                             small function), a message says so and the run stays eager.
+                             under TP (its collectives inside the graph), FSDP2 (whose per-block
+                             hooks must stay outside a graph) and DDP (whose gradient hooks then
+                             still fire block by block, so its all-reduce overlaps backward).
+                             If the compiler does not work here (checked once on a small
+                             function), a message says so and the run stays eager.
 loss_chunks                  the output projection and cross-entropy over that many token
                              chunks, each recomputed in backward (models/llama.py
                              cross_entropy): the fp32 logits are never whole.
@@ -41,6 +41,7 @@ import sys
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -109,28 +110,44 @@ def compile_works() -> bool:
     return _COMPILE_WORKS
 
 
-COMPILE_SCOPES = ("model", "blocks", "sub-blocks")
+COMPILE_SCOPES = ("model", "blocks")
 
 
 def compile_scope(tp: int, per_block_dp: bool) -> str:
     """What train.compile=true compiles at a layout.
 
-    model       the whole part (model or pipeline stage): embedding, blocks, norm, output
-                projection and, where the part computes it (pp=1), the loss. tp=1, no per-block
-                data-parallel hooks (dp=1, ZeRO-1, or replicate without DDP).
-    blocks      each transformer block whole: FSDP2 (dp_shard=full, dp>1) all-gathers and
-                reduce-scatters per block in hooks around each block's __call__, and DDP
-                reduces per bucket as gradients arrive: a graph across blocks would move or
-                serialise them. The embedding, final norm, output projection and loss stay eager.
-    sub-blocks  each block's attention and MLP, under TP. Not the whole block: its input is a
-                plain tensor that TP's hooks inside turn into DTensors, and a compiled graph
-                across that boundary gave wrong input gradients (torch 2.13, seen when this was
-                written; not re-investigated since). The sub-blocks take and return DTensors
-                (their hooks run outside, eagerly) and compile cleanly.
+    model   the whole part (model or pipeline stage): embedding, blocks, norm, output
+            projection and, where the part computes it (pp=1), the loss. tp=1, no per-block
+            data-parallel hooks (dp=1, ZeRO-1, or replicate without DDP).
+    blocks  each transformer block whole. FSDP2 (dp_shard=full, dp>1) all-gathers and
+            reduce-scatters per block in hooks around each block's __call__, and DDP reduces
+            per bucket as gradients arrive: a graph across blocks would move or serialise
+            them. Under TP each block's collectives are inside its graph (as torchtitan
+            compiles TP models). The embedding, final norm, output projection and loss stay
+            eager (under TP: the vocabulary-parallel embedding, output and loss).
     """
-    if tp > 1:
-        return "sub-blocks"
-    return "blocks" if per_block_dp else "model"
+    return "blocks" if tp > 1 or per_block_dp else "model"
+
+
+def _plain_input(compiled):
+    """A compiled block whose input, if it is an unfinished collective's result, is settled first.
+
+    Under TP the embedding's output comes from RowwiseParallel's asynchronous redistribute:
+    a tensor subclass that waits for its collective on first use. Given to a compiled graph
+    as its input, its gradient reached the collective's backward as a plain tensor and
+    backward failed (torch 2.13: "'Tensor' object has no attribute '_local_tensor'"; such
+    tensors are not supported at graph boundaries, pytorch/pytorch#118671). A clone waits
+    for it outside the graph and keeps autograd's edge to the embedding: one copy of the
+    first block's input per micro-batch.
+    """
+
+    @functools.wraps(compiled)
+    def forward(x, *args, **kwargs):
+        if type(x) is not torch.Tensor and not isinstance(x, DTensor):
+            x = x.clone()
+        return compiled(x, *args, **kwargs)
+
+    return forward
 
 
 def apply_compile(model: nn.Module, scope: str = "model") -> bool:
@@ -139,24 +156,26 @@ def apply_compile(model: nn.Module, scope: str = "model") -> bool:
         return False
     if scope == "model":
         model.forward = torch.compile(model.forward)
-    elif scope == "blocks":
-        for block in model.layers.values():
-            block.forward = torch.compile(block.forward)
     else:
         for block in model.layers.values():
-            for sub in (block.attention, block.feed_forward):
-                sub.forward = torch.compile(sub.forward)
+            block.forward = _plain_input(torch.compile(block.forward))
     return True
 
 
 def apply_levers(model: nn.Module, train_cfg, device: torch.device, fsdp_mixed_precision: bool,
                  scope: str = "model") -> nn.Module:
-    """Activation checkpointing, compile of `scope` (a recompute calls the compiled code again), autocast
-    (outermost: compiled graphs are traced under it), the loss's token chunks."""
-    apply_ac(model, train_cfg.activation_checkpointing)
-    model.loss_chunks = train_cfg.loss_chunks
+    """Compile of `scope`, activation checkpointing, autocast (outermost: compiled graphs are traced under
+    it), the loss's token chunks.
+
+    Checkpointing wraps each chosen block's forward as it is by then: a compiled block (scope "blocks") is
+    checkpointed from outside, its recompute calling the compiled code again (torch 2.13 could not compile
+    a checkpointed block under TP: AOTAutograd tried to save the device mesh for backward as a tensor).
+    Under scope "model" the whole model's graph, traced at its first call, takes the checkpointed blocks in.
+    """
     if train_cfg.compile:
         apply_compile(model, scope)
+    apply_ac(model, train_cfg.activation_checkpointing)
+    model.loss_chunks = train_cfg.loss_chunks
     if DTYPES[train_cfg.dtype] != torch.float32 and not fsdp_mixed_precision:
         apply_autocast(model, DTYPES[train_cfg.dtype], device.type)
     return model

@@ -64,6 +64,7 @@ def _worker(env, device, cfg_dict, run_dir, corpus):
             errors[name] = ((g - ref[name]).abs().max() / ref[name].abs().max().clamp_min(1e-12)).item()
         torch.save(init, f"{run_dir}/init-{env.rank}.pt")
         Path(run_dir, f"grad_errors-{env.rank}.json").write_text(json.dumps(errors))
+        Path(run_dir, f"compiled-{env.rank}.json").write_text(json.dumps(trainer.compiled))
     trainer.fit()
 
 
@@ -76,6 +77,8 @@ class Result:
             self.init.update(torch.load(path))
         for path in sorted(run_dir.glob("grad_errors-*.json")):
             self.grad_errors.update(json.loads(path.read_text()))
+        # What train.compile compiled on each pipeline stage (levers.compile_scope; None: eager).
+        self.compiled = {json.loads(path.read_text()) for path in run_dir.glob("compiled-*.json")}
 
     def losses(self) -> dict[int, float]:
         return {s: r["loss"] for s, r in self.rows.items() if "loss" in r}

@@ -83,6 +83,7 @@ def test_tp2_pp2_bf16_autocast_matches_single_fp32_process_within_bf16_rounding(
 def test_compiled_whole_model_and_loss_match_single_eager_process_and_log_mfu_by_its_formula(single, tmp_path):
     """tp=1: train.compile compiles the whole model with its loss (levers.compile_scope) in one graph."""
     got = run_layout(tmp_path, "compiled", 1, 1, "train.compile=true", "logging.peak_tflops=0.5")
+    assert got.compiled == {"model"}
     assert_same_run(got, single)
     # MFU = model FLOPs per token x tokens/s / (peak x ranks), by hand: 6 N (the embedding is a lookup) + 12 L d s.
     cfg = make_cfg(tmp=tmp_path)
@@ -93,3 +94,13 @@ def test_compiled_whole_model_and_loss_match_single_eager_process_and_log_mfu_by
     for row in got.rows.values():
         if "mfu" in row:
             assert row["mfu"] == pytest.approx(per_token * row["tokens_per_s"] / 0.5e12, rel=0.01)
+
+
+def test_tp2_dp2_compiled_checkpointed_blocks_match_single_eager_process(single, tmp_path):
+    """Under TP (with SP) and FSDP2 each block is compiled whole, its TP collectives inside the graph, FSDP2's
+    hooks and the checkpoint outside it. Compiled blocks under TP used to fail in backward: the embedding's
+    output (an asynchronous collective's result) entered the first graph unfinished, and a block
+    checkpointed before compiling could not be compiled (levers._plain_input, levers.apply_levers)."""
+    got = run_layout(tmp_path, "compiled-tp", 2, 2, "train.compile=true", "train.activation_checkpointing=full")
+    assert got.compiled == {"blocks"}
+    assert_same_run(got, single)

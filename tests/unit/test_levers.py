@@ -88,8 +88,8 @@ def test_zero1_owners_balance_whole_parameters_deterministically(model):
 def test_compile_scope_is_the_whole_model_without_tp_or_per_block_dp_hooks():
     assert levers.compile_scope(tp=1, per_block_dp=False) == "model"
     assert levers.compile_scope(tp=1, per_block_dp=True) == "blocks"  # FSDP2 / DDP hooks stay between graphs
-    assert levers.compile_scope(tp=2, per_block_dp=True) == "sub-blocks"
-    assert levers.compile_scope(tp=2, per_block_dp=False) == "sub-blocks"
+    assert levers.compile_scope(tp=2, per_block_dp=True) == "blocks"  # the vocab-parallel ends stay eager
+    assert levers.compile_scope(tp=2, per_block_dp=False) == "blocks"
 
 
 def _loss_and_grads(model, tokens):
