@@ -104,5 +104,6 @@ def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device,
         param_dtype=DTYPES[train_cfg.dtype] if train_cfg is not None else torch.float32,
         materialize=materialize_ if materialize else None,
     )
-    compiled = scope if train_cfg is not None and train_cfg.compile and compile_works() else None
+    compiled = (scope if train_cfg is not None and train_cfg.compile and compile_works(train_cfg.compile_backend)
+                else None)
     return ModelParts(parts, modules, ids, n_stages, num_params(whole), args, dp, compiled)

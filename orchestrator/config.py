@@ -153,6 +153,7 @@ class LoopConfig:
     dtype: str = MISSING
     activation_checkpointing: str = MISSING
     compile: bool = MISSING
+    compile_backend: str = MISSING
     loss_chunks: int = MISSING
     nonfinite: str = MISSING
     max_skipped_steps: int = MISSING

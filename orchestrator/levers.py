@@ -29,8 +29,9 @@ compile                      torch.compile of as much as is correct for the layo
                              under TP (its collectives inside the graph), FSDP2 (whose per-block
                              hooks must stay outside a graph) and DDP (whose gradient hooks then
                              still fire block by block, so its all-reduce overlaps backward).
-                             If the compiler does not work here (checked once on a small
-                             function), a message says so and the run stays eager.
+                             train.compile_backend: inductor, or aot_eager (graph capture and
+                             AOTAutograd only). If the compiler does not work here (checked once
+                             on a small function), a message says so and the run stays eager.
 loss_chunks                  the output projection and cross-entropy over that many token
                              chunks, each recomputed in backward (models/llama.py
                              cross_entropy): the fp32 logits are never whole.
@@ -91,23 +92,25 @@ def apply_autocast(model: nn.Module, dtype: torch.dtype, device_type: str) -> nn
     return model
 
 
-_COMPILE_WORKS = None
+# torch.compile backends (train.compile_backend): inductor generates and compiles kernels; aot_eager
+# captures the same graphs and differentiates them with AOTAutograd, then runs them with eager kernels.
+COMPILE_BACKENDS = ("inductor", "aot_eager")
+_COMPILE_WORKS: dict[str, bool] = {}
 
 
-def compile_works() -> bool:
+def compile_works(backend: str = "inductor") -> bool:
     """Whether torch.compile can build forward and backward here (a small probe, once per process)."""
-    global _COMPILE_WORKS
-    if _COMPILE_WORKS is None:
+    if backend not in _COMPILE_WORKS:
         try:
             x = torch.ones(8, requires_grad=True)
-            torch.compile(lambda t: (t * 2).sin().sum())(x).backward()
-            _COMPILE_WORKS = True
+            torch.compile(lambda t: (t * 2).sin().sum(), backend=backend)(x).backward()
+            _COMPILE_WORKS[backend] = True
         except Exception as e:  # noqa: BLE001 - any compiler failure means: stay eager
-            _COMPILE_WORKS = False
+            _COMPILE_WORKS[backend] = False
             why = (str(e).splitlines() or [""])[0][:200]
-            print(f"trident: train.compile=true but torch.compile does not work here "
+            print(f"trident: train.compile=true but torch.compile (backend {backend}) does not work here "
                   f"({type(e).__name__}: {why}); running eager", file=sys.stderr)
-    return _COMPILE_WORKS
+    return _COMPILE_WORKS[backend]
 
 
 COMPILE_SCOPES = ("model", "blocks")
@@ -135,8 +138,9 @@ def _plain_input(compiled):
     Under TP the embedding's output comes from RowwiseParallel's asynchronous redistribute:
     a tensor subclass that waits for its collective on first use. Given to a compiled graph
     as its input, its gradient reached the collective's backward as a plain tensor and
-    backward failed (torch 2.13: "'Tensor' object has no attribute '_local_tensor'"; such
-    tensors are not supported at graph boundaries, pytorch/pytorch#118671). A clone waits
+    backward failed (torch 2.13: "'Tensor' object has no attribute '_local_tensor'") or, with
+    the block checkpointed, was lost: the embedding's gradient came out without the blocks'
+    share (such tensors are not supported at graph boundaries, pytorch/pytorch#118671). A clone waits
     for it outside the graph and keeps autograd's edge to the embedding: one copy of the
     first block's input per micro-batch.
     """
@@ -150,15 +154,15 @@ def _plain_input(compiled):
     return forward
 
 
-def apply_compile(model: nn.Module, scope: str = "model") -> bool:
+def apply_compile(model: nn.Module, scope: str = "model", backend: str = "inductor") -> bool:
     """Compile `scope` of the part (compile_scope); False (and eager) where the compiler does not work."""
-    if not compile_works():
+    if not compile_works(backend):
         return False
     if scope == "model":
-        model.forward = torch.compile(model.forward)
+        model.forward = torch.compile(model.forward, backend=backend)
     else:
         for block in model.layers.values():
-            block.forward = _plain_input(torch.compile(block.forward))
+            block.forward = _plain_input(torch.compile(block.forward, backend=backend))
     return True
 
 
@@ -173,7 +177,7 @@ def apply_levers(model: nn.Module, train_cfg, device: torch.device, fsdp_mixed_p
     Under scope "model" the whole model's graph, traced at its first call, takes the checkpointed blocks in.
     """
     if train_cfg.compile:
-        apply_compile(model, scope)
+        apply_compile(model, scope, train_cfg.compile_backend)
     apply_ac(model, train_cfg.activation_checkpointing)
     model.loss_chunks = train_cfg.loss_chunks
     if DTYPES[train_cfg.dtype] != torch.float32 and not fsdp_mixed_precision:

@@ -98,7 +98,8 @@ class Trainer:
         self.pipeline = None
         if par.pp > 1:
             # A compiled stage leaves the loss to the schedule: compile it too (at pp=1 the model computes it).
-            loss_fn = torch.compile(self._loss_fn) if self.compiled == "model" else self._loss_fn
+            loss_fn = (torch.compile(self._loss_fn, backend=t.compile_backend) if self.compiled == "model"
+                       else self._loss_fn)
             self.pipeline = build_pipeline(
                 par.schedule, self.parts, built.stage_ids, built.n_stages,
                 t.global_batch // (t.micro_batch * par.dp), loss_fn, self.pp_group, device,

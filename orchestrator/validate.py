@@ -19,7 +19,7 @@ from models.plans import pipeline_cuts
 from orchestrator.config import CONF_DIR
 from orchestrator.corpus import CorpusError, check_source, file_kind
 from orchestrator.data import BIN_DTYPES, FORMATS, resolve_format, text_files
-from orchestrator.levers import AC_MODES, DTYPES
+from orchestrator.levers import AC_MODES, COMPILE_BACKENDS, DTYPES
 from orchestrator.tokenizer import TokenizerError
 from orchestrator.tokenizer import load_tokenizer
 from orchestrator.optim import IMPLEMENTATIONS
@@ -413,6 +413,7 @@ def _check_levers(cfg: DictConfig) -> None:
     t = cfg.train
     _choice("train.dtype", t.dtype, tuple(DTYPES))
     _choice("train.activation_checkpointing", t.activation_checkpointing, AC_MODES)
+    _choice("train.compile_backend", t.compile_backend, COMPILE_BACKENDS)
     _at_least("train.loss_chunks", t.loss_chunks, 1)
     par = cfg.parallel
     if t.loss_chunks > 1 and (par.tp > 1 or par.pp > 1):

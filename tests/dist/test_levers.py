@@ -100,7 +100,12 @@ def test_tp2_dp2_compiled_checkpointed_blocks_match_single_eager_process(single,
     """Under TP (with SP) and FSDP2 each block is compiled whole, its TP collectives inside the graph, FSDP2's
     hooks and the checkpoint outside it. Compiled blocks under TP used to fail in backward: the embedding's
     output (an asynchronous collective's result) entered the first graph unfinished, and a block
-    checkpointed before compiling could not be compiled (levers._plain_input, levers.apply_levers)."""
-    got = run_layout(tmp_path, "compiled-tp", 2, 2, "train.compile=true", "train.activation_checkpointing=full")
+    checkpointed before compiling could not be compiled (levers._plain_input, levers.apply_levers).
+
+    Both were in graph capture and AOTAutograd, which the aot_eager backend runs as inductor does, without
+    generating and compiling kernels (~45 s of a CPU per rank on a cold cache, 4 ranks here); Inductor's
+    kernels are held to eager by the whole-model test above and tests/unit/test_levers.py."""
+    got = run_layout(tmp_path, "compiled-tp", 2, 2, "train.compile=true", "train.compile_backend=aot_eager",
+                     "train.activation_checkpointing=full")
     assert got.compiled == {"blocks"}
     assert_same_run(got, single)

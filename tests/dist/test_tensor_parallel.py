@@ -21,10 +21,10 @@ pytestmark = pytest.mark.dist
 
 # Sequence parallelism on and off at each degree, with and without dp (not every product: launches cost ~10-20 s);
 # the largest also steps AdamW with torch's fused kernel over its DTensors (FSDP2 x TP on a 2-D mesh), against
-# the reference's foreach: the same update up to rounding.
-@pytest.mark.parametrize("tp, dp, sp, implementation", [(2, 1, "true", "auto"), (2, 2, "true", "auto"),
-                                                        (2, 2, "false", "auto"), (4, 1, "false", "auto"),
-                                                        (4, 2, "true", "fused")])
+# the reference's foreach: the same update up to rounding. tp=2 x dp=2 with SP runs compiled and checkpointed in
+# tests/dist/test_levers.py (test_tp2_dp2_compiled_checkpointed_blocks_match_single_eager_process).
+@pytest.mark.parametrize("tp, dp, sp, implementation", [(2, 1, "true", "auto"), (2, 2, "false", "auto"),
+                                                        (4, 1, "false", "auto"), (4, 2, "true", "fused")])
 def test_tp_loss_curve_grads_and_init_match_single_process(single, tmp_path, tp, dp, sp, implementation):
     got = run_layout(tmp_path, f"tp{tp}dp{dp}sp{sp}", tp, dp, f"parallel.sequence_parallel={sp}",
                      f"optim.implementation={implementation}")

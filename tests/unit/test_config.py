@@ -35,7 +35,8 @@ def test_typo_in_a_key_fails_at_composition():
 def test_levers_default_off_and_compile_takes_only_a_bool():
     cfg = compose_as_shipped()
     t = cfg.train
-    assert (t.dtype, t.activation_checkpointing, t.compile, t.loss_chunks) == ("fp32", "none", False, 1)
+    assert (t.dtype, t.activation_checkpointing, t.compile, t.compile_backend, t.loss_chunks) == (
+        "fp32", "none", False, "inductor", 1)
     assert cfg.optim.implementation == "auto"
     with pytest.raises(ConfigCompositionException) as e:
         make_cfg("train.compile=maybe")
@@ -95,6 +96,7 @@ def test_unknown_model_fails_naming_the_group():
         (["parallel.dp_shard=zero7"], ["parallel.dp_shard='zero7'", "full, optimizer, replicate"]),
         (["train.dtype=fp16"], ["train.dtype='fp16'", "fp32, bf16"]),
         (["train.activation_checkpointing=some"], ["train.activation_checkpointing='some'", "none, full, selective"]),
+        (["train.compile_backend=cudagraphs"], ["train.compile_backend='cudagraphs'", "inductor, aot_eager"]),
         (["launcher.backend=mpi"], ["launcher.backend='mpi'", "auto, gloo, nccl"]),
         (["data.path=/no/such/corpus"], ["data.path='/no/such/corpus'", "does not exist"]),
         (["data.format=csv"], ["data.format='csv'", "auto, text, jsonl, parquet, bin"]),

@@ -68,12 +68,13 @@ def test_compile_failure_prints_why_and_stays_eager(model, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler here")
 
-    monkeypatch.setattr(levers, "_COMPILE_WORKS", None)
+    monkeypatch.setattr(levers, "_COMPILE_WORKS", {})
     monkeypatch.setattr(torch, "compile", broken)
     m = copy.deepcopy(model)
-    assert levers.apply_compile(m) is False
-    assert "train.compile=true but torch.compile does not work here" in capsys.readouterr().err
-    assert "forward" not in vars(m.layers["0"].attention)
+    assert levers.apply_compile(m, "blocks") is False
+    assert ("train.compile=true but torch.compile (backend inductor) does not work here (RuntimeError: no C++ "
+            "compiler here); running eager") in capsys.readouterr().err
+    assert "forward" not in vars(m.layers["0"])
     _step(m)
 
 
