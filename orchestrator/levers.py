@@ -113,9 +113,6 @@ def compile_works(backend: str = "inductor") -> bool:
     return _COMPILE_WORKS[backend]
 
 
-COMPILE_SCOPES = ("model", "blocks")
-
-
 def compile_scope(tp: int, per_block_dp: bool) -> str:
     """What train.compile=true compiles at a layout.
 

@@ -98,7 +98,7 @@ def auto_layout(cfg: DictConfig, env) -> DictConfig:
     if cfg.parallel.layout != "auto":
         return cfg
     world, local = available_world(cfg, env)
-    if env is None:  # a rank (env) plans in a child process
+    if env is None:
         _planned_here = True
     cfg, line = choose(cfg, world, local, isolated=env is not None)  # a rank plans in a child process
     if env is None or env.rank == 0:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.checkpoint import complete_checkpoints
+from orchestrator.checkpoint import complete_checkpoints, read_marker
 from tests.conftest import ROOT, TINY, run_train
 from tests.slurm.jobs import job_state, wait_for
 
@@ -60,7 +60,7 @@ def past_a_checkpoint(run_dir: Path) -> bool:
     if not done or not metrics.exists():
         return False
     logged = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line.endswith("}")]
-    return max(logged, default=0) > int(done[-1].name.removeprefix("step-"))
+    return max(logged, default=0) > read_marker(done[-1])["step"]
 
 
 AUTO = [*TINY, "parallel=auto", "train.steps=8", "train.eval_every=0", "checkpoint.every=4"]
