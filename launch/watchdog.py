@@ -28,6 +28,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,6 +37,10 @@ from typing import Callable, Optional
 HUNG_EXIT = 86  # a rank's exit status after its step deadline passed
 BOUNDARY = "waiting at the step boundary"  # the loop's phase while it takes part in the step's agreement
 SETTLE_S = 5.0  # how long a hung rank waits for the others' reports before it names the late ones
+# A rank's own dump in rank-<r>.stacks (StepWatchdog._write_dump): starts on a line of its own, ends with a line.
+DUMP_HEAD = "\n--- rank {rank} (pid {pid}): "
+DUMP_END = "--- end of the dump\n"
+_DUMP = re.compile(r"\n--- rank \d+ \(pid \d+\): .*?" + re.escape(DUMP_END), re.S)
 _FRAME = re.compile(r'^\s+File "(.*)", line (\d+) in (\S+)')
 _PROJECT = str(Path(__file__).resolve().parent.parent) + os.sep
 
@@ -94,6 +99,22 @@ class StepWatchdog:
             if not self._stop.is_set():
                 self._hung(time.monotonic() - self._armed_at, deadline)
 
+    def _write_dump(self, why: str) -> None:
+        """Every thread's stack, appended to rank-<r>.stacks in one write, between DUMP_HEAD and DUMP_END.
+
+        A SIGUSR1 can arrive meanwhile (the launcher asks a stopped rank for its stacks, and this thread
+        runs as soon as it is continued): faulthandler writes that dump piecewise, from whichever thread
+        the signal reached. One write keeps this dump whole among its pieces; stacks_from_dump takes it out
+        and reads the pieces around it as one.
+        """
+        with tempfile.TemporaryFile("w+") as f:
+            faulthandler.dump_traceback(file=f, all_threads=True)
+            f.seek(0)
+            dump = f.read()
+        text = f"{DUMP_HEAD.format(rank=self.rank, pid=os.getpid())}{why}; all threads:\n{dump}{DUMP_END}"
+        self._stacks.flush()
+        os.write(self._stacks.fileno(), text.encode())
+
     def _hung(self, waited: float, deadline: float) -> None:
         frame = sys._current_frames().get(self._main)
         frames = []
@@ -101,11 +122,8 @@ class StepWatchdog:
             frames.append([frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name])
             frame = frame.f_back
         frames.reverse()  # outermost first
-        self._stacks.write(f"--- rank {self.rank} (pid {os.getpid()}): no step boundary for {waited:.0f}s "
-                           f"({self.setting}); the loop: {self.phase} (step {self.step}); all threads:\n")
-        self._stacks.flush()
-        faulthandler.dump_traceback(file=self._stacks, all_threads=True)
-        self._stacks.flush()
+        self._write_dump(f"no step boundary for {waited:.0f}s ({self.setting}); the loop: {self.phase} "
+                         f"(step {self.step})")
         extra = None
         if self.on_hang is not None:
             try:
@@ -143,9 +161,13 @@ def hang_reports(ranks_dir) -> dict[int, dict]:
 
 
 def stacks_from_dump(text: str) -> list[list]:
-    """The main thread's frames (outermost first) from a faulthandler dump: the thread running our loop."""
+    """The main thread's frames (outermost first) from a rank's stacks file: the thread running our loop.
+
+    The rank's own dumps (each written whole) are read apart from what SIGUSR1 dumps wrote around them.
+    """
+    own = _DUMP.findall(text)
     threads, current = [], None
-    for line in text.splitlines():
+    for line in "\n".join([_DUMP.sub("", text), *own]).splitlines():
         if line.startswith(("Thread 0x", "Current thread 0x")):
             current = []
             threads.append(current)

@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 
 import orchestrator.cli.train as train_app
 from launch import restart
-from launch.watchdog import BOUNDARY, describe_hang
+from launch.watchdog import BOUNDARY, StepWatchdog, describe_hang, stacks_from_dump
 from orchestrator import checkpoint
 from orchestrator.faults import SpikeGuard, StragglerWatch, Verdict
 from orchestrator.planner.auto import choose
@@ -165,6 +165,26 @@ def test_the_hang_report_names_the_silent_rank_first_and_the_waiting_ones_as_wai
     # Everyone answered: the one busy outside torch.distributed is the late one.
     busy = {0: _report(0, BOUNDARY, collective), 1: _report(1, "forward/backward", [[trainer, 9, "sleepy"]])}
     assert describe_hang(tmp_path, 2, busy).splitlines()[0].startswith("the run hung after step 41: rank(s) 1 did")
+
+
+def test_a_ranks_own_dump_landing_inside_a_sigusr1_dump_leaves_both_readable(tmp_path):
+    """A stopped rank, once continued, answers the launcher's SIGUSR1 (faulthandler, written piecewise) while its
+    own watchdog dumps too (seen on CI: the two interleaved line by line, and the rank was placed in the watchdog's
+    thread). The watchdog's dump is one write: wherever it lands among the pieces, both dumps parse whole."""
+    trainer = str(Path(train_app.__file__).resolve().parents[1] / "trainer.py")
+    watchdog = StepWatchdog(0, 1, str(tmp_path), "X=4s")
+    watchdog._write_dump("no step boundary for 9s")
+    watchdog.stop()
+    own = (tmp_path / "rank-0.stacks").read_text()
+    assert own.startswith("\n--- rank 0 (pid ") and "(most recent call first)" in own
+    usr1 = ("Thread 0x02 (most recent call first):\n"
+            '  File "/x/threading.py", line 5 in wait\n'
+            "Current thread 0x01 (most recent call first):\n"
+            '  File "/x/site-packages/torch/nn/modules/linear.py", line 125 in forward\n'
+            f'  File "{trainer}", line 200 in train_step\n')
+    cut = usr1.index("line 125")  # mid-line, as a piece of faulthandler's may end
+    assert stacks_from_dump(usr1[:cut] + own + usr1[cut:]) == [[trainer, 200, "train_step"], [
+        "/x/site-packages/torch/nn/modules/linear.py", 125, "forward"]]
 
 
 # --- spike and straggler rules ------------------------------------------------------------------------------------
