@@ -189,6 +189,21 @@ class ClusterConfig:
     hbm_efficiency: float = MISSING
     intra_node_latency_us: float = MISSING
     inter_node_latency_us: float = MISSING
+    # Measured (`trident-plan --calibrate`) or published figures the step-time model prefers where given
+    # (orchestrator/planner/cluster.py reads and checks them).
+    comm_overlap: Optional[bool] = None
+    collectives: Any = None
+    compute: Any = None
+    loop: Any = None
+
+
+@dataclass
+class CalibrateConfig:
+    name: Optional[str] = MISSING
+    sizes_kib: list[int] = MISSING
+    seconds_per_point: float = MISSING
+    max_reps: int = MISSING
+    microbatches: Optional[list[int]] = MISSING
 
 
 @dataclass
@@ -231,6 +246,7 @@ class PlanConfig(TrainConfig):
     launcher: Any = _KEEP
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     generate: GenerateSettings = field(default_factory=GenerateSettings)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
 
 
 def hf_config_value(folder: Optional[str], key: str):

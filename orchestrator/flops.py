@@ -57,6 +57,19 @@ def flops_per_token(args: ModelArgs, n_params: int, seq_len: int) -> float:
     return 6 * n_matmul + 12 * args.n_layers * args.dim * seq_len
 
 
+def block_flops(args: ModelArgs, tp: int, tokens: int, seq: int) -> float:
+    """Model FLOPs of one block's tp shard, forward and backward, for `tokens` tokens (6 per weight and token, and
+    attention's 12 x dim x seq per token, as orchestrator/flops.py counts them)."""
+    kv = args.kv_heads * args.head_dim
+    weights = (2 * args.dim * args.dim + 2 * args.dim * kv + 3 * args.dim * args.ffn_hidden) / tp
+    return tokens * (6 * weights + 12 * args.dim * seq / tp)
+
+
+def head_flops(args: ModelArgs, tp: int, tokens: int) -> float:
+    """The output projection's tp shard, forward and backward (the embedding is a lookup)."""
+    return tokens * 6 * args.dim * args.vocab_size / tp
+
+
 def mfu(flops_per_token_: float, tokens_per_s: float, peak_per_rank: float, world_size: int) -> float:
     """The one MFU formula: achieved model FLOP/s over the peak of all ranks (0 when no peak is known)."""
     return flops_per_token_ * tokens_per_s / (peak_per_rank * world_size) if peak_per_rank else 0.0

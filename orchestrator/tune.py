@@ -91,9 +91,26 @@ def measure(m: Measured) -> None:
     m.mem_gb = max(r["mem_peak_gb"] for r in rows)
 
 
-def tune(cfg: DictConfig, rows: list[Layout], k: int, user: list[str], tune_dir: Path, steps: int,
+def spread(rows: list[Layout], k: int) -> list[Layout]:
+    """k fitting layouts spread evenly over the predicted step times, best to worst: for each of k evenly
+    spaced targets the not yet chosen layout predicted nearest to it (what tests a model, where the best k
+    test only its top)."""
+    fitting = sorted((r for r in rows if r.fits), key=lambda r: r.step_s)
+    if k > len(fitting):
+        raise ValueError(f"{k} > {len(fitting)}")
+    lo, hi = fitting[0].step_s, fitting[-1].step_s
+    chosen: list[Layout] = []
+    for i in range(k):
+        target = lo + (hi - lo) * i / max(1, k - 1)
+        free = [r for r in fitting if not any(r is c for c in chosen)]
+        chosen.append(min(free, key=lambda r: (abs(r.step_s - target), r.step_s)))
+    return sorted(chosen, key=lambda r: r.step_s)
+
+
+def tune(cfg: DictConfig, layouts: list[Layout], user: list[str], tune_dir: Path, steps: int,
          out=print) -> list[Measured]:
-    best = [r for r in rows if r.fits][:k]
+    """Run each of `layouts` for `steps` steps and measure it."""
+    best = layouts
     slurm = cfg.launcher.name == "slurm"
     runs = [Measured(layout, Path(tune_dir) / str(i)) for i, layout in enumerate(best)]
     procs = []
@@ -119,8 +136,15 @@ def tune(cfg: DictConfig, rows: list[Layout], k: int, user: list[str], tune_dir:
     return runs
 
 
-def report(runs: list[Measured], cfg: DictConfig, user: list[str]) -> tuple[str, Optional[float]]:
-    """The side-by-side table, the rank correlation, and the fastest measured layout's trident-train line."""
+def median_relative_error(predicted: list[float], measured: list[float]) -> Optional[float]:
+    """median |predicted - measured| / measured (None without a pair)."""
+    errors = [abs(p - m) / m for p, m in zip(predicted, measured) if m > 0]
+    return statistics.median(errors) if errors else None
+
+
+def report(runs: list[Measured], cfg: DictConfig, user: list[str]) -> tuple[str, Optional[float], Optional[float]]:
+    """The side-by-side table, the rank correlation, the median relative error of the predicted step times,
+    and the fastest measured layout's trident-train line."""
     ok = [m for m in runs if m.step_s is not None and m.error is None]
     pred_rank = dict(zip(map(id, ok), ranks([m.layout.step_s for m in ok])))
     meas_rank = dict(zip(map(id, ok), ranks([m.step_s for m in ok])))
@@ -139,6 +163,9 @@ def report(runs: list[Measured], cfg: DictConfig, user: list[str]) -> tuple[str,
     rho = spearman([m.layout.step_s for m in ok], [m.step_s for m in ok])
     lines.append(f"Spearman rank correlation, predicted vs measured step time over {len(ok)} layout(s): "
                  + (f"{rho:+.2f}" if rho is not None else "n/a (needs 3 or more measured layouts)"))
+    mdre = median_relative_error([m.layout.step_s for m in ok], [m.step_s for m in ok])
+    if mdre is not None:
+        lines.append(f"median |predicted - measured| / measured step time: {100 * mdre:.1f}%")
     if cfg.launcher.name == "local" and not str(cfg.cluster.name).startswith("cpu"):
         lines.append(f"(measured on this machine's local processes, predicted for cluster={cfg.cluster.name}: "
                      "compare them on the hardware the cluster preset describes)")
@@ -152,4 +179,4 @@ def report(runs: list[Measured], cfg: DictConfig, user: list[str]) -> tuple[str,
                      f"mb={fastest.layout.micro_batch} {fastest.layout.schedule}, {fastest.step_s:.4g} s/step, "
                      f"{fastest.tokens_per_s:.0f} tokens/s")
         lines.append(" ".join(["trident-train", *mine, *layout_overrides(fastest.layout)]))
-    return "\n".join(lines), rho
+    return "\n".join(lines), rho, mdre

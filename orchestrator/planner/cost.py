@@ -1,39 +1,48 @@
-"""The step-time model: how long one optimizer step of a layout takes, predicted.
+"""The step-time model: how long one optimizer step of a layout takes, predicted from a cluster's figures.
 
-  compute   model FLOPs (orchestrator/flops.py; + one forward of the
-            recomputed blocks) / (gpus x peak x mfu)
-  tp        per block and micro-batch, 2 all-reduces forward and 2 backward
-            (or their all-gather / reduce-scatter halves under sequence
-            parallelism, the same volume) of micro_batch x seq x dim
-            activations, ring volume 2(tp-1)/tp, over NVLink while the tp
-            group fits in a node
-  pp        each micro-batch's activations sent across every stage boundary,
-            forward and backward
-  bubble    (compute + tp + pp) / (1 - bubble), the idle fraction of the
-            schedule (orchestrator/planner/bubble.py: analytic, or replayed from
-            torch's own action lists)
-  dp        FSDP2: two all-gathers per micro-batch (forward, backward) and one
-            reduce-scatter per micro-batch (per step under a pipeline) of the rank's parameters, overlapped with
-            compute (only the excess shows); ZeRO-1 and tp>1 replicate: an
-            all-reduce (+ ZeRO-1's broadcast) after backward, not overlapped;
-            DDP: an all-reduce overlapped with backward
+Every pp rank's step is summed from what its code runs
+(orchestrator/planner/comms.py counts the collectives) and the cluster
+file's measured or published figures (orchestrator/planner/cluster.py):
 
-The times are for ranking layouts against each other.
+  compute   per micro-batch, each block's forward+backward and (first and
+            last stage) the embedding, output projection and loss, at the
+            FLOP/s the cluster's efficiency curve gives for the layout's
+            tokens per micro-batch and tp degree; + one forward of each
+            recomputed block
+  tp, pp    every collective and stage transfer as alpha + bytes / beta on
+            its link, on the compute path
+  bubble    compute and transfers stretched by 1 / (1 - bubble), the idle
+            share of the schedule (orchestrator/planner/bubble.py); where
+            the node's ranks share cores (a CPU: `Compute.sharing` = k, how
+            much faster one rank computes alone), the idle ranks' cores go
+            to the busy ones (gloo's collectives and transfers run on those
+            cores too, and were measured with every rank busy), so the
+            micro-batches' work stretches only by
+            max(1 - bubble, 1/k) / (1 - bubble)
+  dp        FSDP2's gathers and reduce-scatters, ZeRO-1's and replicate's
+            reductions: overlapped with compute where the backend runs
+            collectives beside it (`comm_overlap`: NCCL), only the excess
+            counts; on the compute thread (gloo) all of it counts
+  loop      clipping's and the agreement's all-reduces, and AdamW's step and
+            the clipping per local parameter (`loop.ns_per_param`)
+
+The slowest pp rank sets the step.
 """
 
+from dataclasses import replace
 from functools import lru_cache
+from typing import Optional
 
 from omegaconf import DictConfig
 
 from models.llama import ModelArgs
-from orchestrator.flops import cluster_peak, flops_per_token, mfu
-from orchestrator.levers import dtype_bytes
+from orchestrator.flops import block_flops, cluster_peak, flops_per_token, head_flops, mfu
+from orchestrator.planner.cluster import Compute, Links
+from orchestrator.planner.comms import RECOMPUTED, Comm, Shape, shape_of, step_comms
 from orchestrator.planner.bubble import analytic_bubble, simulate
 from orchestrator.planner.memory import RankMemory, orders_microbatches, schedule_orders
 from parallel.pipeline_parallel import stages_per_rank
 
-# Forward passes recomputed in backward, per block, by train.activation_checkpointing (levers.ac_layers).
-RECOMPUTED = {"none": 0.0, "selective": 0.5, "full": 1.0}
 
 
 def bubble_of(schedule: str, pp: int, m: int, per_rank) -> float:
@@ -56,45 +65,79 @@ def _idle_units(schedule: str, pp: int, m: int, per_rank) -> float:
     return sim["bubble"] * sim["makespan"] * pp
 
 
-def step_time(cfg: DictConfig, mem: RankMemory, n_params: int, bubble: float, args: ModelArgs) -> dict:
-    cl, par, t, m_cfg = cfg.cluster, cfg.parallel, cfg.train, cfg.model
+def rank_params(args: ModelArgs, tp: int) -> tuple[int, int, int]:
+    """(one block's parameters on a tp rank, the embedding's, the final norm's and output projection's)."""
+    kv = args.kv_heads * args.head_dim
+    block = (2 * args.dim * args.dim + 2 * args.dim * kv + 3 * args.dim * args.ffn_hidden) // tp + 2 * args.dim
+    vocab = -(-args.vocab_size // tp) * args.dim
+    return block, vocab, vocab + args.dim
+
+
+def tp_comm_times(links: Links, args: ModelArgs, tp: int, tokens: int, seq: int, sp: bool, dtype_bytes_: int,
+                  link: str = "intra") -> tuple[float, float]:
+    """(seconds of one block's TP collectives, forward and backward; of the embedding's, output projection's and
+    loss's) for one micro-batch of `tokens`: what a calibration takes out of the real model's times."""
+    def total(layers, first, last):
+        shape = Shape(tp, 1, 1, tokens // seq, 1, seq, "1f1b", 1, sp and tp > 1, "full", dtype_bytes_, 0.0, layers,
+                      first, last, 0, 0, 0, True)
+        return sum(c.count * links.time(c.kind, c.group, c.nbytes, link) for c in step_comms(shape, args)
+                   if c.dim == "tp")
+    return total(1, False, False), total(0, True, True)
+
+
+def step_time(cfg: DictConfig, mem: RankMemory, n_params: int, bubble: float, args: ModelArgs,
+              links: Optional[Links] = None, compute: Optional[Compute] = None) -> dict:
+    cl, par, t = cfg.cluster, cfg.parallel, cfg.train
+    links = links or Links.of(cl)
+    compute = compute or Compute.of(cl, t.dtype)
     gpus = par.tp * par.pp * par.dp
-    m = t.global_batch // (t.micro_batch * par.dp)
-    act = dtype_bytes(t.dtype)
     dtype_peak = cluster_peak(cl.device, t.dtype, cl.gpus_per_node)
-    peak = dtype_peak * cl.mfu
     flops = flops_per_token(args, n_params, t.seq_len) * t.global_batch * t.seq_len
-    recompute = RECOMPUTED[t.activation_checkpointing]
-    block_flops = 1 - args.vocab_size * args.dim * 6 / max(1.0, flops_per_token(args, n_params, t.seq_len))
-    compute_s = flops * (1 + recompute * block_flops / 3) / (gpus * peak)
-    gb = 1e9
-    intra, inter = cl.intra_node_gbps * gb, cl.inter_node_gbps * gb
     tokens = t.micro_batch * t.seq_len
-    layers = m_cfg.n_layers / par.pp
-    # 4 collectives per block (2 forward, 2 backward); a recomputed forward repeats its 2.
-    tp_bytes = m * layers * (4 + 2 * recompute) * 2 * (par.tp - 1) / par.tp * tokens * args.dim * act
-    tp_s = tp_bytes / (intra if par.tp <= cl.gpus_per_node else inter)
-    sp = par.tp if par.tp > 1 and par.sequence_parallel else 1
-    v = stages_per_rank(par.schedule, par.stages_per_rank) if par.pp > 1 else 1
-    # Activations cross stage boundaries in fp32 (parallel/pipeline_parallel.py), each way.
-    pp_bytes = 0 if par.pp == 1 else m * v * 2 * tokens * args.dim / sp * 4
-    pp_s = pp_bytes / (inter if par.tp * par.dp >= cl.gpus_per_node else intra)
-    dp_bw = intra if par.tp * par.dp <= cl.gpus_per_node else inter
-    frac = (par.dp - 1) / par.dp
-    # The parameters of this rank's stages, whole over dp (weights are stored fp32: 4 bytes each).
-    stage_params = mem.params / 4 * (par.dp if par.dp_shard == "full" else 1)
-    if par.dp_shard == "full":  # all-gathers in the compute dtype, reduce-scatters in fp32
-        # pp=1: every micro-batch gathers twice and reduce-scatters once (data_parallel.DataParallel.micro_batch);
-        # a pipeline stage reduce-scatters once per step (torch's stages defer it to the last backward).
-        scatters = m if par.pp == 1 else 1
-        dp_s = max(0.0, frac * stage_params * (2 * m * act + 4 * scatters) / dp_bw - compute_s)
-    elif par.dp_shard == "optimizer":  # all-reduce (2 frac) + broadcast (frac), fp32
-        dp_s = 3 * frac * stage_params * 4 / dp_bw
-    else:  # DDP overlaps its all-reduce with backward; with tp > 1 the loop reduces after it
-        dp_s = 2 * frac * stage_params * 4 / dp_bw
-        dp_s = dp_s if par.tp > 1 else max(0.0, dp_s - compute_s * 2 / 3)
-    if par.dp == 1:
-        dp_s = 0.0
-    step = (compute_s + tp_s + pp_s) / (1 - bubble) + dp_s
-    return {"compute_s": compute_s, "tp_s": tp_s, "pp_s": pp_s, "dp_s": dp_s, "step_s": step,
-            "mfu": mfu(flops / (t.global_batch * t.seq_len), t.global_batch * t.seq_len / step, dtype_peak, gpus)}
+    recompute = RECOMPUTED[t.activation_checkpointing]
+    block_p, embed_p, head_p = rank_params(args, par.tp)
+    overlap = bool(cl.get("comm_overlap")) if cl.get("comm_overlap") is not None else True
+    k = compute.sharing()
+    worst = None
+    for pp_rank in range(par.pp):
+        shape = shape_of(cfg, args, pp_rank, block_p, embed_p * 0)
+        root = (embed_p if shape.first else 0) + (head_p if shape.last else 0)
+        shape = replace(shape, root_params=root)
+        m = shape.microbatches
+        blk = block_flops(args, par.tp, tokens, t.seq_len) / compute.rate(tokens, par.tp)
+        mb_compute = shape.layers * blk * (1 + recompute / 3)
+        if shape.last:
+            mb_compute += head_flops(args, par.tp, tokens) / compute.rate(tokens, par.tp)
+        compute_s = m * mb_compute
+        by_dim = {"tp": 0.0, "pp": 0.0, "dp": 0.0, "loop": 0.0}
+        by_kind: dict = {}
+        for c in step_comms(shape, args):
+            link = _link(cl, c, par)
+            kind = "all_reduce" if c.kind == "broadcast" else c.kind  # a broadcast costs an all-reduce's half
+            secs = c.count * links.time(kind, c.group, c.nbytes * (0.5 if c.kind == "broadcast" else 1), link)
+            by_dim[c.dim] += secs
+            by_kind[(c.dim, c.kind)] = by_kind.get((c.dim, c.kind), 0.0) + secs
+        exposed_dp = max(0.0, by_dim["dp"] - compute_s) if overlap else by_dim["dp"]
+        local = shape.layers * block_p + root
+        if par.dp > 1 and par.dp_shard in ("full", "optimizer"):
+            local /= par.dp
+        loop_s = by_dim["loop"] + local * float((cl.get("loop") or {}).get("ns_per_param", 0.0)) * 1e-9
+        stretch = 1.0 / (1.0 - bubble)
+        busy = (compute_s + by_dim["tp"] + by_dim["pp"]) * max(1.0 - bubble, 1.0 / k) * stretch
+        step = busy + exposed_dp + loop_s
+        row = {"compute_s": compute_s, "tp_s": by_dim["tp"], "pp_s": by_dim["pp"], "dp_s": exposed_dp,
+               "loop_s": loop_s, "step_s": step, "by_kind": by_kind}
+        if worst is None or step > worst["step_s"]:
+            worst = row
+    comm = worst["tp_s"] + worst["pp_s"] + worst["dp_s"] + worst["loop_s"]
+    worst["comm_share"] = min(1.0, comm / worst["step_s"])
+    worst["mfu"] = mfu(flops / (t.global_batch * t.seq_len), t.global_batch * t.seq_len / worst["step_s"],
+                       dtype_peak, gpus)
+    return worst
+
+
+def _link(cl, c: Comm, par) -> str:
+    """intra while the group's ranks share a node (ranks are ordered tp, dp, pp: tp innermost)."""
+    span = {"tp": par.tp, "dp": par.tp * par.dp, "loop": par.tp * par.dp * par.pp,
+            "pp": par.tp * par.dp * par.pp}[c.dim]
+    return "intra" if span <= cl.gpus_per_node else "inter"

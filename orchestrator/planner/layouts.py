@@ -18,6 +18,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from models.llama import ModelArgs, Transformer, num_params
 from orchestrator.flops import CLUSTER_DEVICES
+from orchestrator.planner.cluster import Compute, Links, check_cluster
 from orchestrator.planner.cost import bubble_of, step_time
 from orchestrator.planner.memory import GiB, RankMemory, layout_memory, probe_shards
 from orchestrator.validate import ConfigError, divisors, validate
@@ -39,8 +40,11 @@ class Layout:
     tp_s: float
     pp_s: float
     dp_s: float  # the exposed part
+    loop_s: float  # clipping, agreement, optimizer step
     step_s: float
     mfu: float
+    comm_share: float  # of the step: tp + pp + exposed dp + the loop's collectives and step
+    why: str = ""  # the largest communication cost, in words
     rel: float = 0.0
 
     def overrides(self) -> dict:
@@ -76,10 +80,23 @@ def n_params_of(cfg: DictConfig) -> int:
         return num_params(Transformer(ModelArgs.from_config(cfg.model)))
 
 
+NAMES = {"all_reduce": "all-reduce", "all_gather": "all-gather", "reduce_scatter": "reduce-scatter",
+         "send_recv": "stage transfers", "broadcast": "broadcast"}
+
+
+def why(by_kind: dict, step_s: float, mb: int) -> str:
+    """The layout's largest communication cost in words: "tp all-reduce 38% of the step"."""
+    if not by_kind:
+        return "no communication"
+    (dim, kind), secs = max(by_kind.items(), key=lambda kv: kv[1])
+    return f"{dim} {NAMES[kind]} {100 * secs / step_s:.0f}% of the step at micro-batch {mb}"
+
+
 def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
     """Every valid layout, best first (fitting ones first, then by predicted step time)."""
     started = time.perf_counter()
     cl = cfg.cluster
+    check_cluster(cl)
     if cl.device not in CLUSTER_DEVICES:
         raise ConfigError(f"cluster.device={cl.device!r} is not one of: {', '.join(CLUSTER_DEVICES)} "
                           "(orchestrator/flops.py DEVICE_PEAKS: each one's peak FLOP/s per dtype; cpu: this "
@@ -107,6 +124,7 @@ def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
             set_layout(work, tp, pp, dp, 1, "1f1b")
             shards[tp, pp, dp] = probe_shards(work)
     rows = []
+    links, compute = Links.of(cl), Compute.of(cl, cfg.train.dtype)
     budget = (cl.gpu_memory_gb - cl.memory_reserve_gb) * GiB
     for tp, pp, dp, mb, schedule in valid:
         set_layout(work, tp, pp, dp, mb, schedule)
@@ -114,9 +132,10 @@ def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
         worst = max(ranks, key=lambda r: r.total)
         m = cfg.train.global_batch // (mb * dp)
         bubble = bubble_of(schedule, pp, m, cfg.parallel.stages_per_rank)
-        times = step_time(work, worst, n_params, bubble, args)
+        times = step_time(work, worst, n_params, bubble, args, links, compute)
+        by_kind = times.pop("by_kind")
         rows.append(Layout(tp, pp, dp, mb, schedule if pp > 1 else "-", m, worst, worst.total <= budget, bubble,
-                           **times))
+                           **times, why=why(by_kind, times["step_s"], mb)))
     rows.sort(key=lambda r: (not r.fits, r.step_s))
     best = next((r.step_s for r in rows if r.fits), rows[0].step_s if rows else 1.0)
     for r in rows:

@@ -24,22 +24,47 @@ def table(rows: list[Layout], cfg: DictConfig, info: dict, top=None) -> str:
             f"{info['valid']} valid layouts of {info['candidates']} ({info['fit']} fit); "
             f"planned in {info['seconds']:.1f} s. Memory: {unit} per GPU on the fullest rank.")
     cols = ("tp", "pp", "dp", "mb", "schedule", "m", "params", "grads", "optim", "act", "other", "total", "fits",
-            "bubble", "MFU", "step_s", "rel")
+            "bubble", "comm", "MFU", "step_s", "rel")
     lines = [head, "  ".join(f"{c:>8}" if i > 4 else f"{c:>4}" if c != "schedule" else f"{c:<16}"
                              for i, c in enumerate(cols))]
     for r in rows[:top]:
         w = r.worst
         cells = [f"{r.tp:>4}", f"{r.pp:>4}", f"{r.dp:>4}", f"{r.micro_batch:>4}", f"{r.schedule:<16}",
                  f"{r.microbatches:>8}", *(f"{x / size:>8.1f}" for x in w.shown()),
-                 f"{'yes' if r.fits else 'no':>8}", f"{r.bubble:>8.3f}", f"{100 * r.mfu:>7.1f}%",
+                 f"{'yes' if r.fits else 'no':>8}", f"{r.bubble:>8.3f}", f"{100 * r.comm_share:>7.0f}%",
+                 f"{100 * r.mfu:>7.1f}%",
                  f"{r.step_s:>8.3g}", f"{r.rel:>8.2f}"]
         lines.append("  ".join(cells))
     if top is not None and len(rows) > top:
         lines.append(f"... {len(rows) - top} more (--top N)")
+    reason = why_best(rows)
+    if reason:
+        lines.append(reason)
+    lines.append("comm: the share of the step spent in communication (tp, pp, exposed dp, the loop's own); step_s from "
+                 f"cluster={cl.name}'s " + ("measured figures (trident-plan --calibrate)" if cl.get("compute")
+                                            else "link figures and mfu"))
     if not info["fit"]:
         lines.append("No layout fits: try train.dtype=bf16, train.activation_checkpointing=full, more GPUs "
                      "(cluster.gpus) or a shorter train.seq_len.")
     return "\n".join(lines)
+
+
+def layout_name(r: Layout) -> str:
+    return f"tp={r.tp} pp={r.pp} dp={r.dp} mb={r.micro_batch}" + (f" {r.schedule}" if r.pp > 1 else "")
+
+
+def why_best(rows: list[Layout]) -> str:
+    """One line: why the best fitting layout wins, against the best one of another tp degree (the question a
+    plan answers first: does TP pay here?), or of another pp degree."""
+    fitting = [r for r in rows if r.fits]
+    if len(fitting) < 2:
+        return ""
+    best = fitting[0]
+    rival = next((r for r in fitting if r.tp != best.tp), None) or next((r for r in fitting if r.pp != best.pp),
+                                                                      fitting[1])
+    return (f"Best: {layout_name(best)}, {best.step_s:.3g} s/step ({100 * best.comm_share:.0f}% communication). "
+            f"The best with {'tp' if rival.tp != best.tp else 'pp'}={rival.tp if rival.tp != best.tp else rival.pp}, "
+            f"{layout_name(rival)}, is {rival.step_s / best.step_s:.2f}x slower: {rival.why}.")
 
 
 def sweep_lines(rows: list[Layout], k: int, user_overrides: list[str]) -> list[str]:

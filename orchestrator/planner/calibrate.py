@@ -1,0 +1,492 @@
+"""`trident-plan --calibrate`: measure a cluster's ranks and write the cluster file the step-time model reads.
+
+Every rank of the allocation takes part (launcher=local: this machine's
+ranks; launcher=slurm: the tasks of one job on the cluster's nodes), with
+the run's backend, and every measurement runs on all ranks at once, as a
+training step does: a group of g ranks is timed while every other group of
+g does the same, so ranks that share cores or links share them here too.
+
+  collectives  all-reduce, all-gather, reduce-scatter (each group of g
+               consecutive ranks, g = 2..N dividing N) and send/recv
+               (rank pairs), at message sizes from 4 KiB to 64 MiB; per
+               (collective, link, g) the least-squares fit of
+               time = alpha + bytes / beta. `bytes` is the collective's
+               whole buffer, as nccl-tests' "size": the all-reduced tensor,
+               the all-gathered output, the reduce-scattered input, the
+               sent tensor. Links: `intra` (ranks of one node), and
+               `inter` (one rank per node) where the job has several.
+  compute      one transformer block of the model, forward and backward,
+               at its tp-sharded shapes (q/k/v/o, w1/w2/w3, attention), and
+               the output projection with its loss, at micro-batches of
+               1, 2, 4, ... sequences up to the global batch, in the run's
+               dtype: achieved FLOP/s by tokens per micro-batch, an
+               efficiency curve per tp degree; once with every rank
+               computing at once (`shared`) and once with one rank alone
+               (`alone`), which tells ranks sharing a node's cores (a CPU)
+               from ranks with a device each (GPUs).
+  loop         AdamW's step and the gradient-norm clipping over the model's
+               parameters: seconds per parameter a step costs.
+
+The fitting and the writing happen here, in the process that started the
+ranks; the ranks only measure (`measure_rank`).
+"""
+
+import datetime
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from models.llama import ModelArgs
+from orchestrator.flops import block_flops, head_flops
+
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
+LINKS = ("intra", "inter")
+KiB = 2**10
+
+
+class CalibrationError(RuntimeError):
+    """A calibration that could not run: one line saying why; nothing was written."""
+
+
+# --- the fit ------------------------------------------------------------------------------------
+
+@dataclass
+class Fit:
+    alpha_s: float  # latency: the time of an empty message
+    beta_bps: float  # bandwidth: bytes per second of the buffer
+    residual: float  # root-mean-square relative residual of the fit
+
+    def time(self, nbytes: float) -> float:
+        return self.alpha_s + nbytes / self.beta_bps
+
+
+def fit_alpha_beta(nbytes: list[float], seconds: list[float]) -> Fit:
+    """Least squares of time = alpha + bytes / beta, each point weighted by 1 / its time.
+
+    The sizes span four orders of magnitude: unweighted, the largest message
+    alone would set both figures and alpha would be noise. Weighted, every
+    point's *relative* error counts alike. Alpha and 1/beta are kept positive
+    (a fit that wants a negative one is refitted with it at a floor).
+    """
+    if len(nbytes) != len(seconds) or len(nbytes) < 2:
+        raise ValueError("fit_alpha_beta needs two or more (bytes, seconds) points")
+    w = [1.0 / t for t in seconds]
+    # Normal equations of min sum (w_i (a + c b_i - t_i))^2.
+    s00 = sum(wi * wi for wi in w)
+    s01 = sum(wi * wi * b for wi, b in zip(w, nbytes))
+    s11 = sum(wi * wi * b * b for wi, b in zip(w, nbytes))
+    r0 = sum(wi * wi * t for wi, t in zip(w, seconds))
+    r1 = sum(wi * wi * b * t for wi, b, t in zip(w, nbytes, seconds))
+    det = s00 * s11 - s01 * s01
+    a, c = ((r0 * s11 - r1 * s01) / det, (s00 * r1 - s01 * r0) / det) if det > 0 else (0.0, 0.0)
+    floor_a, floor_c = min(seconds) * 1e-3, 1e-15
+    if c <= floor_c:  # no measurable bandwidth term: the latency is the (weighted) mean time
+        c = floor_c
+        a = (r0 - c * s01) / s00
+    if a <= floor_a:  # no measurable latency: the bandwidth alone
+        a = floor_a
+        c = max(floor_c, (r1 - a * s01) / s11)
+    res = math.sqrt(statistics.fmean(((a + c * b) - t) ** 2 / t ** 2 for b, t in zip(nbytes, seconds)))
+    return Fit(a, 1.0 / c, res)
+
+
+# --- what the ranks run --------------------------------------------------------------------------
+
+def _agree_max(x: float) -> float:
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _timed(op, budget_s: float, max_reps: int) -> float:
+    """Seconds of one call of op: one untimed call, then as many timed as fit the budget (3 at least; every
+    rank runs the same count, agreed from the slowest warm-up); the median call on the slowest rank."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    op()
+    first = _agree_max(time.perf_counter() - t0)
+    reps = max(3, min(max_reps, int(budget_s / max(first, 1e-6))))
+    dist.barrier()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        op()
+        times.append(time.perf_counter() - t0)
+    return _agree_max(statistics.median(times))
+
+
+def _groups(world: int, local: int, g: int, link: str) -> Optional[list[list[int]]]:
+    """Every rank in exactly one group of g: consecutive ranks (intra), or one per node, stride `local` (inter)."""
+    if world % g:
+        return None
+    if link == "intra":
+        return [list(range(s, s + g)) for s in range(0, world, g)] if local % g == 0 else None
+    nodes = world // local
+    if nodes < 2 or nodes % g:
+        return None
+    out = []
+    for first_node in range(0, nodes, g):
+        for lr in range(local):
+            out.append([(first_node + i) * local + lr for i in range(g)])
+    return out
+
+
+def _collective(kind: str, group, g: int, nbytes: int, dtype: torch.dtype, device, me: int, members: list[int]):
+    n = max(g, nbytes // torch.tensor([], dtype=dtype).element_size() // g * g)
+    if kind == "all_reduce":
+        buf = torch.ones(n, dtype=dtype, device=device)
+        return lambda: dist.all_reduce(buf, group=group)
+    if kind == "all_gather":
+        out, inp = torch.empty(n, dtype=dtype, device=device), torch.ones(n // g, dtype=dtype, device=device)
+        return lambda: dist.all_gather_into_tensor(out, inp, group=group)
+    if kind == "reduce_scatter":
+        inp, out = torch.ones(n, dtype=dtype, device=device), torch.empty(n // g, dtype=dtype, device=device)
+        return lambda: dist.reduce_scatter_tensor(out, inp, group=group)
+    # send_recv: the first of each pair sends, the second receives (a pipeline boundary's one way)
+    buf = torch.ones(n, dtype=dtype, device=device)
+    i = members.index(me)
+    peer = members[i ^ 1]
+    return (lambda: dist.send(buf, peer)) if i % 2 == 0 else (lambda: dist.recv(buf, peer))
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _real_model_step(spec: dict, tp: int, layers: int, mb: int, device, world: int):
+    """Forward+backward of the model itself (its TP plan at `tp`, `layers` blocks, one micro-batch of `mb`
+    sequences), as trident-train builds it: DTensor's dispatch and TP's own collectives included."""
+    from omegaconf import OmegaConf
+
+    from orchestrator.build import build_model
+    from parallel.mesh import MESH_DIMS
+    from parallel.tensor_parallel import loss_context
+
+    model_cfg = OmegaConf.create({**spec["model_cfg"], "n_layers": layers, "init_from": None})
+    par = OmegaConf.create({**spec["parallel_cfg"], "tp": tp, "pp": 1, "dp": world // tp, "dp_shard": "optimizer"})
+    mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (1, world // tp, tp), mesh_dim_names=MESH_DIMS)
+    train_cfg = OmegaConf.create({**spec["train_cfg"], "compile": False, "activation_checkpointing": "none"})
+    parts = build_model(model_cfg, par, mesh, device, 0, train_cfg)
+    model = parts.parts[0]
+    gen = torch.Generator().manual_seed(0)
+    vocab = model_cfg.vocab_size
+    tokens = torch.randint(0, vocab, (mb, spec["seq_len"]), generator=gen).to(device)
+    targets = torch.randint(0, vocab, (mb, spec["seq_len"]), generator=gen).to(device)
+
+    def step():
+        with loss_context(tp):
+            model(tokens, targets).backward()
+        _sync(device)
+
+    return step
+
+
+def _compute_point(spec: dict, tp: int, mb: int, device, world: int, alone: bool, rank: int) -> float:
+    """Seconds of the real model's forward+backward (spec["layers"] blocks, embedding, output projection and
+    loss) on one micro-batch of mb sequences, every rank at once (or rank 0 alone, the others waiting)."""
+    step = _real_model_step(spec, tp, spec["layers"], mb, device, world)
+    work = step if not alone or rank == 0 else (lambda: None)
+    return _timed(work, spec["budget_s"], spec["max_reps"])
+
+
+def _loop_point(n_params: int, device, budget_s: float) -> float:
+    """Seconds per parameter of AdamW's step (foreach, as the loop runs it off CUDA) and the norm clipping."""
+    sizes = [min(n_params, 2**20)] * max(1, n_params // 2**20)
+    params = [torch.zeros(s, device=device, requires_grad=True) for s in sizes]
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=True, fused=device.type == "cuda" or None)
+
+    def step():
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
+        torch._foreach_mul_([p.grad for p in params], torch.clamp(1.0 / (norm + 1e-6), max=1.0))
+        opt.step()
+        _sync(device)
+
+    return _timed(step, budget_s, 20) / sum(sizes)
+
+
+def measure_rank(env, device, spec: dict) -> None:
+    """One rank's part of the calibration; rank 0 writes every figure to spec["out"] as JSON."""
+    # torch 2.13 deprecates the *_tensor collectives (FSDP2 and DTensor still run them; *_single is newer than 2.11).
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    world, local, rank = env.world_size, env.local_world_size, env.rank
+    dtype = getattr(torch, spec["dtype"])
+    budget = spec["budget_s"]
+    result = {"collectives": [], "compute": [], "loop": None, "errors": []}
+    for link in LINKS:
+        for g in spec["group_sizes"]:
+            groups = _groups(world, local, g, link)
+            if groups is None:
+                continue
+            mine, _ = dist.new_subgroups_by_enumeration(groups)
+            members = next(m for m in groups if rank in m)
+            for kind in COLLECTIVES:
+                if kind == "send_recv" and g != 2:
+                    continue
+                for size in spec["sizes"]:
+                    try:
+                        op = _collective(kind, mine, g, size, dtype, device, rank, members)
+                        seconds = _timed(op, budget, spec["max_reps"])
+                    except RuntimeError as e:  # the backend lacks it: every rank fails alike
+                        result["errors"].append(f"{kind} on {spec['backend']}: {str(e).splitlines()[0]}")
+                        break
+                    result["collectives"].append({"link": link, "kind": kind, "g": g, "bytes": size, "s": seconds})
+    args = ModelArgs(**spec["model"])
+    seq = spec["seq_len"]
+    for mode in ("shared", "alone"):
+        for tp in spec["tps"]:
+            for mb in spec["microbatches"]:
+                tokens = mb * seq
+                seconds = _compute_point(spec, tp, mb, device, world, mode == "alone", rank)
+                flops = spec["layers"] * block_flops(args, tp, tokens, seq) + head_flops(args, tp, tokens)
+                result["compute"].append({"mode": mode, "tp": tp, "tokens": tokens, "s": seconds, "flops": flops})
+            if mode == "alone":
+                break  # one rank alone: the sharing it tells is the same at every tp
+    result["loop"] = _loop_point(spec["n_params"], device, budget)
+    src = torch.ones(16 * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    result["memory_gbps"] = 2 * src.numel() * 4 / _timed(lambda: (dst.copy_(src), _sync(device)), budget, 20) / 1e9
+    if rank == 0:
+        Path(spec["out"]).write_text(json.dumps(result))
+
+
+# --- the cluster file ----------------------------------------------------------------------------
+
+def powers_of_two_upto(n: int) -> list[int]:
+    out, x = [], 1
+    while x <= n:
+        out.append(x)
+        x *= 2
+    return out
+
+
+def spec_of(cfg: DictConfig, world: int, local: int, backend: str, n_params: int, out: str) -> dict:
+    c, t = cfg.calibrate, cfg.train
+    args = ModelArgs.from_config(cfg.model)
+    heads = [d for d in range(1, local + 1) if local % d == 0 and args.n_heads % d == 0 and args.kv_heads % d == 0]
+    return {
+        "dtype": {"fp32": "float32", "bf16": "bfloat16"}[t.dtype],
+        "backend": backend, "budget_s": float(c.seconds_per_point), "max_reps": int(c.max_reps),
+        "group_sizes": [g for g in range(2, world + 1) if world % g == 0],
+        "sizes": [int(k * KiB) for k in c.sizes_kib],
+        "model": {f: getattr(args, f) for f in args.__dataclass_fields__},
+        "seq_len": int(t.seq_len),
+        "microbatches": list(c.microbatches) if c.microbatches else powers_of_two_upto(int(t.global_batch)),
+        "tps": heads, "n_params": n_params, "out": out,
+        "layers": min(args.n_layers, 4),  # enough blocks that the embedding and output are a small part
+        "model_cfg": OmegaConf.to_container(cfg.model, resolve=True),
+        "parallel_cfg": OmegaConf.to_container(cfg.parallel, resolve=True),
+        "train_cfg": OmegaConf.to_container(cfg.train, resolve=True),
+    }
+
+
+def fit_all(raw: dict) -> dict:
+    """{link: {kind: {g: Fit}}} from the raw timings."""
+    points: dict = {}
+    for r in raw["collectives"]:
+        points.setdefault((r["link"], r["kind"], r["g"]), []).append((r["bytes"], r["s"]))
+    fits: dict = {}
+    for (link, kind, g), pts in sorted(points.items()):
+        if len(pts) >= 2:
+            fits.setdefault(link, {}).setdefault(kind, {})[g] = fit_alpha_beta(*map(list, zip(*pts)))
+    return fits
+
+
+def without_tp_comm(point: dict, fits: dict, spec: dict, cfg: DictConfig) -> dict:
+    """A tp > 1 point with its TP collectives taken out (the step-time model adds them from the fits above),
+    leaving compute and DTensor's dispatch; at most 70% is taken, so a poor fit cannot leave nothing."""
+    if point["tp"] == 1:
+        return point
+    from orchestrator.planner.cluster import Links
+    from orchestrator.planner.cost import tp_comm_times
+
+    links = Links({"intra": {kind: {g: (f.alpha_s, f.beta_bps) for g, f in by.items()}
+                             for kind, by in fits.get("intra", {}).items()}})
+    block_c, head_c = tp_comm_times(links, ModelArgs(**spec["model"]), point["tp"], point["tokens"], spec["seq_len"],
+                                    bool(cfg.parallel.sequence_parallel), 2 if spec["dtype"] == "bfloat16" else 4)
+    comm = spec["layers"] * block_c + head_c
+    return {**point, "s": max(point["s"] - comm, 0.3 * point["s"]), "tp_comm_s": comm}
+
+
+def _num(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def cluster_yaml(cfg: DictConfig, raw: dict, spec: dict, world: int, local: int, backend: str,
+                 device_key: str, name: str, memory_gb: float, seconds: float) -> str:
+    """The cluster file: what was measured, each figure commented with how."""
+    fits = fit_all(raw)
+    cl = cfg.cluster
+    host = socket.gethostname()
+    today = datetime.date.today().isoformat()
+    dev = "cpu" if device_key == "cpu" else device_key
+    ar = fits.get("intra", {}).get("all_reduce", {})
+    g_max = max(ar) if ar else 2
+    # Bus bandwidth (nccl-tests' busbw) of the widest all-reduce, for the fields older code reads.
+    busbw = (ar[g_max].beta_bps * 2 * (g_max - 1) / g_max / 1e9) if ar else cl.intra_node_gbps
+    inter = fits.get("inter", {}).get("all_reduce", {})
+    inter_bw = (inter[max(inter)].beta_bps * 2 * (max(inter) - 1) / max(inter) / 1e9) if inter else busbw
+    lat = ar[min(ar)].alpha_s * 1e6 if ar else cl.intra_node_latency_us
+    inter_lat = inter[min(inter)].alpha_s * 1e6 if inter else lat
+    shared = [without_tp_comm(r, fits, spec, cfg) for r in raw["compute"] if r["mode"] == "shared"]
+    alone = [r for r in raw["compute"] if r["mode"] == "alone"]
+    best = max((r["flops"] / r["s"] for r in shared), default=0.0)
+    lines = [
+        f"# Calibrated by `trident-plan --calibrate` on {today}: {world} {backend} ranks, {local} per node,",
+        f"# host {host}, device {device_key}, torch {torch.__version__}, python {platform.python_version()},",
+        f"# {spec['model'].get('dim')}-wide model shapes of model={cfg.model.name} at seq_len={spec['seq_len']},"
+        f" dtype {spec['dtype']}; {seconds:.0f} s.",
+        "# Every rank measured at once, as in a training step. Regenerate rather than edit.",
+        f"name: {name}",
+        f"gpus: {world}                 # ranks measured (every layout planned here uses this many)",
+        f"gpus_per_node: {local}        # ranks per node",
+        f"gpu_memory_gb: {_num(memory_gb)}  # memory per rank (GiB): the device's, or a CPU rank's share of RAM",
+        f"memory_reserve_gb: {_num(cl.memory_reserve_gb)}  # not measured: kept from cluster={cl.name}",
+        f"device: {dev}               # peak FLOP/s per dtype: orchestrator/flops.py (MFU is reported against it)",
+        f"mfu: {_num(cl.mfu)}                # not used where `compute` below is given (kept from cluster={cl.name})",
+        f"intra_node_gbps: {_num(busbw)}  # bus bandwidth (nccl-tests busbw) of the {g_max}-rank all-reduce fit below",
+        f"inter_node_gbps: {_num(inter_bw)}  # the same across nodes ({'measured' if inter else 'one node: the intra figure'})",
+        f"hbm_gbps: {_num(raw['memory_gbps'])}  # one rank's copy of 16 MiB (read + write), every rank at once",
+        "hbm_efficiency: 1.0     # hbm_gbps above is what a copy reached",
+        f"intra_node_latency_us: {_num(lat)}  # alpha of the 2-rank all-reduce fit below",
+        f"inter_node_latency_us: {_num(inter_lat)}",
+        "comm_overlap: " + ("false  # gloo runs collectives on the compute thread: nothing overlaps"
+                            if backend == "gloo" else "true   # NCCL collectives run on their own streams"),
+        "# time = alpha + bytes / beta per (link, collective, ranks in the group): least squares over",
+        f"# {len(spec['sizes'])} message sizes ({spec['sizes'][0] // KiB} KiB .. {spec['sizes'][-1] // KiB} KiB), "
+        "each weighted by 1/time;",
+        "# bytes = the whole buffer (all-gather: the output; reduce-scatter: the input); residual = rms relative.",
+        "collectives:",
+    ]
+    for link, kinds in fits.items():
+        lines.append(f"  {link}:")
+        for kind, by_g in kinds.items():
+            lines.append(f"    {kind}:")
+            for g, fit in sorted(by_g.items()):
+                lines.append(f"      {g}: {{alpha_us: {_num(fit.alpha_s * 1e6)}, beta_gbps: {_num(fit.beta_bps / 1e9)}, "
+                             f"residual: {fit.residual:.3f}}}")
+    lines += [
+        f"# The model itself ({spec['layers']} blocks, embedding, output projection, loss; its TP plan at tp > 1, whose",
+        "# collectives, as the fits above cost them, are taken out), forward+backward of one micro-batch at each",
+        "# size: achieved TFLOP/s of its model FLOPs (6 per weight and token + attention's 12 x dim x seq).",
+        "# shared: every rank at once; alone: one rank while the others wait.",
+        "compute:",
+        f"  seq_len: {spec['seq_len']}",
+        f"  peak_shared_tflops: {_num(best / 1e12)}",
+        "  points:",
+    ]
+    for r in shared + alone:
+        lines.append(f"    - {{mode: {r['mode']}, tp: {r['tp']}, tokens: {r['tokens']}, "
+                     f"tflops: {_num(r['flops'] / r['s'] / 1e12)}}}")
+    lines += [
+        "# AdamW's step and the clipping of the gradient norm, every rank at once: seconds per parameter.",
+        "loop:",
+        f"  ns_per_param: {_num(raw['loop'] * 1e9)}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_calibration(cfg: DictConfig, out_path: Optional[str], print_=print) -> Path:
+    """Measure the ranks `cfg` describes and write the cluster file; CalibrationError (nothing written) if it
+    cannot run."""
+    from launch.local import RankFailed, spawn  # the launcher, only when measuring
+    from launch.rank import pick_backend
+    from orchestrator.planner.layouts import n_params_of
+
+    launcher = cfg.launcher
+    if launcher.name == "slurm":
+        from orchestrator.planner.calibrate_slurm import calibrate_in_job
+        world = launcher.nodes * (launcher.tasks_per_node or 1)
+        local = launcher.tasks_per_node or 1
+    elif launcher.name == "local":
+        world = launcher.nprocs or cfg.cluster.gpus
+        local = world
+    else:
+        raise CalibrationError(f"launcher={launcher.name}: --calibrate starts its own ranks; use launcher=local "
+                               "(this machine) or launcher=slurm (a job on the cluster)")
+    if world < 2:
+        raise CalibrationError(f"--calibrate needs 2 or more ranks to time collectives between (it has {world}: "
+                               "set cluster.gpus or launcher.nprocs)")
+    backend = pick_backend(launcher.backend, local) if launcher.name == "local" else launcher.backend
+    if backend == "auto":
+        backend = "nccl" if launcher.gpus_per_node else "gloo"
+    name = cfg.calibrate.name or f"{socket.gethostname().split('.')[0]}-{backend}"
+    target = Path(out_path) if out_path else Path(__file__).resolve().parents[2] / "conf" / "cluster" / f"{name}.yaml"
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        raw_path = str(Path(tmp) / "raw.json")
+        spec = spec_of(cfg, world, local, backend, n_params_of(cfg), raw_path)
+        print_(f"trident-plan: calibrating {world} {backend} ranks ({local} per node): "
+               f"{len(COLLECTIVES)} collectives x groups {spec['group_sizes']} x {len(spec['sizes'])} sizes, "
+               f"compute at micro-batches {spec['microbatches']} x tp {spec['tps']}")
+        try:
+            if launcher.name == "slurm":
+                calibrate_in_job(cfg, spec, tmp)
+            else:
+                spawn(measure_rank, world, spec, backend=backend, timeout_s=float(cfg.parallel.timeout_s))
+        except RankFailed as e:
+            raise CalibrationError(f"a rank failed: {str(e).strip().splitlines()[-1]}") from None
+        raw = json.loads(Path(raw_path).read_text())
+        if os.environ.get("TRIDENT_CALIBRATE_RAW"):
+            Path(os.environ["TRIDENT_CALIBRATE_RAW"]).write_text(json.dumps(raw, indent=1))
+    if raw["errors"]:
+        raise CalibrationError(f"backend {backend} cannot run a collective the layouts need: {raw['errors'][0]}")
+    device_key = _device_key(backend)
+    memory_gb = _memory_gb(backend, local)
+    text = cluster_yaml(cfg, raw, spec, world, local, backend, device_key, name, memory_gb,
+                        time.perf_counter() - started)
+    from orchestrator.planner.cluster import check_cluster  # the loader's own checks: refuse what it would refuse
+    check_cluster(OmegaConf.create(__import__("yaml").safe_load(text)), str(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_target = target.with_suffix(".yaml.tmp")
+    tmp_target.write_text(text)
+    os.replace(tmp_target, target)
+    for line in fit_lines(fit_all(raw)):
+        print_(line)
+    print_(f"trident-plan: wrote {target} in {time.perf_counter() - started:.0f} s; "
+           f"use it as cluster={target.stem}" + ("" if not out_path else f" (from conf/cluster/) or --config"))
+    return target
+
+
+def fit_lines(fits: dict) -> list[str]:
+    """The fits, one line each, with their residuals."""
+    out = []
+    for link, kinds in fits.items():
+        for kind, by_g in kinds.items():
+            for g, f in sorted(by_g.items()):
+                out.append(f"  {link:5} {kind:14} g={g:<3} alpha {f.alpha_s * 1e6:9.1f} us  beta "
+                           f"{f.beta_bps / 1e9:8.3f} GB/s  residual {100 * f.residual:5.1f}%")
+    return out
+
+
+def _device_key(backend: str) -> str:
+    if backend == "nccl" and torch.cuda.is_available():
+        from orchestrator.flops import device_key
+        return device_key(torch.cuda.get_device_name()) or "cpu"
+    return "cpu"
+
+
+def _memory_gb(backend: str, local: int) -> float:
+    if backend == "nccl" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 * 2**30
+    return total / 2**30 / local

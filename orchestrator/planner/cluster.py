@@ -1,0 +1,192 @@
+"""A cluster file read for the step-time model: its figures checked, and looked up per collective and shape.
+
+conf/cluster/<name>.yaml holds, beside memory and the device, either
+measured figures (`trident-plan --calibrate` writes them) or published ones:
+
+  collectives  {intra|inter: {all_reduce|all_gather|reduce_scatter|send_recv:
+               {ranks in the group: {alpha_us, beta_gbps}}}}: one collective of
+               a `bytes` buffer (nccl-tests' "size") takes alpha + bytes / beta
+  compute      the model's measured TFLOP/s by tokens per micro-batch and
+               tp degree, every rank busy (`shared`) and one rank alone
+               (`alone`)
+  loop         ns_per_param: AdamW's step and the clipping, per local parameter
+  comm_overlap whether the backend's collectives run beside compute (NCCL's
+               streams) or on the compute thread (gloo)
+
+A group size the file does not hold is scaled from the nearest one it does,
+as a ring scales: alpha with its g - 1 steps, beta with nccl-tests' bus
+factor (2(g-1)/g for all-reduce, (g-1)/g for all-gather and reduce-scatter).
+A file without `collectives` gets them from its link figures (latency per
+ring step, bus bandwidth); without `compute`, every micro-batch runs at
+`mfu` x the device's peak.
+"""
+
+import bisect
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from orchestrator.flops import cluster_peak
+from orchestrator.validate import ConfigError
+
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
+POSITIVE = ("gpus", "gpus_per_node", "gpu_memory_gb", "mfu", "intra_node_gbps", "inter_node_gbps", "hbm_gbps",
+            "hbm_efficiency", "intra_node_latency_us", "inter_node_latency_us")
+
+
+def bus_factor(kind: str, g: int) -> float:
+    """nccl-tests' busbw / algbw: the share of the buffer each rank's link carries."""
+    if kind == "all_reduce":
+        return 2 * (g - 1) / g
+    if kind in ("all_gather", "reduce_scatter"):
+        return (g - 1) / g
+    return 1.0
+
+
+def ring_steps(kind: str, g: int) -> int:
+    return 2 * (g - 1) if kind == "all_reduce" else 1 if kind == "send_recv" else g - 1
+
+
+def _positive(node, key: str, where: str) -> float:
+    value = node.get(key) if node is not None else None
+    if value is None or value == "???":
+        raise ConfigError(f"cluster file {where}: {key} is missing")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"cluster file {where}: {key}={value!r} is not a number") from None
+    if not number > 0 or math.isinf(number):
+        raise ConfigError(f"cluster file {where}: {key}={value!r} must be a positive number")
+    return number
+
+
+def check_cluster(cl: DictConfig, where: Optional[str] = None) -> None:
+    """Refuse a cluster file with a missing or non-positive figure, naming its key (ConfigError)."""
+    where = where or f"cluster={cl.get('name')}"
+    plain = OmegaConf.to_container(cl, resolve=True) if isinstance(cl, DictConfig) else dict(cl)
+    for key in POSITIVE:
+        _positive(plain, key, where)
+    if plain.get("memory_reserve_gb") is None or float(plain["memory_reserve_gb"]) < 0:
+        raise ConfigError(f"cluster file {where}: memory_reserve_gb is missing or negative")
+    for link, kinds in (plain.get("collectives") or {}).items():
+        if link not in ("intra", "inter"):
+            raise ConfigError(f"cluster file {where}: collectives.{link}: the links are intra, inter")
+        for kind, by_g in (kinds or {}).items():
+            if kind not in KINDS:
+                raise ConfigError(f"cluster file {where}: collectives.{link}.{kind}: the collectives are "
+                                  + ", ".join(KINDS))
+            if not by_g:
+                raise ConfigError(f"cluster file {where}: collectives.{link}.{kind} has no group size")
+            for g, fig in by_g.items():
+                if not str(g).isdigit() or int(g) < 2:
+                    raise ConfigError(f"cluster file {where}: collectives.{link}.{kind}.{g}: a group size (2 or more)")
+                for key in ("alpha_us", "beta_gbps"):
+                    _positive(fig, key, f"{where}: collectives.{link}.{kind}.{g}")
+    compute = plain.get("compute")
+    if compute is not None:
+        points = compute.get("points") or []
+        if not points:
+            raise ConfigError(f"cluster file {where}: compute.points is missing")
+        for i, p in enumerate(points):
+            for key in ("tp", "tokens", "tflops"):
+                _positive(p, key, f"{where}: compute.points[{i}]")
+            if p.get("mode") not in ("shared", "alone"):
+                raise ConfigError(f"cluster file {where}: compute.points[{i}].mode: shared or alone")
+    if plain.get("loop") is not None:
+        _positive(plain["loop"], "ns_per_param", f"{where}: loop")
+
+
+@dataclass
+class Links:
+    """alpha + bytes / beta per (link, collective, group size)."""
+
+    table: dict  # {link: {kind: {g: (alpha_s, beta_bps)}}}
+
+    @classmethod
+    def of(cls, cl) -> "Links":
+        table: dict = {}
+        given = cl.get("collectives") or {}
+        for link, kinds in given.items():
+            for kind, by_g in kinds.items():
+                table.setdefault(link, {})[kind] = {int(g): (float(f["alpha_us"]) * 1e-6, float(f["beta_gbps"]) * 1e9)
+                                                    for g, f in by_g.items()}
+        for link, gbps, lat in (("intra", cl.intra_node_gbps, cl.intra_node_latency_us),
+                                ("inter", cl.inter_node_gbps, cl.inter_node_latency_us)):
+            kinds = table.setdefault(link, {})
+            source = table.get("intra", {}) if link == "inter" and given.get("intra") and not given.get("inter") \
+                else None
+            for kind in KINDS:
+                if kind in kinds:
+                    continue
+                if source and kind in source and link == "inter":
+                    # No inter-node measurement: the node's own figures, slowed to the inter-node bandwidth.
+                    scale = float(cl.intra_node_gbps) / float(gbps)
+                    kinds[kind] = {g: (a * float(cl.inter_node_latency_us) / float(cl.intra_node_latency_us),
+                                       b / scale) for g, (a, b) in source[kind].items()}
+                    continue
+                # From the link figures: a latency per ring step, the bus bandwidth.
+                kinds[kind] = {2: (ring_steps(kind, 2) * float(lat) * 1e-6, float(gbps) * 1e9 / bus_factor(kind, 2))}
+        return cls(table)
+
+    def time(self, kind: str, g: int, nbytes: float, link: str = "intra") -> float:
+        if g < 2 or nbytes <= 0:
+            return 0.0
+        by_g = self.table[link][kind]
+        if g in by_g:
+            alpha, beta = by_g[g]
+        else:
+            below = [h for h in by_g if h <= g]
+            g0 = max(below) if below else min(by_g)
+            alpha, beta = by_g[g0]
+            alpha *= ring_steps(kind, g) / ring_steps(kind, g0)
+            beta *= bus_factor(kind, g0) / bus_factor(kind, g)
+        return alpha + nbytes / beta
+
+
+@dataclass
+class Compute:
+    """Seconds of one block's (or the output projection's) forward+backward at a micro-batch's tokens."""
+
+    curves: dict = field(default_factory=dict)  # {(mode, tp): ([tokens], [FLOP/s])}
+    flat: float = 0.0  # FLOP/s without a measured curve: peak x mfu
+
+    @classmethod
+    def of(cls, cl, dtype: str) -> "Compute":
+        compute = cl.get("compute")
+        if not compute:
+            return cls(flat=cluster_peak(cl.device, dtype, cl.gpus_per_node) * cl.mfu)
+        curves: dict = {}
+        for p in sorted(compute.points, key=lambda p: p.tokens):
+            tok, rate = curves.setdefault((p.mode, int(p.tp)), ([], []))
+            tok.append(float(p.tokens))
+            rate.append(float(p.tflops) * 1e12)
+        return cls(curves)
+
+    def rate(self, tokens: float, tp: int, mode: str = "shared") -> float:
+        """FLOP/s at `tokens` per micro-batch: interpolated in log(tokens), the ends held flat."""
+        if not self.curves:
+            return self.flat
+        tps = sorted(t for m, t in self.curves if m == mode) or sorted(t for _, t in self.curves)
+        mode = mode if any(m == mode for m, _ in self.curves) else next(iter(self.curves))[0]
+        tp0 = min(tps, key=lambda t: (abs(math.log(t / tp)), t))
+        tok, ys = self.curves[mode, tp0]
+        if tokens <= tok[0]:
+            return ys[0]
+        if tokens >= tok[-1]:
+            return ys[-1]
+        i = bisect.bisect_right(tok, tokens)
+        f = (math.log(tokens) - math.log(tok[i - 1])) / (math.log(tok[i]) - math.log(tok[i - 1]))
+        return ys[i - 1] + f * (ys[i] - ys[i - 1])
+
+    def sharing(self) -> float:
+        """How many times faster one rank computes alone than with every rank of its node busy: ranks sharing
+        cores (CPU processes) gain back the time their peers idle in a pipeline bubble; ranks with a device
+        each (1.0) do not."""
+        shared = [(t, r) for (m, tp), (toks, rs) in self.curves.items() if m == "shared" and tp == 1
+                  for t, r in zip(toks, rs)]
+        alone = {t: r for (m, tp), (toks, rs) in self.curves.items() if m == "alone" and tp == 1
+                 for t, r in zip(toks, rs)}
+        ratios = [alone[t] / r for t, r in shared if t in alone]
+        return max(1.0, sorted(ratios)[len(ratios) // 2]) if ratios else 1.0

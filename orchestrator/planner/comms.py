@@ -1,0 +1,161 @@
+"""Every collective one optimizer step of a layout issues on a rank, counted from the code it runs.
+
+Per micro-batch (m per step and dp rank, T = micro_batch x seq_len tokens,
+d = dim, a = bytes of train.dtype):
+
+  tp   per block (parallel/tensor_parallel.py, torchtitan's plan): with
+       sequence parallelism 2 all-gathers + 2 reduce-scatters of T x d x a
+       forward and the same backward; without, 2 all-reduces each way. A
+       recomputed block (activation checkpointing) repeats its forward's.
+       The vocab-parallel embedding (first stage) reduce-scatters (SP) or
+       all-reduces its output, gathering the gradient back under SP; the
+       output projection (last stage) gathers its input (SP) and
+       reduce-scatters the gradient, or all-reduces the input's gradient;
+       loss parallel all-reduces 3 per-token statistics (fp32).
+  pp   each stage sends its output forward and its input's gradient
+       backward, fp32 on the wire (parallel/pipeline_parallel.py), sharded
+       over tp under SP.
+  dp   FSDP2 (full): each block is a unit, the rest of the stage the root.
+       Without a pipeline, every micro-batch all-gathers each unit's
+       weights for forward and each block's again for backward (the root
+       keeps its own), and reduce-scatters each unit's gradient (fp32);
+       a pipeline stage gathers once per step and reduce-scatters once,
+       after the last backward. ZeRO-1 (optimizer): one all-reduce of the
+       gradients after backward, in flat fp32 buckets of 2^24 elements,
+       and each rank's owned parameters broadcast after the step.
+       replicate: DDP's bucketed all-reduce on the last micro-batch (tp=pp=1),
+       else the ZeRO-1 all-reduce without the broadcast.
+  loop clipping: the squared norm all-reduced over each mesh dim its
+       gradients are sharded on, and over pp; sequence-parallel norms'
+       partial gradients all-reduced over tp (without FSDP2); the agreement
+       vector all-reduced over the world once per step.
+
+`tests/dist/test_plan_comms.py` holds these counts to what a dispatch mode
+records in a real step, per layout.
+"""
+
+from dataclasses import dataclass
+
+from models.llama import ModelArgs
+from orchestrator.levers import dtype_bytes
+from parallel.data_parallel import BUCKET
+from parallel.pipeline_parallel import SPLIT_BACKWARD
+from parallel.pipeline_parallel import stage_ids, stage_owner, stages_per_rank
+
+# Forward passes recomputed in backward, per block, by train.activation_checkpointing (levers.ac_layers).
+RECOMPUTED = {"none": 0.0, "selective": 0.5, "full": 1.0}
+DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Comm:
+    dim: str  # tp | pp | dp | loop: which parallelism issues it
+    kind: str  # all_reduce | all_gather | reduce_scatter | send_recv | broadcast
+    group: int  # ranks in the group
+    nbytes: float  # the whole buffer (all-gather: output; reduce-scatter: input)
+    count: float  # per step on this rank
+    overlapped: bool = False  # runs beside compute where the backend allows it (FSDP2's prefetch, DDP's buckets)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the counts depend on, from a layout and the model."""
+
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    microbatches: int  # per dp rank and step
+    seq_len: int
+    schedule: str
+    stages_per_rank: int
+    sequence_parallel: bool
+    dp_shard: str
+    dtype_bytes: int
+    recompute: float  # forwards recomputed per block: 0, 0.5 (selective), 1 (full)
+    layers: int  # blocks on this rank (all its stages)
+    first: bool  # holds the embedding
+    last: bool  # holds the output projection and loss
+    p2p_ends: int  # its stages' boundaries with a stage on another pp rank
+    block_params: int  # one block's parameters, this tp rank's part
+    root_params: int  # the rest of this rank's stages (embedding, norm, output), this tp rank's part
+    fsdp_units_per_block: bool
+
+
+def shape_of(cfg, args: ModelArgs, pp_rank: int, block_params: int, root_params: int) -> Shape:
+    par, t = cfg.parallel, cfg.train
+
+    v = stages_per_rank(par.schedule, par.stages_per_rank) if par.pp > 1 else 1
+    m = t.global_batch // (t.micro_batch * par.dp)
+    ids = stage_ids(par.schedule, pp_rank, par.pp, v) if par.pp > 1 else [0]
+    n_stages = par.pp * v
+    ends = sum(int(0 <= nb < n_stages and stage_owner(par.schedule, nb, par.pp) != pp_rank)
+               for i in ids for nb in (i - 1, i + 1)) if par.pp > 1 else 0
+    layers = -(-args.n_layers // n_stages) * len(ids)
+    return Shape(par.tp, par.pp, par.dp, t.micro_batch, m, t.seq_len, par.schedule, v,
+                 bool(par.sequence_parallel) and par.tp > 1, par.dp_shard, dtype_bytes(t.dtype),
+                 RECOMPUTED[t.activation_checkpointing], layers, 0 in ids, n_stages - 1 in ids, ends,
+                 block_params, root_params, par.pp == 1 or par.schedule not in SPLIT_BACKWARD)
+
+
+def step_comms(s: Shape, args: ModelArgs) -> list[Comm]:
+    out: list[Comm] = []
+    T, d, a, m = s.micro_batch * s.seq_len, args.dim, s.dtype_bytes, s.microbatches
+    act = T * d * a
+    # --- tensor parallelism
+    if s.tp > 1:
+        fwd = 1 + s.recompute
+        if s.sequence_parallel:
+            per_block = {"all_gather": 2 * fwd + 2, "reduce_scatter": 2 * fwd + 2}
+        else:
+            per_block = {"all_reduce": 2 * fwd + 2}
+        for kind, n in per_block.items():
+            out.append(Comm("tp", kind, s.tp, act, m * s.layers * n))
+        if s.first:
+            kinds = ("reduce_scatter", "all_gather") if s.sequence_parallel else ("all_reduce",)
+            for kind in kinds:
+                out.append(Comm("tp", kind, s.tp, act, m))
+        if s.last:
+            if s.sequence_parallel:
+                out += [Comm("tp", "all_gather", s.tp, act, m), Comm("tp", "reduce_scatter", s.tp, act, m)]
+            else:
+                out.append(Comm("tp", "all_reduce", s.tp, act, m))
+            out.append(Comm("tp", "all_reduce", s.tp, T * FP32, 3 * m))  # loss parallel's statistics
+    # --- pipeline parallelism: one transfer forward and one backward per micro-batch and stage boundary
+    if s.pp > 1:
+        wire = T * d * FP32 / (s.tp if s.sequence_parallel else 1)
+        # Each boundary carries the activation one way and its gradient back: two transfers per micro-batch.
+        out.append(Comm("pp", "send_recv", 2, wire, 2 * m * s.p2p_ends))
+    # --- data parallelism
+    if s.dp > 1:
+        blocks, gathered = s.layers * s.block_params, s.layers * s.block_params + s.root_params
+        if s.dp_shard == "full":
+            pa = a  # FSDP2 gathers in the compute dtype
+            units = s.layers + s.stages_per_rank if s.fsdp_units_per_block else s.stages_per_rank
+            if s.pp == 1:
+                out += [Comm("dp", "all_gather", s.dp, gathered * pa / units, m * units, overlapped=True),
+                        Comm("dp", "all_gather", s.dp, blocks * pa / max(1, s.layers), m * s.layers, overlapped=True),
+                        Comm("dp", "reduce_scatter", s.dp, gathered * FP32 / units, m * units, overlapped=True)]
+            else:
+                out += [Comm("dp", "all_gather", s.dp, gathered * pa / units, units, overlapped=True),
+                        Comm("dp", "reduce_scatter", s.dp, gathered * FP32 / units, units, overlapped=True)]
+        else:
+            total = gathered * FP32
+            if s.dp_shard == "replicate" and s.tp == 1 and s.pp == 1:
+                n = max(1, -(-total // DDP_BUCKET_BYTES))
+                out.append(Comm("dp", "all_reduce", s.dp, total / n, n, overlapped=True))
+            else:
+                n = max(1, -(-gathered // BUCKET))
+                out.append(Comm("dp", "all_reduce", s.dp, total / n, n))
+                if s.dp_shard == "optimizer":
+                    out.append(Comm("dp", "broadcast", s.dp, total / s.dp, s.dp))
+    # --- the loop: clipping's norms and the agreement
+    norm_groups = [g for g in (s.tp, s.dp if s.dp_shard == "full" else 1) if g > 1]
+    for g in norm_groups:
+        out.append(Comm("loop", "all_reduce", g, 8, 1))
+    if s.pp > 1:
+        out.append(Comm("loop", "all_reduce", s.pp, 8, 1))
+    world = s.tp * s.pp * s.dp
+    out.append(Comm("loop", "all_reduce", world, 8 * (8 + 2 * world), 1))
+    return out
