@@ -15,15 +15,17 @@ g does the same, so ranks that share cores or links share them here too.
                the all-gathered output, the reduce-scattered input, the
                sent tensor. Links: `intra` (ranks of one node), and
                `inter` (one rank per node) where the job has several.
-  compute      one transformer block of the model, forward and backward,
-               at its tp-sharded shapes (q/k/v/o, w1/w2/w3, attention), and
-               the output projection with its loss, at micro-batches of
-               1, 2, 4, ... sequences up to the global batch, in the run's
-               dtype: achieved FLOP/s by tokens per micro-batch, an
-               efficiency curve per tp degree; once with every rank
-               computing at once (`shared`) and once with one rank alone
-               (`alone`), which tells ranks sharing a node's cores (a CPU)
-               from ranks with a device each (GPUs).
+  compute      the model itself as trident-train builds it (up to 4 of its
+               blocks, embedding, output projection and loss; its TP plan at
+               each tp degree that divides the node and the heads), forward
+               and backward of one micro-batch of 1, 2, 4, ... sequences up
+               to the global batch, in the run's dtype: achieved FLOP/s by
+               tokens per micro-batch, an efficiency curve per tp degree,
+               with the TP collectives (costed by the fits) taken out, so
+               DTensor's dispatch stays in; once with every rank computing
+               at once (`shared`) and once with one rank alone (`alone`),
+               which tells ranks sharing a node's cores (a CPU) from ranks
+               with a device each (GPUs).
   loop         AdamW's step and the gradient-norm clipping over the model's
                parameters: seconds per parameter a step costs.
 
@@ -261,6 +263,9 @@ def measure_rank(env, device, spec: dict) -> None:
     src = torch.ones(16 * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
     result["memory_gbps"] = 2 * src.numel() * 4 / _timed(lambda: (dst.copy_(src), _sync(device)), budget, 20) / 1e9
+    result["device"] = _device_key(spec["backend"])
+    result["memory_gb"] = _memory_gb(spec["backend"], local)
+    result["host"] = socket.gethostname()
     if rank == 0:
         Path(spec["out"]).write_text(json.dumps(result))
 
@@ -332,7 +337,7 @@ def cluster_yaml(cfg: DictConfig, raw: dict, spec: dict, world: int, local: int,
     """The cluster file: what was measured, each figure commented with how."""
     fits = fit_all(raw)
     cl = cfg.cluster
-    host = socket.gethostname()
+    host = raw.get("host", socket.gethostname())
     today = datetime.date.today().isoformat()
     dev = "cpu" if device_key == "cpu" else device_key
     ar = fits.get("intra", {}).get("all_reduce", {})
@@ -411,9 +416,8 @@ def run_calibration(cfg: DictConfig, out_path: Optional[str], print_=print) -> P
 
     launcher = cfg.launcher
     if launcher.name == "slurm":
-        from orchestrator.planner.calibrate_slurm import calibrate_in_job
-        world = launcher.nodes * (launcher.tasks_per_node or 1)
-        local = launcher.tasks_per_node or 1
+        from orchestrator.planner.calibrate_slurm import calibrate_in_job, slurm_shape
+        world, local = slurm_shape(cfg)
     elif launcher.name == "local":
         world = launcher.nprocs or cfg.cluster.gpus
         local = world
@@ -423,9 +427,10 @@ def run_calibration(cfg: DictConfig, out_path: Optional[str], print_=print) -> P
     if world < 2:
         raise CalibrationError(f"--calibrate needs 2 or more ranks to time collectives between (it has {world}: "
                                "set cluster.gpus or launcher.nprocs)")
-    backend = pick_backend(launcher.backend, local) if launcher.name == "local" else launcher.backend
-    if backend == "auto":
-        backend = "nccl" if launcher.gpus_per_node else "gloo"
+    if launcher.name == "local":
+        backend = pick_backend(launcher.backend, local)
+    else:  # the job's tasks choose for themselves; this names what they will choose
+        backend = launcher.backend if launcher.backend != "auto" else "nccl" if launcher.gpus_per_node else "gloo"
     name = cfg.calibrate.name or f"{socket.gethostname().split('.')[0]}-{backend}"
     target = Path(out_path) if out_path else Path(__file__).resolve().parents[2] / "conf" / "cluster" / f"{name}.yaml"
     started = time.perf_counter()
@@ -447,9 +452,7 @@ def run_calibration(cfg: DictConfig, out_path: Optional[str], print_=print) -> P
             Path(os.environ["TRIDENT_CALIBRATE_RAW"]).write_text(json.dumps(raw, indent=1))
     if raw["errors"]:
         raise CalibrationError(f"backend {backend} cannot run a collective the layouts need: {raw['errors'][0]}")
-    device_key = _device_key(backend)
-    memory_gb = _memory_gb(backend, local)
-    text = cluster_yaml(cfg, raw, spec, world, local, backend, device_key, name, memory_gb,
+    text = cluster_yaml(cfg, raw, spec, world, local, backend, raw["device"], name, raw["memory_gb"],
                         time.perf_counter() - started)
     from orchestrator.planner.cluster import check_cluster  # the loader's own checks: refuse what it would refuse
     check_cluster(OmegaConf.create(__import__("yaml").safe_load(text)), str(target))
@@ -459,8 +462,10 @@ def run_calibration(cfg: DictConfig, out_path: Optional[str], print_=print) -> P
     os.replace(tmp_target, target)
     for line in fit_lines(fit_all(raw)):
         print_(line)
+    home = target.parent.resolve() == (Path(__file__).resolve().parents[2] / "conf" / "cluster")
     print_(f"trident-plan: wrote {target} in {time.perf_counter() - started:.0f} s; "
-           f"use it as cluster={target.stem}" + ("" if not out_path else f" (from conf/cluster/) or --config"))
+           + (f"plan with it as cluster={target.stem}" if home else
+              f"copy it to conf/cluster/ to plan with it as cluster={target.stem}"))
     return target
 
 

@@ -105,11 +105,13 @@ def step_comms(s: Shape, args: ModelArgs) -> list[Comm]:
     act = T * d * a
     # --- tensor parallelism
     if s.tp > 1:
-        fwd = 1 + s.recompute
+        # A recomputed forward stops once it has remade what backward saved (torch's non-reentrant checkpoint):
+        # the block's last collective, the MLP output's reduction, is not run again.
+        rc = s.recompute
         if s.sequence_parallel:
-            per_block = {"all_gather": 2 * fwd + 2, "reduce_scatter": 2 * fwd + 2}
+            per_block = {"all_gather": 4 + 2 * rc, "reduce_scatter": 4 + rc}
         else:
-            per_block = {"all_reduce": 2 * fwd + 2}
+            per_block = {"all_reduce": 4 + rc}
         for kind, n in per_block.items():
             out.append(Comm("tp", kind, s.tp, act, m * s.layers * n))
         if s.first:
@@ -132,14 +134,24 @@ def step_comms(s: Shape, args: ModelArgs) -> list[Comm]:
         blocks, gathered = s.layers * s.block_params, s.layers * s.block_params + s.root_params
         if s.dp_shard == "full":
             pa = a  # FSDP2 gathers in the compute dtype
-            units = s.layers + s.stages_per_rank if s.fsdp_units_per_block else s.stages_per_rank
+            # Units with parameters: each block, and each stage's root where it holds the embedding or the output
+            # (a middle stage's root has none); a split-backward schedule's stage is one unit.
+            roots = 1 if s.pp == 1 else int(s.first) + int(s.last)
+            units = s.layers + roots if s.fsdp_units_per_block else s.stages_per_rank
+            block = blocks * pa / max(1, s.layers)
             if s.pp == 1:
+                # Each micro-batch: every unit gathered for forward, each block again for backward (resharded
+                # after forward; the root keeps its own), every unit's gradient reduce-scattered.
                 out += [Comm("dp", "all_gather", s.dp, gathered * pa / units, m * units, overlapped=True),
-                        Comm("dp", "all_gather", s.dp, blocks * pa / max(1, s.layers), m * s.layers, overlapped=True),
+                        Comm("dp", "all_gather", s.dp, block, m * s.layers, overlapped=True),
                         Comm("dp", "reduce_scatter", s.dp, gathered * FP32 / units, m * units, overlapped=True)]
             else:
+                # A stage keeps its gradients unsharded until the step's last backward: each unit gathered once
+                # and reduce-scattered once, and each block gathered again for each micro-batch's backward.
                 out += [Comm("dp", "all_gather", s.dp, gathered * pa / units, units, overlapped=True),
                         Comm("dp", "reduce_scatter", s.dp, gathered * FP32 / units, units, overlapped=True)]
+                if s.fsdp_units_per_block:
+                    out.append(Comm("dp", "all_gather", s.dp, block, m * s.layers, overlapped=True))
         else:
             total = gathered * FP32
             if s.dp_shard == "replicate" and s.tp == 1 and s.pp == 1:
@@ -151,7 +163,15 @@ def step_comms(s: Shape, args: ModelArgs) -> list[Comm]:
                 if s.dp_shard == "optimizer":
                     out.append(Comm("dp", "broadcast", s.dp, total / s.dp, s.dp))
     # --- the loop: clipping's norms and the agreement
-    norm_groups = [g for g in (s.tp, s.dp if s.dp_shard == "full" else 1) if g > 1]
+    fsdp = s.dp > 1 and s.dp_shard == "full"
+    if s.sequence_parallel:
+        # A sequence-parallel norm's weight gets a partial gradient, all-reduced over tp: under FSDP2 without a
+        # pipeline in each micro-batch's backward, else once per step (a stage's deferred reduction, or clipping).
+        norms = 2 * s.layers + int(s.last)
+        out.append(Comm("tp", "all_reduce", s.tp, args.dim * FP32, norms * (m if fsdp and s.pp == 1 else 1)))
+    # The squared norm is summed over each group its gradients are sharded on (parallel/grad.py): tp and dp for
+    # FSDP2 x TP's matrices, dp again for the parameters FSDP2 shards but TP replicates.
+    norm_groups = [s.tp, s.dp, s.dp] if fsdp and s.tp > 1 else [g for g in (s.tp, s.dp if fsdp else 1) if g > 1]
     for g in norm_groups:
         out.append(Comm("loop", "all_reduce", g, 8, 1))
     if s.pp > 1:

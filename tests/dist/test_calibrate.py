@@ -1,0 +1,44 @@
+"""`trident-plan --calibrate` on real gloo ranks, at reduced sizes: it writes a cluster file the planner takes."""
+
+import sys
+import time
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from orchestrator.planner.cluster import Compute, Links, check_cluster
+from tests.conftest import TINY, run_cmd
+
+pytestmark = pytest.mark.dist
+
+
+def test_calibrate_at_reduced_sizes_writes_a_valid_cluster_file_in_well_under_a_minute(tmp_path):
+    target = tmp_path / "tiny.yaml"
+    started = time.perf_counter()
+    out = run_cmd([sys.executable, "-m", "orchestrator.cli.plan", "--calibrate", "--calibrate-out", str(target),
+                   "cluster.gpus=4", "calibrate.name=tiny", "calibrate.sizes_kib=[4,256]",
+                   "calibrate.seconds_per_point=0.01", "calibrate.max_reps=3", "calibrate.microbatches=[1,2]",
+                   "train.seq_len=32", "train.global_batch=4", *[o for o in TINY if not o.startswith("parallel.")],
+                   f"checkpoint.dir={tmp_path}"], timeout=120)
+    elapsed = time.perf_counter() - started
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert elapsed < 45, elapsed
+    assert "residual" in out.stdout and f"wrote {target}" in out.stdout
+    doc = yaml.safe_load(target.read_text())
+    cl = OmegaConf.create(doc)
+    check_cluster(cl, str(target))
+    assert cl.name == "tiny" and cl.gpus == 4 and cl.gpus_per_node == 4 and cl.comm_overlap is False
+    # Every collective at every group size of 4 ranks, fitted; send/recv between pairs.
+    coll = doc["collectives"]["intra"]
+    assert {k: sorted(v) for k, v in coll.items()} == {"all_reduce": [2, 4], "all_gather": [2, 4],
+                                                        "reduce_scatter": [2, 4], "send_recv": [2]}
+    links = Links.of(cl)
+    assert 0 < links.time("all_reduce", 2, 4096) < links.time("all_reduce", 4, 2**20) < 1.0
+    # TINY has 8 heads and 4 kv heads: tp 1, 2 and 4 divide them and the node.
+    points = doc["compute"]["points"]
+    assert {(p["mode"], p["tp"]) for p in points} == {("shared", 1), ("shared", 2), ("shared", 4), ("alone", 1)}
+    assert sorted({p["tokens"] for p in points}) == [32, 64]
+    assert Compute.of(cl, "fp32").rate(48, 2) > 0 and doc["loop"]["ns_per_param"] > 0
+    text = target.read_text()
+    assert "# Calibrated by `trident-plan --calibrate`" in text and f"torch {__import__('torch').__version__}" in text
