@@ -23,8 +23,9 @@ d = dim, a = bytes of train.dtype):
        after the last backward. ZeRO-1 (optimizer): one all-reduce of the
        gradients after backward, in flat fp32 buckets of 2^24 elements,
        and each rank's owned parameters broadcast after the step.
-       replicate: DDP's bucketed all-reduce on the last micro-batch (tp=pp=1),
-       else the ZeRO-1 all-reduce without the broadcast.
+       replicate: DDP's bucketed all-reduce on the last micro-batch and its
+       buffer broadcasts (tp=pp=1), else the ZeRO-1 all-reduce without the
+       broadcast.
   loop clipping: the squared norm all-reduced over each mesh dim its
        gradients are sharded on, and over pp; sequence-parallel norms'
        partial gradients all-reduced over tp (without FSDP2); the agreement
@@ -157,6 +158,10 @@ def step_comms(s: Shape, args: ModelArgs) -> list[Comm]:
             if s.dp_shard == "replicate" and s.tp == 1 and s.pp == 1:
                 n = max(1, -(-total // DDP_BUCKET_BYTES))
                 out.append(Comm("dp", "all_reduce", s.dp, total / n, n, overlapped=True))
+                # DDP syncs the module's buffers (the rotary table) from rank 0 in the synced forward: the
+                # buffers' count and sizes, then their values.
+                rope = args.max_seq_len * args.head_dim * FP32
+                out += [Comm("dp", "broadcast", s.dp, 8, 2), Comm("dp", "broadcast", s.dp, rope, 1)]
             else:
                 n = max(1, -(-gathered // BUCKET))
                 out.append(Comm("dp", "all_reduce", s.dp, total / n, n))

@@ -35,6 +35,7 @@ LAYOUTS = {
     "tp2-dp4-zero1": ("parallel.tp=2", "parallel.pp=1", "parallel.dp=4", "parallel.dp_shard=optimizer",
                       "parallel.sequence_parallel=false"),
     "dp8-fsdp": ("parallel.tp=1", "parallel.pp=1", "parallel.dp=8", "parallel.dp_shard=full"),
+    "dp8-ddp": ("parallel.tp=1", "parallel.pp=1", "parallel.dp=8", "parallel.dp_shard=replicate"),
     "tp2-pp2-dp2-1f1b": ("parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.schedule=1f1b"),
     "pp2-dp4-interleaved": ("parallel.tp=1", "parallel.pp=2", "parallel.dp=4", "parallel.schedule=interleaved-1f1b"),
     "tp2-pp4-gpipe-ac": ("parallel.tp=2", "parallel.pp=4", "parallel.dp=1", "parallel.schedule=gpipe",
