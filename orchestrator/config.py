@@ -195,6 +195,7 @@ class ClusterConfig:
     collectives: Any = None
     compute: Any = None
     loop: Any = None
+    overheads: Any = None
 
 
 @dataclass

@@ -22,12 +22,17 @@ g does the same, so ranks that share cores or links share them here too.
                to the global batch, in the run's dtype: achieved FLOP/s by
                tokens per micro-batch, an efficiency curve per tp degree,
                with the TP collectives (costed by the fits) taken out, so
-               DTensor's dispatch stays in; once with every rank computing
-               at once (`shared`) and once with one rank alone (`alone`),
+               DTensor's dispatch stays in; every rank computing at once,
+               and (one micro-batch size) with only one tp group or half
+               the node busy: the speed-up a rank gets when others idle,
                which tells ranks sharing a node's cores (a CPU) from ranks
                with a device each (GPUs).
   loop         AdamW's step and the gradient-norm clipping over the model's
                parameters: seconds per parameter a step costs.
+  overheads    a real training step of two reference layouts (FSDP2 over
+               every rank; a 2-stage 1F1B pipeline), against what the
+               figures above predict for it: the rest, per FSDP2 collective
+               and per pipeline stage and micro-batch.
 
 The fitting and the writing happen here, in the process that started the
 ranks; the ranks only measure (`measure_rank`).
@@ -52,7 +57,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from models.llama import ModelArgs
-from orchestrator.flops import block_flops, head_flops
+from orchestrator.flops import block_flops_parts, head_flops
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 LINKS = ("intra", "inter")
@@ -169,7 +174,7 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _real_model_step(spec: dict, tp: int, layers: int, mb: int, device, world: int):
+def _real_model_step(spec: dict, tp: int, layers: int, mb: int, seq: int, device, world: int):
     """Forward+backward of the model itself (its TP plan at `tp`, `layers` blocks, one micro-batch of `mb`
     sequences), as trident-train builds it: DTensor's dispatch and TP's own collectives included."""
     from omegaconf import OmegaConf
@@ -186,8 +191,8 @@ def _real_model_step(spec: dict, tp: int, layers: int, mb: int, device, world: i
     model = parts.parts[0]
     gen = torch.Generator().manual_seed(0)
     vocab = model_cfg.vocab_size
-    tokens = torch.randint(0, vocab, (mb, spec["seq_len"]), generator=gen).to(device)
-    targets = torch.randint(0, vocab, (mb, spec["seq_len"]), generator=gen).to(device)
+    tokens = torch.randint(0, vocab, (mb, seq), generator=gen).to(device)
+    targets = torch.randint(0, vocab, (mb, seq), generator=gen).to(device)
 
     def step():
         with loss_context(tp):
@@ -197,11 +202,16 @@ def _real_model_step(spec: dict, tp: int, layers: int, mb: int, device, world: i
     return step
 
 
-def _compute_point(spec: dict, tp: int, mb: int, device, world: int, alone: bool, rank: int) -> float:
+def busy_counts(local: int, tp: int) -> list[int]:
+    """Busy ranks per node to time besides all of them: one tp group, and half the node (whole tp groups)."""
+    return sorted({n for n in (tp, local // 2) if tp <= n < local and n % tp == 0})
+
+
+def _compute_point(spec: dict, tp: int, mb: int, seq: int, device, world: int, busy: int, rank: int) -> float:
     """Seconds of the real model's forward+backward (spec["layers"] blocks, embedding, output projection and
-    loss) on one micro-batch of mb sequences, every rank at once (or rank 0 alone, the others waiting)."""
-    step = _real_model_step(spec, tp, spec["layers"], mb, device, world)
-    work = step if not alone or rank == 0 else (lambda: None)
+    loss) on one micro-batch of mb sequences, on the first `busy` ranks at once, the others waiting."""
+    step = _real_model_step(spec, tp, spec["layers"], mb, seq, device, world)
+    work = step if rank < busy else (lambda: None)
     return _timed(work, spec["budget_s"], spec["max_reps"])
 
 
@@ -222,14 +232,26 @@ def _loop_point(n_params: int, device, budget_s: float) -> float:
     return _timed(step, budget_s, 20) / sum(sizes)
 
 
-def measure_rank(env, device, spec: dict) -> None:
+def _trainer_step(env, device, cfg_dict: dict, corpus, budget_s: float) -> float:
+    """Median seconds of a real training step (orchestrator/trainer.py) of a reference layout, after two."""
+    from orchestrator.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = OmegaConf.create(cfg_dict)
+        cfg.checkpoint.dir = f"{run_dir}/checkpoints"  # never written (checkpoint.every=0), but named
+        trainer = Trainer(cfg, env, device, run_dir, corpus)
+        trainer.train_step()
+        return _timed(trainer.train_step, budget_s, 5)
+
+
+def measure_rank(env, device, spec: dict, corpus=None) -> None:
     """One rank's part of the calibration; rank 0 writes every figure to spec["out"] as JSON."""
     # torch 2.13 deprecates the *_tensor collectives (FSDP2 and DTensor still run them; *_single is newer than 2.11).
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     world, local, rank = env.world_size, env.local_world_size, env.rank
     dtype = getattr(torch, spec["dtype"])
     budget = spec["budget_s"]
-    result = {"collectives": [], "compute": [], "loop": None, "errors": []}
+    result = {"collectives": [], "compute": [], "busy": [], "loop": None, "errors": []}
     for link in LINKS:
         for g in spec["group_sizes"]:
             groups = _groups(world, local, g, link)
@@ -250,19 +272,33 @@ def measure_rank(env, device, spec: dict) -> None:
                     result["collectives"].append({"link": link, "kind": kind, "g": g, "bytes": size, "s": seconds})
     args = ModelArgs(**spec["model"])
     seq = spec["seq_len"]
-    for mode in ("shared", "alone"):
-        for tp in spec["tps"]:
-            for mb in spec["microbatches"]:
-                tokens = mb * seq
-                seconds = _compute_point(spec, tp, mb, device, world, mode == "alone", rank)
-                flops = spec["layers"] * block_flops(args, tp, tokens, seq) + head_flops(args, tp, tokens)
-                result["compute"].append({"mode": mode, "tp": tp, "tokens": tokens, "s": seconds, "flops": flops})
-            if mode == "alone":
-                break  # one rank alone: the sharing it tells is the same at every tp
+    # The micro-batches at the run's sequence length, and one of a 4x longer sequence (where the model's rotary
+    # table reaches), whose attention share differs: the two rates, matmuls' and attention's, are told apart.
+    local = env.local_world_size
+    shapes = [(mb, seq) for mb in spec["microbatches"]]
+    if 4 * seq <= args.max_seq_len:
+        shapes.append((1, 4 * seq))
+    for tp in spec["tps"]:
+        for mb, s in shapes:
+            tokens = mb * s
+            seconds = _compute_point(spec, tp, mb, s, device, world, world, rank)
+            mm, attn = block_flops_parts(args, tp, tokens, s)
+            L = spec["layers"]
+            result["compute"].append({"tp": tp, "tokens": tokens, "seq": s, "s": seconds,
+                                      "mm": L * mm + head_flops(args, tp, tokens), "attn": L * attn,
+                                      "flops": L * (mm + attn) + head_flops(args, tp, tokens)})
+        # The same micro-batch with only the first n ranks of the node busy, the others waiting (as a pipeline's
+        # idle ranks do): how much faster a busy rank then runs (ranks sharing cores get theirs back).
+        mb = spec["microbatches"][len(spec["microbatches"]) // 2]
+        for n in busy_counts(local, tp):
+            seconds = _compute_point(spec, tp, mb, seq, device, world, n, rank)
+            result["busy"].append({"tp": tp, "n": n, "tokens": mb * seq, "s": seconds})
     result["loop"] = _loop_point(spec["n_params"], device, budget)
     src = torch.ones(16 * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
     result["memory_gbps"] = 2 * src.numel() * 4 / _timed(lambda: (dst.copy_(src), _sync(device)), budget, 20) / 1e9
+    result["reference"] = {name: _trainer_step(env, device, cfg_dict, corpus, budget)
+                           for name, cfg_dict in spec["reference"].items()} if corpus is not None else {}
     result["device"] = _device_key(spec["backend"])
     result["memory_gb"] = _memory_gb(spec["backend"], local)
     result["host"] = socket.gethostname()
@@ -294,10 +330,128 @@ def spec_of(cfg: DictConfig, world: int, local: int, backend: str, n_params: int
         "microbatches": list(c.microbatches) if c.microbatches else powers_of_two_upto(int(t.global_batch)),
         "tps": heads, "n_params": n_params, "out": out,
         "layers": min(args.n_layers, 4),  # enough blocks that the embedding and output are a small part
+        "reference": reference_layouts(cfg, world),
         "model_cfg": OmegaConf.to_container(cfg.model, resolve=True),
         "parallel_cfg": OmegaConf.to_container(cfg.parallel, resolve=True),
         "train_cfg": OmegaConf.to_container(cfg.train, resolve=True),
     }
+
+
+REFERENCE = {  # real training steps the model's terms leave something of: FSDP2's own work, a pipeline's
+    "fsdp": {"parallel": {"tp": 1, "pp": 1, "dp_shard": "full"}},
+    "pipeline": {"parallel": {"tp": 1, "pp": 2, "dp_shard": "optimizer", "schedule": "1f1b"}},
+}
+
+
+def reference_layouts(cfg: DictConfig, world: int) -> dict:
+    """The reference layouts at this world size as whole training configs, those trident-train accepts."""
+    from orchestrator.validate import ConfigError, validate
+
+    def unhydra(node):  # ${hydra:...} resolves only inside the Hydra app; no reference step reads those keys
+        if isinstance(node, dict):
+            return {k: unhydra(v) for k, v in node.items()}
+        return None if isinstance(node, str) and "${hydra:" in node else node
+
+    plain = OmegaConf.to_container(OmegaConf.create(unhydra(OmegaConf.to_container(cfg, resolve=False))),
+                                   resolve=True)
+    for key in ("cluster", "calibrate", "generate"):
+        plain.pop(key, None)
+    out = {}
+    for name, change in REFERENCE.items():
+        c = OmegaConf.create(plain)
+        pp = change["parallel"]["pp"]
+        c.merge_with(change)
+        c.merge_with({"parallel": {"dp": world // pp, "microbatches": None, "cut_points": None, "layout": "manual"},
+                      "train": {"micro_batch": 1, "compile": False, "activation_checkpointing": "none",
+                                "eval_every": 0, "steps": 1000},
+                      "checkpoint": {"every": 0, "at_end": False}, "logging": {"wandb": {"mode": "disabled"}},
+                      "launcher": {"nprocs": None}})
+        try:
+            validate(c)
+        except ConfigError:
+            continue
+        out[name] = OmegaConf.to_container(c)
+    return out
+
+
+def _predicted(cl_doc: dict, cfg_dict: dict, overheads: dict) -> float:
+    """The step-time model's step for a training config on a cluster file (with these overheads)."""
+    from orchestrator.planner.cost import bubble_of, step_time
+    from orchestrator.planner.layouts import n_params_of
+
+    work = OmegaConf.create({**cfg_dict, "cluster": {**cl_doc, "overheads": overheads}})
+    par, t = work.parallel, work.train
+    m = t.global_batch // (t.micro_batch * par.dp)
+    bubble = bubble_of(par.schedule, par.pp, m, par.stages_per_rank)
+    return step_time(work, None, n_params_of(work), bubble, ModelArgs.from_config(work.model))["step_s"]
+
+
+def overhead_lines(cl_doc: dict, raw: dict, spec: dict) -> list[str]:
+    """What the model's terms leave of each reference step: FSDP2's collectives as a multiple of the bare ones'
+    time, the pipeline's per stage and micro-batch (at least 1x and 0.001 ms)."""
+    base = {"fsdp_comm_factor": 1.0, "pipeline_ms_per_stage_microbatch": 0.0}
+    unit = {"fsdp": ("fsdp_comm_factor", 1.0, 1.0), "pipeline": ("pipeline_ms_per_stage_microbatch", 1.0, 1e-3)}
+    found = {"fsdp_comm_factor": 1.0, "pipeline_ms_per_stage_microbatch": 1e-3}
+    notes = []
+    for name, measured in raw.get("reference", {}).items():
+        cfg_dict, (key, step, floor) = spec["reference"][name], unit[name]
+        zero = _predicted(cl_doc, cfg_dict, base)
+        slope = _predicted(cl_doc, cfg_dict, {**base, key: base[key] + step}) - zero
+        if slope > 0:
+            found[key] = max(floor, base[key] + (measured - zero) / slope * step)
+        par = cfg_dict["parallel"]
+        notes.append(f"#   {name}: tp={par['tp']} pp={par['pp']} dp={par['dp']} {par['dp_shard']} micro-batch 1: "
+                     f"measured {measured:.4g} s, the terms above {zero:.4g} s")
+    return ["# A real training step (orchestrator/trainer.py) of each reference layout, against what the figures",
+            "# above predict for it: FSDP2's gathers and reduce-scatters take fsdp_comm_factor times the bare",
+            "# collectives' time (its copies and hooks, on the cores the collectives share), and a pipeline adds",
+            "# pipeline_ms_per_stage_microbatch (the schedule's own work).",
+            *notes, "overheads:", *(f"  {k}: {_num(v)}" for k, v in found.items())]
+
+
+def fit_compute(points: list[dict]) -> tuple[float, float, float, float]:
+    """(overhead s, matmul FLOP/s, attention FLOP/s, rms relative residual): time = c + mm / R + attn / A, least
+    squares weighted by 1/time, every term non-negative (the best fit over the subsets of free terms; a term
+    held at zero has an infinite rate, written as 1e6 TFLOP/s)."""
+    rows = [(1.0, p["mm"], p["attn"], p["s"]) for p in points]
+    best = None
+    for free in ((0, 1, 2), (1, 2), (0, 1), (1,), (0, 2), (2,)):
+        a = [[r[j] / r[3] for j in free] for r in rows]  # weighted: each row divided by its time
+        n = len(free)
+        ata = [[sum(row[i] * row[j] for row in a) for j in range(n)] for i in range(n)]
+        atb = [sum(row[i] for row in a) for i in range(n)]  # b = t / t = 1
+        try:
+            x = _solve(ata, atb)
+        except ZeroDivisionError:
+            continue
+        if any(v < 0 for v in x):
+            continue
+        coef = [0.0, 0.0, 0.0]
+        for j, v in zip(free, x):
+            coef[j] = v
+        res = math.sqrt(statistics.fmean((sum(c * r[j] for j, c in enumerate(coef)) - r[3]) ** 2 / r[3] ** 2
+                                         for r in rows))
+        if best is None or res < best[1]:
+            best = (coef, res)
+    (c, inv_mm, inv_attn), res = best
+    c = max(c, 1e-3 * min(r[3] for r in rows))  # a figure of the file is positive: none is a thousandth of the least
+    return c, 1 / inv_mm if inv_mm else 1e18, 1 / inv_attn if inv_attn else 1e18, res
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting (ZeroDivisionError if singular)."""
+    n = len(b)
+    m = [row[:] + [v] for row, v in zip(a, b)]
+    for i in range(n):
+        p = max(range(i, n), key=lambda r: abs(m[r][i]))
+        if abs(m[p][i]) < 1e-300:
+            raise ZeroDivisionError
+        m[i], m[p] = m[p], m[i]
+        for r in range(n):
+            if r != i:
+                f = m[r][i] / m[i][i]
+                m[r] = [x - f * y for x, y in zip(m[r], m[i])]
+    return [m[i][n] / m[i][i] for i in range(n)]
 
 
 def fit_all(raw: dict) -> dict:
@@ -322,7 +476,7 @@ def without_tp_comm(point: dict, fits: dict, spec: dict, cfg: DictConfig) -> dic
 
     links = Links({"intra": {kind: {g: (f.alpha_s, f.beta_bps) for g, f in by.items()}
                              for kind, by in fits.get("intra", {}).items()}})
-    block_c, head_c = tp_comm_times(links, ModelArgs(**spec["model"]), point["tp"], point["tokens"], spec["seq_len"],
+    block_c, head_c = tp_comm_times(links, ModelArgs(**spec["model"]), point["tp"], point["tokens"], point["seq"],
                                     bool(cfg.parallel.sequence_parallel), 2 if spec["dtype"] == "bfloat16" else 4)
     comm = spec["layers"] * block_c + head_c
     return {**point, "s": max(point["s"] - comm, 0.3 * point["s"]), "tp_comm_s": comm}
@@ -348,8 +502,7 @@ def cluster_yaml(cfg: DictConfig, raw: dict, spec: dict, world: int, local: int,
     inter_bw = (inter[max(inter)].beta_bps * 2 * (max(inter) - 1) / max(inter) / 1e9) if inter else busbw
     lat = ar[min(ar)].alpha_s * 1e6 if ar else cl.intra_node_latency_us
     inter_lat = inter[min(inter)].alpha_s * 1e6 if inter else lat
-    shared = [without_tp_comm(r, fits, spec, cfg) for r in raw["compute"] if r["mode"] == "shared"]
-    alone = [r for r in raw["compute"] if r["mode"] == "alone"]
+    shared = [without_tp_comm(r, fits, spec, cfg) for r in raw["compute"]]
     best = max((r["flops"] / r["s"] for r in shared), default=0.0)
     lines = [
         f"# Calibrated by `trident-plan --calibrate` on {today}: {world} {backend} ranks, {local} per node,",
@@ -389,15 +542,37 @@ def cluster_yaml(cfg: DictConfig, raw: dict, spec: dict, world: int, local: int,
         f"# The model itself ({spec['layers']} blocks, embedding, output projection, loss; its TP plan at tp > 1, whose",
         "# collectives, as the fits above cost them, are taken out), forward+backward of one micro-batch at each",
         "# size: achieved TFLOP/s of its model FLOPs (6 per weight and token + attention's 12 x dim x seq).",
-        "# shared: every rank at once; alone: one rank while the others wait.",
+        "# Every rank at once.",
         "compute:",
         f"  seq_len: {spec['seq_len']}",
+        f"  layers: {spec['layers']}",
         f"  peak_shared_tflops: {_num(best / 1e12)}",
-        "  points:",
+        "  # A micro-batch's time = blocks x overhead_ms_per_block + its matmul FLOPs / tflops + its attention FLOPs /",
+        "  # attention_tflops: non-negative least squares over the points below (each weighted by 1/time). The",
+        "  # overhead is work that does not grow with the tokens (Python, DTensor's dispatch, kernel launches): it is",
+        "  # what makes small micro-batches slow.",
+        "  fits:",
     ]
-    for r in shared + alone:
-        lines.append(f"    - {{mode: {r['mode']}, tp: {r['tp']}, tokens: {r['tokens']}, "
+    for tp in sorted({r["tp"] for r in shared}):
+        pts = [r for r in shared if r["tp"] == tp]
+        if len(pts) < 2:
+            continue
+        over, mm_rate, attn_rate, res = fit_compute(pts)
+        lines.append(f"    - {{tp: {tp}, overhead_ms_per_block: {_num(over * 1e3 / spec['layers'])}, "
+                     f"tflops: {_num(mm_rate / 1e12)}, attention_tflops: {_num(attn_rate / 1e12)}, residual: {res:.3f}}}")
+    lines += ["  # The measurements: achieved TFLOP/s at each micro-batch's tokens (and sequence length).", "  points:"]
+    for r in shared:
+        lines.append(f"    - {{tp: {r['tp']}, tokens: {r['tokens']}, seq: {r['seq']}, "
                      f"tflops: {_num(r['flops'] / r['s'] / 1e12)}}}")
+    whole = {(r["tp"], r["tokens"], r["seq"]): r["s"] for r in raw["compute"]}
+    lines += ["  # How many times faster a rank runs the same micro-batch (TP collectives included) when only `busy`",
+              "  # ranks of its node compute and the rest wait, as in a pipeline's bubble: ranks sharing cores (CPU",
+              "  # processes) get the idle ones' share; ranks with a device each stay at 1.",
+              "  speedup:"]
+    for r in raw.get("busy", []):
+        full = whole.get((r["tp"], r["tokens"], spec["seq_len"]))
+        if full:
+            lines.append(f"    - {{tp: {r['tp']}, busy: {r['n']}, speedup: {_num(max(1.0, full / r['s']))}}}")
     lines += [
         "# AdamW's step and the clipping of the gradient norm, every rank at once: seconds per parameter.",
         "loop:",
@@ -437,14 +612,19 @@ def run_calibration(cfg: DictConfig, out_path: Optional[str], print_=print) -> P
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = str(Path(tmp) / "raw.json")
         spec = spec_of(cfg, world, local, backend, n_params_of(cfg), raw_path)
+        corpus = None
+        if spec["reference"]:
+            from orchestrator.data import prepare  # the reference steps train on the run's own data
+
+            corpus = prepare(cfg.data, cfg.model.get("init_from"), progress=False)
         print_(f"trident-plan: calibrating {world} {backend} ranks ({local} per node): "
                f"{len(COLLECTIVES)} collectives x groups {spec['group_sizes']} x {len(spec['sizes'])} sizes, "
                f"compute at micro-batches {spec['microbatches']} x tp {spec['tps']}")
         try:
             if launcher.name == "slurm":
-                calibrate_in_job(cfg, spec, tmp)
+                calibrate_in_job(cfg, spec, tmp, corpus)
             else:
-                spawn(measure_rank, world, spec, backend=backend, timeout_s=float(cfg.parallel.timeout_s))
+                spawn(measure_rank, world, spec, corpus, backend=backend, timeout_s=float(cfg.parallel.timeout_s))
         except RankFailed as e:
             raise CalibrationError(f"a rank failed: {str(e).strip().splitlines()[-1]}") from None
         raw = json.loads(Path(raw_path).read_text())
@@ -454,6 +634,9 @@ def run_calibration(cfg: DictConfig, out_path: Optional[str], print_=print) -> P
         raise CalibrationError(f"backend {backend} cannot run a collective the layouts need: {raw['errors'][0]}")
     text = cluster_yaml(cfg, raw, spec, world, local, backend, raw["device"], name, raw["memory_gb"],
                         time.perf_counter() - started)
+    import yaml
+
+    text += "\n".join(overhead_lines(yaml.safe_load(text), raw, spec)) + "\n"
     from orchestrator.planner.cluster import check_cluster  # the loader's own checks: refuse what it would refuse
     check_cluster(OmegaConf.create(__import__("yaml").safe_load(text)), str(target))
     target.parent.mkdir(parents=True, exist_ok=True)

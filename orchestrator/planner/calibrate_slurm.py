@@ -21,15 +21,15 @@ from launch.slurm import error_line, job_error, time_minutes
 class CalibrationTask:
     """What submitit pickles and every task of the job calls: one rank of the calibration."""
 
-    def __init__(self, spec: dict, backend: str, timeout_s: float):
-        self.spec, self.backend, self.timeout_s = spec, backend, timeout_s
+    def __init__(self, spec: dict, backend: str, timeout_s: float, corpus=None):
+        self.spec, self.backend, self.timeout_s, self.corpus = spec, backend, timeout_s, corpus
 
     def __call__(self) -> int:
         from orchestrator.planner.calibrate import measure_rank  # by name: the job's Python imports it
 
         env = from_environ()
         backend = pick_backend(self.backend, env.local_world_size)
-        run_rank(measure_rank, env, backend, self.timeout_s, self.spec, exit_process=False)
+        run_rank(measure_rank, env, backend, self.timeout_s, self.spec, self.corpus, exit_process=False)
         return env.rank
 
 
@@ -40,7 +40,7 @@ def slurm_shape(cfg: DictConfig) -> tuple[int, int]:
     return launcher.nodes * local, local
 
 
-def calibrate_in_job(cfg: DictConfig, spec: dict, tmp: str) -> None:
+def calibrate_in_job(cfg: DictConfig, spec: dict, tmp: str, corpus=None) -> None:
     """Submit the job, wait for it, leave rank 0's figures at spec["out"]; CalibrationError if it fails."""
     import submitit  # only launcher=slurm needs it
 
@@ -59,7 +59,7 @@ def calibrate_in_job(cfg: DictConfig, spec: dict, tmp: str) -> None:
               "slurm_constraint": launcher.constraint, "slurm_setup": list(launcher.setup) or None,
               "slurm_srun_args": ["--kill-on-bad-exit=1"]}
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
-    job = executor.submit(CalibrationTask(spec, launcher.backend, float(cfg.parallel.timeout_s)))
+    job = executor.submit(CalibrationTask(spec, launcher.backend, float(cfg.parallel.timeout_s), corpus))
     print(f"trident-plan: calibration submitted as SLURM job {job.job_id} ({launcher.nodes} node(s) x {local} "
           f"task(s)); logs in {folder}", flush=True)
     while not job.done():

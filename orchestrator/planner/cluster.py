@@ -7,8 +7,10 @@ measured figures (`trident-plan --calibrate` writes them) or published ones:
                {ranks in the group: {alpha_us, beta_gbps}}}}: one collective of
                a `bytes` buffer (nccl-tests' "size") takes alpha + bytes / beta
   compute      the model's measured TFLOP/s by tokens per micro-batch and
-               tp degree, every rank busy (`shared`) and one rank alone
-               (`alone`)
+               tp degree, every rank busy; per tp the fit of a micro-batch's
+               time as blocks x overhead + matmul FLOPs / rate + attention
+               FLOPs / rate that the model uses; and the speed-up of a rank
+               while only some of its node's ranks are busy
   loop         ns_per_param: AdamW's step and the clipping, per local parameter
   comm_overlap whether the backend's collectives run beside compute (NCCL's
                streams) or on the compute thread (gloo)
@@ -21,7 +23,6 @@ ring step, bus bandwidth); without `compute`, every micro-batch runs at
 `mfu` x the device's peak.
 """
 
-import bisect
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -86,14 +87,17 @@ def check_cluster(cl: DictConfig, where: Optional[str] = None) -> None:
                     _positive(fig, key, f"{where}: collectives.{link}.{kind}.{g}")
     compute = plain.get("compute")
     if compute is not None:
-        points = compute.get("points") or []
-        if not points:
-            raise ConfigError(f"cluster file {where}: compute.points is missing")
-        for i, p in enumerate(points):
-            for key in ("tp", "tokens", "tflops"):
-                _positive(p, key, f"{where}: compute.points[{i}]")
-            if p.get("mode") not in ("shared", "alone"):
-                raise ConfigError(f"cluster file {where}: compute.points[{i}].mode: shared or alone")
+        for section, keys in (("points", ("tp", "tokens", "tflops")),
+                              ("fits", ("tp", "overhead_ms_per_block", "tflops", "attention_tflops")),
+                              ("speedup", ("tp", "busy", "speedup"))):
+            entries = compute.get(section)
+            if entries is None or (section != "speedup" and not entries):
+                raise ConfigError(f"cluster file {where}: compute.{section} is missing")
+            for i, p in enumerate(entries):
+                for key in keys:
+                    _positive(p, key, f"{where}: compute.{section}[{i}]")
+    for key, value in (plain.get("overheads") or {}).items():
+        _positive(plain["overheads"], key, f"{where}: overheads")
     if plain.get("loop") is not None:
         _positive(plain["loop"], "ns_per_param", f"{where}: loop")
 
@@ -147,46 +151,46 @@ class Links:
 
 @dataclass
 class Compute:
-    """Seconds of one block's (or the output projection's) forward+backward at a micro-batch's tokens."""
+    """Seconds of a micro-batch's forward+backward: blocks x overhead + matmul FLOPs / their rate + attention FLOPs /
+    theirs, per tp degree; and how much faster a rank runs while only some of its node's ranks are busy."""
 
-    curves: dict = field(default_factory=dict)  # {(mode, tp): ([tokens], [FLOP/s])}
-    flat: float = 0.0  # FLOP/s without a measured curve: peak x mfu
+    fits: dict = field(default_factory=dict)  # {tp: (overhead s per block, matmul FLOP/s, attention FLOP/s)}
+    speedups: dict = field(default_factory=dict)  # {tp: [(busy ranks, speed-up)]}, all ranks busy: 1
+    node: int = 1  # ranks per node
+    flat: float = 0.0  # FLOP/s without measured figures: peak x mfu, no overhead
 
     @classmethod
     def of(cls, cl, dtype: str) -> "Compute":
         compute = cl.get("compute")
         if not compute:
-            return cls(flat=cluster_peak(cl.device, dtype, cl.gpus_per_node) * cl.mfu)
-        curves: dict = {}
-        for p in sorted(compute.points, key=lambda p: p.tokens):
-            tok, rate = curves.setdefault((p.mode, int(p.tp)), ([], []))
-            tok.append(float(p.tokens))
-            rate.append(float(p.tflops) * 1e12)
-        return cls(curves)
+            return cls(flat=cluster_peak(cl.device, dtype, cl.gpus_per_node) * cl.mfu, node=int(cl.gpus_per_node))
+        fits = {int(f.tp): (float(f.overhead_ms_per_block) * 1e-3, float(f.tflops) * 1e12,
+                            float(f.attention_tflops) * 1e12) for f in compute.fits}
+        speedups: dict = {}
+        for p in compute.get("speedup") or []:
+            speedups.setdefault(int(p.tp), []).append((float(p.busy), float(p.speedup)))
+        return cls(fits, {tp: sorted(v) for tp, v in speedups.items()}, int(cl.gpus_per_node))
 
-    def rate(self, tokens: float, tp: int, mode: str = "shared") -> float:
-        """FLOP/s at `tokens` per micro-batch: interpolated in log(tokens), the ends held flat."""
-        if not self.curves:
-            return self.flat
-        tps = sorted(t for m, t in self.curves if m == mode) or sorted(t for _, t in self.curves)
-        mode = mode if any(m == mode for m, _ in self.curves) else next(iter(self.curves))[0]
-        tp0 = min(tps, key=lambda t: (abs(math.log(t / tp)), t))
-        tok, ys = self.curves[mode, tp0]
-        if tokens <= tok[0]:
-            return ys[0]
-        if tokens >= tok[-1]:
-            return ys[-1]
-        i = bisect.bisect_right(tok, tokens)
-        f = (math.log(tokens) - math.log(tok[i - 1])) / (math.log(tok[i]) - math.log(tok[i - 1]))
-        return ys[i - 1] + f * (ys[i] - ys[i - 1])
+    def _nearest(self, table: dict, tp: int):
+        return table[min(table, key=lambda t: (abs(math.log(t / tp)), t))] if table else None
 
-    def sharing(self) -> float:
-        """How many times faster one rank computes alone than with every rank of its node busy: ranks sharing
-        cores (CPU processes) gain back the time their peers idle in a pipeline bubble; ranks with a device
-        each (1.0) do not."""
-        shared = [(t, r) for (m, tp), (toks, rs) in self.curves.items() if m == "shared" and tp == 1
-                  for t, r in zip(toks, rs)]
-        alone = {t: r for (m, tp), (toks, rs) in self.curves.items() if m == "alone" and tp == 1
-                 for t, r in zip(toks, rs)}
-        ratios = [alone[t] / r for t, r in shared if t in alone]
-        return max(1.0, sorted(ratios)[len(ratios) // 2]) if ratios else 1.0
+    def seconds(self, matmul_flops: float, attention_flops: float, blocks: float, tp: int) -> float:
+        if not self.fits:
+            return (matmul_flops + attention_flops) / self.flat
+        overhead, rate, attention_rate = self._nearest(self.fits, tp)
+        return blocks * overhead + matmul_flops / rate + attention_flops / attention_rate
+
+    def overhead(self, blocks: float, tp: int) -> float:
+        """The part of seconds() that does not grow with the tokens."""
+        return blocks * self._nearest(self.fits, tp)[0] if self.fits else 0.0
+
+    def speedup(self, busy: float, tp: int) -> float:
+        """How many times faster a rank runs with `busy` ranks of its node computing (the node's all: 1),
+        interpolated linearly between the measured counts."""
+        points = [*(self._nearest(self.speedups, tp) or []), (float(self.node), 1.0)]
+        if busy <= points[0][0]:
+            return points[0][1]
+        for (n0, s0), (n1, s1) in zip(points, points[1:]):
+            if busy <= n1:
+                return s0 + (s1 - s0) * (busy - n0) / (n1 - n0)
+        return 1.0

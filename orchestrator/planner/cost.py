@@ -4,27 +4,30 @@ Every pp rank's step is summed from what its code runs
 (orchestrator/planner/comms.py counts the collectives) and the cluster
 file's measured or published figures (orchestrator/planner/cluster.py):
 
-  compute   per micro-batch, each block's forward+backward and (first and
-            last stage) the embedding, output projection and loss, at the
-            FLOP/s the cluster's efficiency curve gives for the layout's
-            tokens per micro-batch and tp degree; + one forward of each
-            recomputed block
+  compute   per micro-batch, each block's forward+backward and (last
+            stage) the output projection and loss: a fixed overhead per
+            block and the model FLOPs at the rate the cluster's fit gives
+            for the layout's tp degree (so small micro-batches pay the
+            overhead more often: the efficiency curve); + one forward of
+            each recomputed block
   tp, pp    every collective and stage transfer as alpha + bytes / beta on
             its link, on the compute path
   bubble    compute and transfers stretched by 1 / (1 - bubble), the idle
-            share of the schedule (orchestrator/planner/bubble.py); where
-            the node's ranks share cores (a CPU: `Compute.sharing` = k, how
-            much faster one rank computes alone), the idle ranks' cores go
-            to the busy ones (gloo's collectives and transfers run on those
-            cores too, and were measured with every rank busy), so the
-            micro-batches' work stretches only by
-            max(1 - bubble, 1/k) / (1 - bubble)
+            share of the schedule (orchestrator/planner/bubble.py), and sped
+            up by what the cluster measured a rank gains while only
+            (1 - bubble) of its node's ranks are busy: 1 for ranks with a
+            device each; on a CPU, whose ranks share cores, the idle ranks'
+            share (gloo's collectives run on those cores too)
   dp        FSDP2's gathers and reduce-scatters, ZeRO-1's and replicate's
             reductions: overlapped with compute where the backend runs
             collectives beside it (`comm_overlap`: NCCL), only the excess
             counts; on the compute thread (gloo) all of it counts
   loop      clipping's and the agreement's all-reduces, and AdamW's step and
             the clipping per local parameter (`loop.ns_per_param`)
+  overheads what a calibration found real steps spend beyond these terms:
+            FSDP2's collectives as a multiple of the bare ones (its copies
+            and hooks), per pipeline stage and micro-batch (the schedule's
+            own work)
 
 The slowest pp rank sets the step.
 """
@@ -36,7 +39,7 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from models.llama import ModelArgs
-from orchestrator.flops import block_flops, cluster_peak, flops_per_token, head_flops, mfu
+from orchestrator.flops import block_flops_parts, cluster_peak, flops_per_token, head_flops, mfu
 from orchestrator.planner.cluster import Compute, Links
 from orchestrator.planner.comms import RECOMPUTED, Comm, Shape, shape_of, step_comms
 from orchestrator.planner.bubble import analytic_bubble, simulate
@@ -97,18 +100,18 @@ def step_time(cfg: DictConfig, mem: RankMemory, n_params: int, bubble: float, ar
     recompute = RECOMPUTED[t.activation_checkpointing]
     block_p, embed_p, head_p = rank_params(args, par.tp)
     overlap = bool(cl.get("comm_overlap")) if cl.get("comm_overlap") is not None else True
-    k = compute.sharing()
     worst = None
     for pp_rank in range(par.pp):
         shape = shape_of(cfg, args, pp_rank, block_p, embed_p * 0)
         root = (embed_p if shape.first else 0) + (head_p if shape.last else 0)
         shape = replace(shape, root_params=root)
         m = shape.microbatches
-        blk = block_flops(args, par.tp, tokens, t.seq_len) / compute.rate(tokens, par.tp)
+        blk = compute.seconds(*block_flops_parts(args, par.tp, tokens, t.seq_len), 1, par.tp)
         mb_compute = shape.layers * blk * (1 + recompute / 3)
         if shape.last:
-            mb_compute += head_flops(args, par.tp, tokens) / compute.rate(tokens, par.tp)
+            mb_compute += compute.seconds(head_flops(args, par.tp, tokens), 0.0, 0, par.tp)
         compute_s = m * mb_compute
+        overhead_s = m * compute.overhead(shape.layers * (1 + recompute / 3), par.tp)
         by_dim = {"tp": 0.0, "pp": 0.0, "dp": 0.0, "loop": 0.0}
         by_kind: dict = {}
         for c in step_comms(shape, args):
@@ -117,15 +120,21 @@ def step_time(cfg: DictConfig, mem: RankMemory, n_params: int, bubble: float, ar
             secs = c.count * links.time(kind, c.group, c.nbytes * (0.5 if c.kind == "broadcast" else 1), link)
             by_dim[c.dim] += secs
             by_kind[(c.dim, c.kind)] = by_kind.get((c.dim, c.kind), 0.0) + secs
+        ov = cl.get("overheads") or {}
+        if par.dp_shard == "full":
+            by_dim["dp"] *= float(ov.get("fsdp_comm_factor", 1.0))
+        stage_mbs = m * shape.stages_per_rank if par.pp > 1 else 0
+        compute_s += stage_mbs * float(ov.get("pipeline_ms_per_stage_microbatch", 0.0)) * 1e-3
         exposed_dp = max(0.0, by_dim["dp"] - compute_s) if overlap else by_dim["dp"]
         local = shape.layers * block_p + root
         if par.dp > 1 and par.dp_shard in ("full", "optimizer"):
             local /= par.dp
         loop_s = by_dim["loop"] + local * float((cl.get("loop") or {}).get("ns_per_param", 0.0)) * 1e-9
-        stretch = 1.0 / (1.0 - bubble)
-        busy = (compute_s + by_dim["tp"] + by_dim["pp"]) * max(1.0 - bubble, 1.0 / k) * stretch
+        # A rank works (1 - bubble) of the schedule; meanwhile about that share of its node's ranks work too.
+        speedup = compute.speedup(cl.gpus_per_node * (1.0 - bubble), par.tp) if bubble > 0 else 1.0
+        busy = (compute_s + by_dim["tp"] + by_dim["pp"]) / (speedup * (1.0 - bubble))
         step = busy + exposed_dp + loop_s
-        row = {"compute_s": compute_s, "tp_s": by_dim["tp"], "pp_s": by_dim["pp"], "dp_s": exposed_dp,
+        row = {"compute_s": compute_s, "overhead_s": overhead_s, "tp_s": by_dim["tp"], "pp_s": by_dim["pp"], "dp_s": exposed_dp,
                "loop_s": loop_s, "step_s": step, "by_kind": by_kind}
         if worst is None or step > worst["step_s"]:
             worst = row

@@ -37,6 +37,7 @@ class Layout:
     fits: bool
     bubble: float
     compute_s: float
+    overhead_s: float  # the part of compute_s that does not grow with the tokens (per-block dispatch)
     tp_s: float
     pp_s: float
     dp_s: float  # the exposed part

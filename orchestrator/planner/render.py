@@ -55,16 +55,27 @@ def layout_name(r: Layout) -> str:
 
 def why_best(rows: list[Layout]) -> str:
     """One line: why the best fitting layout wins, against the best one of another tp degree (the question a
-    plan answers first: does TP pay here?), or of another pp degree."""
+    plan answers first: does TP pay here?), or of another pp degree: the term that costs the rival most."""
     fitting = [r for r in rows if r.fits]
     if len(fitting) < 2:
         return ""
     best = fitting[0]
     rival = next((r for r in fitting if r.tp != best.tp), None) or next((r for r in fitting if r.pp != best.pp),
                                                                       fitting[1])
+    stretch = lambda r: r.step_s - (r.compute_s + r.tp_s + r.pp_s + r.dp_s + r.loop_s)  # noqa: E731
+    terms = {
+        "compute": (rival.compute_s - rival.overhead_s) - (best.compute_s - best.overhead_s),
+        f"per-block overhead (dispatch, {1e3 * rival.overhead_s / max(1, rival.microbatches):.0f} ms a micro-batch)":
+            rival.overhead_s - best.overhead_s,
+        "TP collectives": rival.tp_s - best.tp_s, "stage transfers": rival.pp_s - best.pp_s,
+        "data-parallel collectives": rival.dp_s - best.dp_s, "the loop's own": rival.loop_s - best.loop_s,
+        "the pipeline bubble": stretch(rival) - stretch(best),
+    }
+    term, extra = max(terms.items(), key=lambda kv: kv[1])
+    dim = "tp" if rival.tp != best.tp else "pp"
     return (f"Best: {layout_name(best)}, {best.step_s:.3g} s/step ({100 * best.comm_share:.0f}% communication). "
-            f"The best with {'tp' if rival.tp != best.tp else 'pp'}={rival.tp if rival.tp != best.tp else rival.pp}, "
-            f"{layout_name(rival)}, is {rival.step_s / best.step_s:.2f}x slower: {rival.why}.")
+            f"The best with {dim}={getattr(rival, dim)}, {layout_name(rival)}, is {rival.step_s / best.step_s:.2f}x "
+            f"slower, most of it {term} (+{extra:.3g} s); its largest communication: {rival.why}.")
 
 
 def sweep_lines(rows: list[Layout], k: int, user_overrides: list[str]) -> list[str]:

@@ -35,10 +35,17 @@ def test_calibrate_at_reduced_sizes_writes_a_valid_cluster_file_in_well_under_a_
                                                         "reduce_scatter": [2, 4], "send_recv": [2]}
     links = Links.of(cl)
     assert 0 < links.time("all_reduce", 2, 4096) < links.time("all_reduce", 4, 2**20) < 1.0
-    # TINY has 8 heads and 4 kv heads: tp 1, 2 and 4 divide them and the node.
+    # TINY has 8 heads and 4 kv heads: tp 1, 2 and 4 divide them and the node. Micro-batches of 1 and 2
+    # sequences of 32 tokens, and one of a 4x longer sequence.
     points = doc["compute"]["points"]
-    assert {(p["mode"], p["tp"]) for p in points} == {("shared", 1), ("shared", 2), ("shared", 4), ("alone", 1)}
-    assert sorted({p["tokens"] for p in points}) == [32, 64]
-    assert Compute.of(cl, "fp32").rate(48, 2) > 0 and doc["loop"]["ns_per_param"] > 0
+    assert {(p["tp"], p["tokens"], p["seq"]) for p in points} == {
+        (tp, tokens, seq) for tp in (1, 2, 4) for tokens, seq in ((32, 32), (64, 32), (128, 128))}
+    assert sorted(f["tp"] for f in doc["compute"]["fits"]) == [1, 2, 4]
+    # With 2 of 4 ranks busy (one tp=2 group, half the node), and 1 at tp=1.
+    assert {(p["tp"], p["busy"]) for p in doc["compute"]["speedup"]} == {(1, 1), (1, 2), (2, 2)}
+    assert Compute.of(cl, "fp32").seconds(1e6, 1e5, 1, 2) > 0 and doc["loop"]["ns_per_param"] > 0
+    # The reference steps (FSDP2 over the 4 ranks; a 2-stage pipeline) were run and left their figures.
+    assert doc["overheads"]["fsdp_comm_factor"] >= 1 and doc["overheads"]["pipeline_ms_per_stage_microbatch"] > 0
+    assert "#   fsdp: tp=1 pp=1 dp=4 full micro-batch 1: measured" in target.read_text()
     text = target.read_text()
     assert "# Calibrated by `trident-plan --calibrate`" in text and f"torch {__import__('torch').__version__}" in text
