@@ -45,11 +45,14 @@ def machine_cluster(world: int, local_world: int) -> dict:
         return {"name": f"this machine ({props.name})", "gpus": world, "gpus_per_node": local_world,
                 "gpu_memory_gb": props.total_memory / gib, "memory_reserve_gb": 6,
                 "device": device_key(props.name) or "h100-sxm",
-                "mfu": 0.45, "intra_node_gbps": 450, "inter_node_gbps": 50}
+                "mfu": 0.45, "intra_node_gbps": 450, "inter_node_gbps": 50, "hbm_gbps": 3350, "hbm_efficiency": 0.7,
+                "intra_node_latency_us": 1.5, "inter_node_latency_us": 5}
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / gib
     return {"name": "this machine (CPU ranks)", "gpus": world, "gpus_per_node": local_world,
             "gpu_memory_gb": host / local_world, "memory_reserve_gb": 0.5, "device": "cpu",
-            "mfu": 0.5, "intra_node_gbps": 5, "inter_node_gbps": 1}
+            "mfu": 0.5, "intra_node_gbps": 5, "inter_node_gbps": 1, "hbm_gbps": 10, "hbm_efficiency": 1.0,
+            # gloo between processes of one host: a ring step costs ~100 us (conf/cluster/cpu.yaml measures more)
+            "intra_node_latency_us": 100, "inter_node_latency_us": 100}
 
 
 def _plan_cfg(cfg: DictConfig, world: int, local_world: int) -> DictConfig:
