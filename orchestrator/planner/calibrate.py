@@ -54,18 +54,26 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from launch.local import RankFailed, spawn
+from launch.rank import pick_backend
 from models.llama import ModelArgs
-from orchestrator.flops import block_flops_parts, head_flops
+from orchestrator.build import build_model
+from orchestrator.flops import block_flops_parts, device_key, head_flops
+from orchestrator.planner.calibrate_slurm import calibrate_in_job, slurm_shape
+from orchestrator.planner.cluster import CalibrationError, Links, check_cluster
+from orchestrator.planner.cost import bubble_of, step_time, tp_comm_times
+from orchestrator.planner.layouts import n_params_of
+from orchestrator.trainer import Trainer
+from orchestrator.validate import ConfigError, validate
+from parallel.mesh import MESH_DIMS
+from parallel.tensor_parallel import loss_context
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 LINKS = ("intra", "inter")
 KiB = 2**10
-
-
-class CalibrationError(RuntimeError):
-    """A calibration that could not run: one line saying why; nothing was written."""
 
 
 # --- the fit ------------------------------------------------------------------------------------
@@ -177,12 +185,6 @@ def _sync(device) -> None:
 def _real_model_step(spec: dict, tp: int, layers: int, mb: int, seq: int, device, world: int):
     """Forward+backward of the model itself (its TP plan at `tp`, `layers` blocks, one micro-batch of `mb`
     sequences), as trident-train builds it: DTensor's dispatch and TP's own collectives included."""
-    from omegaconf import OmegaConf
-
-    from orchestrator.build import build_model
-    from parallel.mesh import MESH_DIMS
-    from parallel.tensor_parallel import loss_context
-
     model_cfg = OmegaConf.create({**spec["model_cfg"], "n_layers": layers, "init_from": None})
     par = OmegaConf.create({**spec["parallel_cfg"], "tp": tp, "pp": 1, "dp": world // tp, "dp_shard": "optimizer"})
     mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (1, world // tp, tp), mesh_dim_names=MESH_DIMS)
@@ -216,12 +218,13 @@ def _compute_point(spec: dict, tp: int, mb: int, seq: int, device, world: int, b
 
 
 def _loop_point(n_params: int, device, budget_s: float) -> float:
-    """Seconds per parameter of AdamW's step (foreach, as the loop runs it off CUDA) and the norm clipping."""
+    """Seconds per parameter of AdamW's step (fused on CUDA, else foreach: optim.implementation=auto) and the
+    norm clipping."""
     sizes = [min(n_params, 2**20)] * max(1, n_params // 2**20)
     params = [torch.zeros(s, device=device, requires_grad=True) for s in sizes]
     for p in params:
         p.grad = torch.full_like(p, 1e-3)
-    opt = torch.optim.AdamW(params, lr=1e-4, foreach=True, fused=device.type == "cuda" or None)
+    opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
 
     def step():
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
@@ -234,8 +237,6 @@ def _loop_point(n_params: int, device, budget_s: float) -> float:
 
 def _trainer_step(env, device, cfg_dict: dict, corpus, budget_s: float) -> float:
     """Median seconds of a real training step (orchestrator/trainer.py) of a reference layout, after two."""
-    from orchestrator.trainer import Trainer
-
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = OmegaConf.create(cfg_dict)
         cfg.checkpoint.dir = f"{run_dir}/checkpoints"  # never written (checkpoint.every=0), but named
@@ -274,7 +275,6 @@ def measure_rank(env, device, spec: dict, corpus=None) -> None:
     seq = spec["seq_len"]
     # The micro-batches at the run's sequence length, and one of a 4x longer sequence (where the model's rotary
     # table reaches), whose attention share differs: the two rates, matmuls' and attention's, are told apart.
-    local = env.local_world_size
     shapes = [(mb, seq) for mb in spec["microbatches"]]
     if 4 * seq <= args.max_seq_len:
         shapes.append((1, 4 * seq))
@@ -345,8 +345,6 @@ REFERENCE = {  # real training steps the model's terms leave something of: FSDP2
 
 def reference_layouts(cfg: DictConfig, world: int) -> dict:
     """The reference layouts at this world size as whole training configs, those trident-train accepts."""
-    from orchestrator.validate import ConfigError, validate
-
     def unhydra(node):  # ${hydra:...} resolves only inside the Hydra app; no reference step reads those keys
         if isinstance(node, dict):
             return {k: unhydra(v) for k, v in node.items()}
@@ -376,9 +374,6 @@ def reference_layouts(cfg: DictConfig, world: int) -> dict:
 
 def _predicted(cl_doc: dict, cfg_dict: dict, overheads: dict) -> float:
     """The step-time model's step for a training config on a cluster file (with these overheads)."""
-    from orchestrator.planner.cost import bubble_of, step_time
-    from orchestrator.planner.layouts import n_params_of
-
     work = OmegaConf.create({**cfg_dict, "cluster": {**cl_doc, "overheads": overheads}})
     par, t = work.parallel, work.train
     m = t.global_batch // (t.micro_batch * par.dp)
@@ -471,9 +466,6 @@ def without_tp_comm(point: dict, fits: dict, spec: dict, cfg: DictConfig) -> dic
     leaving compute and DTensor's dispatch; at most 70% is taken, so a poor fit cannot leave nothing."""
     if point["tp"] == 1:
         return point
-    from orchestrator.planner.cluster import Links
-    from orchestrator.planner.cost import tp_comm_times
-
     links = Links({"intra": {kind: {g: (f.alpha_s, f.beta_bps) for g, f in by.items()}
                              for kind, by in fits.get("intra", {}).items()}})
     block_c, head_c = tp_comm_times(links, ModelArgs(**spec["model"]), point["tp"], point["tokens"], point["seq"],
@@ -585,13 +577,8 @@ def cluster_yaml(cfg: DictConfig, raw: dict, spec: dict, world: int, local: int,
 def run_calibration(cfg: DictConfig, out_path: Optional[str], print_=print) -> Path:
     """Measure the ranks `cfg` describes and write the cluster file; CalibrationError (nothing written) if it
     cannot run."""
-    from launch.local import RankFailed, spawn  # the launcher, only when measuring
-    from launch.rank import pick_backend
-    from orchestrator.planner.layouts import n_params_of
-
     launcher = cfg.launcher
     if launcher.name == "slurm":
-        from orchestrator.planner.calibrate_slurm import calibrate_in_job, slurm_shape
         world, local = slurm_shape(cfg)
     elif launcher.name == "local":
         world = launcher.nprocs or cfg.cluster.gpus
@@ -622,23 +609,18 @@ def run_calibration(cfg: DictConfig, out_path: Optional[str], print_=print) -> P
                f"compute at micro-batches {spec['microbatches']} x tp {spec['tps']}")
         try:
             if launcher.name == "slurm":
-                calibrate_in_job(cfg, spec, tmp, corpus)
+                calibrate_in_job(measure_rank, cfg, spec, tmp, corpus)
             else:
                 spawn(measure_rank, world, spec, corpus, backend=backend, timeout_s=float(cfg.parallel.timeout_s))
         except RankFailed as e:
             raise CalibrationError(f"a rank failed: {str(e).strip().splitlines()[-1]}") from None
         raw = json.loads(Path(raw_path).read_text())
-        if os.environ.get("TRIDENT_CALIBRATE_RAW"):
-            Path(os.environ["TRIDENT_CALIBRATE_RAW"]).write_text(json.dumps(raw, indent=1))
     if raw["errors"]:
         raise CalibrationError(f"backend {backend} cannot run a collective the layouts need: {raw['errors'][0]}")
     text = cluster_yaml(cfg, raw, spec, world, local, backend, raw["device"], name, raw["memory_gb"],
                         time.perf_counter() - started)
-    import yaml
-
     text += "\n".join(overhead_lines(yaml.safe_load(text), raw, spec)) + "\n"
-    from orchestrator.planner.cluster import check_cluster  # the loader's own checks: refuse what it would refuse
-    check_cluster(OmegaConf.create(__import__("yaml").safe_load(text)), str(target))
+    check_cluster(OmegaConf.create(yaml.safe_load(text)), str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp_target = target.with_suffix(".yaml.tmp")
     tmp_target.write_text(text)
@@ -665,7 +647,6 @@ def fit_lines(fits: dict) -> list[str]:
 
 def _device_key(backend: str) -> str:
     if backend == "nccl" and torch.cuda.is_available():
-        from orchestrator.flops import device_key
         return device_key(torch.cuda.get_device_name()) or "cpu"
     return "cpu"
 

@@ -10,26 +10,27 @@ them and writes the cluster file itself.
 
 import time
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import DictConfig
 
 from launch.env import from_environ
 from launch.rank import pick_backend, run_rank
 from launch.slurm import error_line, job_error, time_minutes
+from orchestrator.planner.cluster import CalibrationError
 
 
 class CalibrationTask:
-    """What submitit pickles and every task of the job calls: one rank of the calibration."""
+    """What submitit pickles and every task of the job calls: one rank of the calibration (measure(env, device,
+    spec, corpus), a module-level function, pickled by name)."""
 
-    def __init__(self, spec: dict, backend: str, timeout_s: float, corpus=None):
-        self.spec, self.backend, self.timeout_s, self.corpus = spec, backend, timeout_s, corpus
+    def __init__(self, measure: Callable, spec: dict, backend: str, timeout_s: float, corpus=None):
+        self.measure, self.spec, self.backend, self.timeout_s, self.corpus = measure, spec, backend, timeout_s, corpus
 
     def __call__(self) -> int:
-        from orchestrator.planner.calibrate import measure_rank  # by name: the job's Python imports it
-
         env = from_environ()
         backend = pick_backend(self.backend, env.local_world_size)
-        run_rank(measure_rank, env, backend, self.timeout_s, self.spec, self.corpus, exit_process=False)
+        run_rank(self.measure, env, backend, self.timeout_s, self.spec, self.corpus, exit_process=False)
         return env.rank
 
 
@@ -40,11 +41,9 @@ def slurm_shape(cfg: DictConfig) -> tuple[int, int]:
     return launcher.nodes * local, local
 
 
-def calibrate_in_job(cfg: DictConfig, spec: dict, tmp: str, corpus=None) -> None:
-    """Submit the job, wait for it, leave rank 0's figures at spec["out"]; CalibrationError if it fails."""
+def calibrate_in_job(measure: Callable, cfg: DictConfig, spec: dict, tmp: str, corpus=None) -> None:
+    """Submit the job, wait for it, leave rank 0's figures at tmp/raw.json; CalibrationError if it fails."""
     import submitit  # only launcher=slurm needs it
-
-    from orchestrator.planner.calibrate import CalibrationError
 
     launcher = cfg.launcher
     folder = Path(launcher.folder or "slurm").absolute() / f"calibrate-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -59,7 +58,7 @@ def calibrate_in_job(cfg: DictConfig, spec: dict, tmp: str, corpus=None) -> None
               "slurm_constraint": launcher.constraint, "slurm_setup": list(launcher.setup) or None,
               "slurm_srun_args": ["--kill-on-bad-exit=1"]}
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
-    job = executor.submit(CalibrationTask(spec, launcher.backend, float(cfg.parallel.timeout_s), corpus))
+    job = executor.submit(CalibrationTask(measure, spec, launcher.backend, float(cfg.parallel.timeout_s), corpus))
     print(f"trident-plan: calibration submitted as SLURM job {job.job_id} ({launcher.nodes} node(s) x {local} "
           f"task(s)); logs in {folder}", flush=True)
     while not job.done():

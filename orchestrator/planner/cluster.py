@@ -32,6 +32,10 @@ from omegaconf import DictConfig, OmegaConf
 from orchestrator.flops import cluster_peak
 from orchestrator.validate import ConfigError
 
+class CalibrationError(RuntimeError):
+    """A calibration (`trident-plan --calibrate`) that could not run: one line saying why; nothing was written."""
+
+
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 POSITIVE = ("gpus", "gpus_per_node", "gpu_memory_gb", "mfu", "intra_node_gbps", "inter_node_gbps", "hbm_gbps",
             "hbm_efficiency", "intra_node_latency_us", "inter_node_latency_us")
