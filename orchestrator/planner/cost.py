@@ -88,7 +88,7 @@ def tp_comm_times(links: Links, args: ModelArgs, tp: int, tokens: int, seq: int,
     return total(1, False, False), total(0, True, True)
 
 
-def step_time(cfg: DictConfig, mem: RankMemory, n_params: int, bubble: float, args: ModelArgs,
+def step_time(cfg: DictConfig, mem: Optional[RankMemory], n_params: int, bubble: float, args: ModelArgs,
               links: Optional[Links] = None, compute: Optional[Compute] = None) -> dict:
     cl, par, t = cfg.cluster, cfg.parallel, cfg.train
     links = links or Links.of(cl)
@@ -102,7 +102,7 @@ def step_time(cfg: DictConfig, mem: RankMemory, n_params: int, bubble: float, ar
     overlap = bool(cl.get("comm_overlap")) if cl.get("comm_overlap") is not None else True
     worst = None
     for pp_rank in range(par.pp):
-        shape = shape_of(cfg, args, pp_rank, block_p, embed_p * 0)
+        shape = shape_of(cfg, args, pp_rank, block_p, 0)
         root = (embed_p if shape.first else 0) + (head_p if shape.last else 0)
         shape = replace(shape, root_params=root)
         m = shape.microbatches
@@ -113,19 +113,24 @@ def step_time(cfg: DictConfig, mem: RankMemory, n_params: int, bubble: float, ar
         compute_s = m * mb_compute
         overhead_s = m * compute.overhead(shape.layers * (1 + recompute / 3), par.tp)
         by_dim = {"tp": 0.0, "pp": 0.0, "dp": 0.0, "loop": 0.0}
+        dp_beside = 0.0  # the part of dp's time its code issues beside compute (FSDP2's prefetch, DDP's buckets)
         by_kind: dict = {}
         for c in step_comms(shape, args):
             link = _link(cl, c, par)
             kind = "all_reduce" if c.kind == "broadcast" else c.kind  # a broadcast costs an all-reduce's half
             secs = c.count * links.time(kind, c.group, c.nbytes * (0.5 if c.kind == "broadcast" else 1), link)
             by_dim[c.dim] += secs
+            dp_beside += secs if c.dim == "dp" and c.overlapped else 0.0
             by_kind[(c.dim, c.kind)] = by_kind.get((c.dim, c.kind), 0.0) + secs
         ov = cl.get("overheads") or {}
         if par.dp_shard == "full":
             by_dim["dp"] *= float(ov.get("fsdp_comm_factor", 1.0))
+            dp_beside *= float(ov.get("fsdp_comm_factor", 1.0))
         stage_mbs = m * shape.stages_per_rank if par.pp > 1 else 0
         compute_s += stage_mbs * float(ov.get("pipeline_ms_per_stage_microbatch", 0.0)) * 1e-3
-        exposed_dp = max(0.0, by_dim["dp"] - compute_s) if overlap else by_dim["dp"]
+        # Overlapped where the backend runs collectives beside compute: only their excess shows. ZeRO-1's and
+        # replicate's reductions after backward never overlap.
+        exposed_dp = by_dim["dp"] - dp_beside + (max(0.0, dp_beside - compute_s) if overlap else dp_beside)
         local = shape.layers * block_p + root
         if par.dp > 1 and par.dp_shard in ("full", "optimizer"):
             local /= par.dp
