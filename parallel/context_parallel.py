@@ -1,0 +1,97 @@
+"""Context parallelism's building blocks: a sequence cut over the cp ranks, and attention over all of it.
+
+Llama 3's scheme (issue 22): the sequence is cut into 2·cp chunks and rank r
+of the cp group holds chunks r and 2cp-1-r, so every rank does the same
+causal work (an early chunk attends to few keys, its partner late in the
+sequence to many). In attention each rank all-gathers the keys and values of
+its kv heads across the group and its own queries attend with the mask of
+their absolute positions (and of their documents), so any mask works, and
+under GQA the gathered K/V are smaller than Q. In backward, the gathered K/V
+gradients are reduce-scattered back: each rank keeps the sum of every rank's
+gradient for its own keys and values.
+
+`KVGather` speaks the model's KV-cache protocol (`Attention.forward` calls
+`cache.update(k, v)` and attends with the keys, values and mask it returns),
+so the model code needs no knowledge of cp.
+"""
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def chunk_ids(cp: int, cp_rank: int) -> tuple[int, int]:
+    """The two of the 2·cp chunks rank cp_rank holds: head-tail balanced."""
+    return cp_rank, 2 * cp - 1 - cp_rank
+
+
+def local_positions(seq: int, cp: int, cp_rank: int, device=None) -> torch.Tensor:
+    """Absolute positions (0..seq-1) of the tokens rank cp_rank holds, in the order it holds them."""
+    if seq % (2 * cp):
+        raise ValueError(f"a sequence of {seq} tokens does not cut into 2 x cp = {2 * cp} equal chunks")
+    size = seq // (2 * cp)
+    return torch.cat([torch.arange(c * size, (c + 1) * size, device=device) for c in chunk_ids(cp, cp_rank)])
+
+
+def shard_sequence(x: torch.Tensor, cp: int, cp_rank: int, dim: int = 1) -> torch.Tensor:
+    """This rank's part of a whole sequence (its two chunks along `dim`)."""
+    return x.index_select(dim, local_positions(x.shape[dim], cp, cp_rank, x.device))
+
+
+def gathered_positions(seq: int, cp: int, device=None) -> torch.Tensor:
+    """Absolute positions of the keys after an all-gather over the cp group (rank 0's tokens first)."""
+    return torch.cat([local_positions(seq, cp, r, device) for r in range(cp)])
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along dim 1 (batch, seq, heads, dim) over the group; backward: reduce-scatter (sum)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        n = dist.get_world_size(group)
+        front = x.transpose(0, 1).contiguous()  # (seq, batch, ...): the collectives concatenate along dim 0
+        out = front.new_empty((n * front.shape[0], *front.shape[1:]))
+        dist.all_gather_into_tensor(out, front, group=group)
+        return out.transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        n = dist.get_world_size(ctx.group)
+        front = grad.transpose(0, 1).contiguous()
+        out = front.new_empty((front.shape[0] // n, *front.shape[1:]))
+        dist.reduce_scatter_tensor(out, front, group=ctx.group)
+        return out.transpose(0, 1), None
+
+
+def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    return _GatherSequence.apply(x, group)
+
+
+class KVGather:
+    """One micro-batch's attention under cp, as a KV cache the model's attention already understands.
+
+    q_positions: (seq_local,) absolute positions of this rank's queries; doc_ids: (batch, seq_local) their
+    documents, or None for plain causal attention. The mask, (batch or 1, 1, seq_local, seq), is built once
+    and serves every layer.
+    """
+
+    def __init__(self, group, seq: int, cp_rank: int, doc_ids: Optional[torch.Tensor] = None, device=None):
+        cp = dist.get_world_size(group)
+        self.group = group
+        q_pos = local_positions(seq, cp, cp_rank, device)
+        k_pos = gathered_positions(seq, cp, device)
+        mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+        if doc_ids is not None:
+            all_docs = torch.empty((cp * doc_ids.shape[1], doc_ids.shape[0]), dtype=doc_ids.dtype,
+                                   device=doc_ids.device)
+            dist.all_gather_into_tensor(all_docs, doc_ids.t().contiguous(), group=group)
+            mask = mask & (doc_ids[:, :, None] == all_docs.t()[:, None, :]).unsqueeze(1)
+        self.mask = mask
+
+    def layer(self, key: int) -> "KVGather":
+        return self
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        return gather_sequence(k, self.group), gather_sequence(v, self.group), self.mask
