@@ -57,12 +57,15 @@ def flops_per_token(args: ModelArgs, n_params: int, seq_len: int) -> float:
     return 6 * n_matmul + 12 * args.n_layers * args.dim * seq_len
 
 
+def block_matmul_weights(args: ModelArgs) -> int:
+    """One block's matmul weights: wq, wo (dim x dim), wk, wv (dim x kv heads), w1, w2, w3 (dim x ffn hidden)."""
+    return 2 * args.dim * args.dim + 2 * args.dim * args.kv_heads * args.head_dim + 3 * args.dim * args.ffn_hidden
+
+
 def block_flops_parts(args: ModelArgs, tp: int, tokens: int, seq: int) -> tuple[float, float]:
     """Model FLOPs of one block's tp shard, forward and backward, for `tokens` tokens: (the matmuls', 6 per weight
     and token; attention's, 12 x dim x seq per token), as flops_per_token counts them."""
-    kv = args.kv_heads * args.head_dim
-    weights = (2 * args.dim * args.dim + 2 * args.dim * kv + 3 * args.dim * args.ffn_hidden) / tp
-    return tokens * 6 * weights, tokens * 12 * args.dim * seq / tp
+    return tokens * 6 * block_matmul_weights(args) / tp, tokens * 12 * args.dim * seq / tp
 
 
 def block_flops(args: ModelArgs, tp: int, tokens: int, seq: int) -> float:

@@ -102,7 +102,7 @@ def spread(rows: list[Layout], k: int) -> list[Layout]:
     chosen: list[Layout] = []
     for i in range(k):
         target = lo + (hi - lo) * i / max(1, k - 1)
-        free = [r for r in fitting if not any(r is c for c in chosen)]
+        free = [r for r in fitting if all(r is not c for c in chosen)]
         chosen.append(min(free, key=lambda r: (abs(r.step_s - target), r.step_s)))
     return sorted(chosen, key=lambda r: r.step_s)
 
@@ -110,9 +110,8 @@ def spread(rows: list[Layout], k: int) -> list[Layout]:
 def tune(cfg: DictConfig, layouts: list[Layout], user: list[str], tune_dir: Path, steps: int,
          out=print) -> list[Measured]:
     """Run each of `layouts` for `steps` steps and measure it."""
-    best = layouts
     slurm = cfg.launcher.name == "slurm"
-    runs = [Measured(layout, Path(tune_dir) / str(i)) for i, layout in enumerate(best)]
+    runs = [Measured(layout, Path(tune_dir) / str(i)) for i, layout in enumerate(layouts)]
     procs = []
     for i, m in enumerate(runs):
         proc = RunProcess(m.run_dir, run_overrides(user, m.layout, steps), slurm=slurm)

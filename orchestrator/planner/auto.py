@@ -37,19 +37,24 @@ from orchestrator.validate import ConfigError, validate
 _PROBE_WORLDS = (96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096, 8192, 16384)
 
 
+def rank_memory_gb(local_world: int, on_gpu: bool) -> float:
+    """A rank's memory in GiB: its GPU's, or its share of this host's RAM."""
+    if on_gpu:
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / local_world
+
+
 def machine_cluster(world: int, local_world: int) -> dict:
     """This machine as a `cluster` (conf/cluster/*.yaml's fields) for `world` ranks, `local_world` per node."""
-    gib = 2**30
     if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
         props = torch.cuda.get_device_properties(0)
         return {"name": f"this machine ({props.name})", "gpus": world, "gpus_per_node": local_world,
-                "gpu_memory_gb": props.total_memory / gib, "memory_reserve_gb": 6,
+                "gpu_memory_gb": rank_memory_gb(local_world, on_gpu=True), "memory_reserve_gb": 6,
                 "device": device_key(props.name) or "h100-sxm",
                 "mfu": 0.45, "intra_node_gbps": 450, "inter_node_gbps": 50, "hbm_gbps": 3350, "hbm_efficiency": 0.7,
                 "intra_node_latency_us": 1.5, "inter_node_latency_us": 5}
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / gib
     return {"name": "this machine (CPU ranks)", "gpus": world, "gpus_per_node": local_world,
-            "gpu_memory_gb": host / local_world, "memory_reserve_gb": 0.5, "device": "cpu",
+            "gpu_memory_gb": rank_memory_gb(local_world, on_gpu=False), "memory_reserve_gb": 0.5, "device": "cpu",
             "mfu": 0.5, "intra_node_gbps": 5, "inter_node_gbps": 1, "hbm_gbps": 10, "hbm_efficiency": 1.0,
             # gloo between processes of one host: a ring step costs ~100 us (conf/cluster/cpu.yaml measures more)
             "intra_node_latency_us": 100, "inter_node_latency_us": 100}

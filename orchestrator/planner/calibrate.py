@@ -61,13 +61,16 @@ from launch.local import RankFailed, spawn
 from launch.rank import pick_backend
 from models.llama import ModelArgs
 from orchestrator.build import build_model
+from orchestrator.config import CONF_DIR
 from orchestrator.flops import block_flops_parts, device_key, head_flops
+from orchestrator.planner.auto import rank_memory_gb
 from orchestrator.planner.calibrate_slurm import calibrate_in_job, slurm_shape
 from orchestrator.planner.cluster import CalibrationError, Links, check_cluster
 from orchestrator.planner.cost import bubble_of, step_time, tp_comm_times
 from orchestrator.planner.layouts import n_params_of
 from orchestrator.trainer import Trainer
 from orchestrator.validate import ConfigError, validate
+from parallel.grad import clip_grads_
 from parallel.mesh import MESH_DIMS
 from parallel.tensor_parallel import loss_context
 
@@ -182,24 +185,27 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _real_model_step(spec: dict, tp: int, layers: int, mb: int, seq: int, device, world: int):
-    """Forward+backward of the model itself (its TP plan at `tp`, `layers` blocks, one micro-batch of `mb`
-    sequences), as trident-train builds it: DTensor's dispatch and TP's own collectives included."""
-    model_cfg = OmegaConf.create({**spec["model_cfg"], "n_layers": layers, "init_from": None})
+def _real_model(spec: dict, tp: int, device, world: int):
+    """The model itself (its TP plan at `tp`, spec["layers"] blocks) as trident-train builds it, once per tp
+    degree: step(mb, seq) makes one micro-batch's forward+backward, DTensor's dispatch and TP's collectives
+    included."""
+    model_cfg = OmegaConf.create({**spec["model_cfg"], "n_layers": spec["layers"], "init_from": None})
     par = OmegaConf.create({**spec["parallel_cfg"], "tp": tp, "pp": 1, "dp": world // tp, "dp_shard": "optimizer"})
     mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (1, world // tp, tp), mesh_dim_names=MESH_DIMS)
     train_cfg = OmegaConf.create({**spec["train_cfg"], "compile": False, "activation_checkpointing": "none"})
-    parts = build_model(model_cfg, par, mesh, device, 0, train_cfg)
-    model = parts.parts[0]
-    gen = torch.Generator().manual_seed(0)
-    vocab = model_cfg.vocab_size
-    tokens = torch.randint(0, vocab, (mb, seq), generator=gen).to(device)
-    targets = torch.randint(0, vocab, (mb, seq), generator=gen).to(device)
+    model = build_model(model_cfg, par, mesh, device, 0, train_cfg).parts[0]
 
-    def step():
-        with loss_context(tp):
-            model(tokens, targets).backward()
-        _sync(device)
+    def step(mb: int, seq: int):
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, model_cfg.vocab_size, (mb, seq), generator=gen).to(device)
+        targets = torch.randint(0, model_cfg.vocab_size, (mb, seq), generator=gen).to(device)
+
+        def run():
+            with loss_context(tp):
+                model(tokens, targets).backward()
+            _sync(device)
+
+        return run
 
     return step
 
@@ -209,12 +215,9 @@ def busy_counts(local: int, tp: int) -> list[int]:
     return sorted({n for n in (tp, local // 2) if tp <= n < local and n % tp == 0})
 
 
-def _compute_point(spec: dict, tp: int, mb: int, seq: int, device, world: int, busy: int, rank: int) -> float:
-    """Seconds of the real model's forward+backward (spec["layers"] blocks, embedding, output projection and
-    loss) on one micro-batch of mb sequences, on the first `busy` ranks at once, the others waiting."""
-    step = _real_model_step(spec, tp, spec["layers"], mb, seq, device, world)
-    work = step if rank < busy else (lambda: None)
-    return _timed(work, spec["budget_s"], spec["max_reps"])
+def _compute_point(run, spec: dict, busy: int, rank: int) -> float:
+    """Seconds of one call of `run` on the first `busy` ranks at once, the others waiting."""
+    return _timed(run if rank < busy else (lambda: None), spec["budget_s"], spec["max_reps"])
 
 
 def _loop_point(n_params: int, device, budget_s: float) -> float:
@@ -227,8 +230,7 @@ def _loop_point(n_params: int, device, budget_s: float) -> float:
     opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
 
     def step():
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
-        torch._foreach_mul_([p.grad for p in params], torch.clamp(1.0 / (norm + 1e-6), max=1.0))
+        clip_grads_(params, 1.0)
         opt.step()
         _sync(device)
 
@@ -279,9 +281,10 @@ def measure_rank(env, device, spec: dict, corpus=None) -> None:
     if 4 * seq <= args.max_seq_len:
         shapes.append((1, 4 * seq))
     for tp in spec["tps"]:
+        model_step = _real_model(spec, tp, device, world)
         for mb, s in shapes:
             tokens = mb * s
-            seconds = _compute_point(spec, tp, mb, s, device, world, world, rank)
+            seconds = _compute_point(model_step(mb, s), spec, world, rank)
             mm, attn = block_flops_parts(args, tp, tokens, s)
             L = spec["layers"]
             result["compute"].append({"tp": tp, "tokens": tokens, "seq": s, "s": seconds,
@@ -291,7 +294,7 @@ def measure_rank(env, device, spec: dict, corpus=None) -> None:
         # idle ranks do): how much faster a busy rank then runs (ranks sharing cores get theirs back).
         mb = spec["microbatches"][len(spec["microbatches"]) // 2]
         for n in busy_counts(local, tp):
-            seconds = _compute_point(spec, tp, mb, seq, device, world, n, rank)
+            seconds = _compute_point(model_step(mb, seq), spec, n, rank)
             result["busy"].append({"tp": tp, "n": n, "tokens": mb * seq, "s": seconds})
     result["loop"] = _loop_point(spec["n_params"], device, budget)
     src = torch.ones(16 * 2**20 // 4, device=device)
@@ -300,7 +303,7 @@ def measure_rank(env, device, spec: dict, corpus=None) -> None:
     result["reference"] = {name: _trainer_step(env, device, cfg_dict, corpus, budget)
                            for name, cfg_dict in spec["reference"].items()} if corpus is not None else {}
     result["device"] = _device_key(spec["backend"])
-    result["memory_gb"] = _memory_gb(spec["backend"], local)
+    result["memory_gb"] = rank_memory_gb(local, on_gpu=spec["backend"] == "nccl" and torch.cuda.is_available())
     result["host"] = socket.gethostname()
     if rank == 0:
         Path(spec["out"]).write_text(json.dumps(result))
@@ -485,7 +488,6 @@ def cluster_yaml(cfg: DictConfig, raw: dict, spec: dict, world: int, local: int,
     cl = cfg.cluster
     host = raw.get("host", socket.gethostname())
     today = datetime.date.today().isoformat()
-    dev = "cpu" if device_key == "cpu" else device_key
     ar = fits.get("intra", {}).get("all_reduce", {})
     g_max = max(ar) if ar else 2
     # Bus bandwidth (nccl-tests' busbw) of the widest all-reduce, for the fields older code reads.
@@ -507,7 +509,7 @@ def cluster_yaml(cfg: DictConfig, raw: dict, spec: dict, world: int, local: int,
         f"gpus_per_node: {local}        # ranks per node",
         f"gpu_memory_gb: {_num(memory_gb)}  # memory per rank (GiB): the device's, or a CPU rank's share of RAM",
         f"memory_reserve_gb: {_num(cl.memory_reserve_gb)}  # not measured: kept from cluster={cl.name}",
-        f"device: {dev}               # peak FLOP/s per dtype: orchestrator/flops.py (MFU is reported against it)",
+        f"device: {device_key}               # peak FLOP/s per dtype: orchestrator/flops.py (MFU is reported against it)",
         f"mfu: {_num(cl.mfu)}                # not used where `compute` below is given (kept from cluster={cl.name})",
         f"intra_node_gbps: {_num(busbw)}  # bus bandwidth (nccl-tests busbw) of the {g_max}-rank all-reduce fit below",
         f"inter_node_gbps: {_num(inter_bw)}  # the same across nodes ({'measured' if inter else 'one node: the intra figure'})",
@@ -594,7 +596,7 @@ def run_calibration(cfg: DictConfig, out_path: Optional[str], print_=print) -> P
     else:  # the job's tasks choose for themselves; this names what they will choose
         backend = launcher.backend if launcher.backend != "auto" else "nccl" if launcher.gpus_per_node else "gloo"
     name = cfg.calibrate.name or f"{socket.gethostname().split('.')[0]}-{backend}"
-    target = Path(out_path) if out_path else Path(__file__).resolve().parents[2] / "conf" / "cluster" / f"{name}.yaml"
+    target = Path(out_path) if out_path else Path(CONF_DIR) / "cluster" / f"{name}.yaml"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = str(Path(tmp) / "raw.json")
@@ -627,7 +629,7 @@ def run_calibration(cfg: DictConfig, out_path: Optional[str], print_=print) -> P
     os.replace(tmp_target, target)
     for line in fit_lines(fit_all(raw)):
         print_(line)
-    home = target.parent.resolve() == (Path(__file__).resolve().parents[2] / "conf" / "cluster")
+    home = target.parent.resolve() == Path(CONF_DIR) / "cluster"
     print_(f"trident-plan: wrote {target} in {time.perf_counter() - started:.0f} s; "
            + (f"plan with it as cluster={target.stem}" if home else
               f"copy it to conf/cluster/ to plan with it as cluster={target.stem}"))
@@ -650,12 +652,3 @@ def _device_key(backend: str) -> str:
         return device_key(torch.cuda.get_device_name()) or "cpu"
     return "cpu"
 
-
-def _memory_gb(backend: str, local: int) -> float:
-    if backend == "nccl" and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory / 2**30
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        total = 8 * 2**30
-    return total / 2**30 / local

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from orchestrator.flops import cluster_peak
 from orchestrator.validate import ConfigError
 
+
 class CalibrationError(RuntimeError):
     """A calibration (`trident-plan --calibrate`) that could not run: one line saying why; nothing was written."""
 
@@ -100,7 +101,7 @@ def check_cluster(cl: DictConfig, where: Optional[str] = None) -> None:
             for i, p in enumerate(entries):
                 for key in keys:
                     _positive(p, key, f"{where}: compute.{section}[{i}]")
-    for key, value in (plain.get("overheads") or {}).items():
+    for key in plain.get("overheads") or {}:
         _positive(plain["overheads"], key, f"{where}: overheads")
     if plain.get("loop") is not None:
         _positive(plain["loop"], "ns_per_param", f"{where}: loop")
@@ -120,23 +121,23 @@ class Links:
             for kind, by_g in kinds.items():
                 table.setdefault(link, {})[kind] = {int(g): (float(f["alpha_us"]) * 1e-6, float(f["beta_gbps"]) * 1e9)
                                                     for g, f in by_g.items()}
-        for link, gbps, lat in (("intra", cl.intra_node_gbps, cl.intra_node_latency_us),
-                                ("inter", cl.inter_node_gbps, cl.inter_node_latency_us)):
-            kinds = table.setdefault(link, {})
-            source = table.get("intra", {}) if link == "inter" and given.get("intra") and not given.get("inter") \
-                else None
-            for kind in KINDS:
-                if kind in kinds:
-                    continue
-                if source and kind in source and link == "inter":
-                    # No inter-node measurement: the node's own figures, slowed to the inter-node bandwidth.
-                    scale = float(cl.intra_node_gbps) / float(gbps)
-                    kinds[kind] = {g: (a * float(cl.inter_node_latency_us) / float(cl.intra_node_latency_us),
-                                       b / scale) for g, (a, b) in source[kind].items()}
-                    continue
-                # From the link figures: a latency per ring step, the bus bandwidth.
-                kinds[kind] = {2: (ring_steps(kind, 2) * float(lat) * 1e-6, float(gbps) * 1e9 / bus_factor(kind, 2))}
+        intra = table.setdefault("intra", {})
+        inter = table.setdefault("inter", {})
+        latency = float(cl.inter_node_latency_us) / float(cl.intra_node_latency_us)
+        slower = float(cl.intra_node_gbps) / float(cl.inter_node_gbps)
+        for kind in KINDS:
+            if kind not in intra:  # from the link figures: a latency per ring step, the bus bandwidth
+                intra[kind] = cls._from_link(kind, cl.intra_node_latency_us, cl.intra_node_gbps)
+            if kind not in inter:
+                # Measured on one node only: its own figures at the inter-node latency and bandwidth.
+                inter[kind] = ({g: (a * latency, b / slower) for g, (a, b) in intra[kind].items()}
+                               if "intra" in given and "inter" not in given
+                               else cls._from_link(kind, cl.inter_node_latency_us, cl.inter_node_gbps))
         return cls(table)
+
+    @staticmethod
+    def _from_link(kind: str, latency_us, gbps) -> dict:
+        return {2: (ring_steps(kind, 2) * float(latency_us) * 1e-6, float(gbps) * 1e9 / bus_factor(kind, 2))}
 
     def time(self, kind: str, g: int, nbytes: float, link: str = "intra") -> float:
         if g < 2 or nbytes <= 0:

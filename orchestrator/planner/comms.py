@@ -40,8 +40,7 @@ from dataclasses import dataclass
 from models.llama import ModelArgs
 from orchestrator.levers import dtype_bytes
 from parallel.data_parallel import BUCKET
-from parallel.pipeline_parallel import SPLIT_BACKWARD
-from parallel.pipeline_parallel import stage_ids, stage_owner, stages_per_rank
+from parallel.pipeline_parallel import SPLIT_BACKWARD, stage_ids, stage_owner, stages_per_rank
 
 # Forward passes recomputed in backward, per block, by train.activation_checkpointing (levers.ac_layers).
 RECOMPUTED = {"none": 0.0, "selective": 0.5, "full": 1.0}
@@ -69,7 +68,6 @@ class Shape:
     micro_batch: int
     microbatches: int  # per dp rank and step
     seq_len: int
-    schedule: str
     stages_per_rank: int
     sequence_parallel: bool
     dp_shard: str
@@ -94,7 +92,7 @@ def shape_of(cfg, args: ModelArgs, pp_rank: int, block_params: int, root_params:
     ends = sum(int(0 <= nb < n_stages and stage_owner(par.schedule, nb, par.pp) != pp_rank)
                for i in ids for nb in (i - 1, i + 1)) if par.pp > 1 else 0
     layers = -(-args.n_layers // n_stages) * len(ids)
-    return Shape(par.tp, par.pp, par.dp, t.micro_batch, m, t.seq_len, par.schedule, v,
+    return Shape(par.tp, par.pp, par.dp, t.micro_batch, m, t.seq_len, v,
                  bool(par.sequence_parallel) and par.tp > 1, par.dp_shard, dtype_bytes(t.dtype),
                  RECOMPUTED[t.activation_checkpointing], layers, 0 in ids, n_stages - 1 in ids, ends,
                  block_params, root_params, par.pp == 1 or par.schedule not in SPLIT_BACKWARD)

@@ -39,7 +39,7 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from models.llama import ModelArgs
-from orchestrator.flops import block_flops_parts, cluster_peak, flops_per_token, head_flops, mfu
+from orchestrator.flops import block_flops_parts, block_matmul_weights, cluster_peak, flops_per_token, head_flops, mfu
 from orchestrator.planner.cluster import Compute, Links
 from orchestrator.planner.comms import RECOMPUTED, Comm, Shape, shape_of, step_comms
 from orchestrator.planner.bubble import analytic_bubble, simulate
@@ -70,8 +70,7 @@ def _idle_units(schedule: str, pp: int, m: int, per_rank) -> float:
 
 def rank_params(args: ModelArgs, tp: int) -> tuple[int, int, int]:
     """(one block's parameters on a tp rank, the embedding's, the final norm's and output projection's)."""
-    kv = args.kv_heads * args.head_dim
-    block = (2 * args.dim * args.dim + 2 * args.dim * kv + 3 * args.dim * args.ffn_hidden) // tp + 2 * args.dim
+    block = block_matmul_weights(args) // tp + 2 * args.dim  # + its two norms' weights
     vocab = -(-args.vocab_size // tp) * args.dim
     return block, vocab, vocab + args.dim
 
@@ -81,8 +80,10 @@ def tp_comm_times(links: Links, args: ModelArgs, tp: int, tokens: int, seq: int,
     """(seconds of one block's TP collectives, forward and backward; of the embedding's, output projection's and
     loss's) for one micro-batch of `tokens`: what a calibration takes out of the real model's times."""
     def total(layers, first, last):
-        shape = Shape(tp, 1, 1, tokens // seq, 1, seq, "1f1b", 1, sp and tp > 1, "full", dtype_bytes_, 0.0, layers,
-                      first, last, 0, 0, 0, True)
+        shape = Shape(tp=tp, pp=1, dp=1, micro_batch=tokens // seq, microbatches=1, seq_len=seq, stages_per_rank=1,
+                      sequence_parallel=sp and tp > 1, dp_shard="full", dtype_bytes=dtype_bytes_, recompute=0.0,
+                      layers=layers, first=first, last=last, p2p_ends=0, block_params=0, root_params=0,
+                      fsdp_units_per_block=True)
         return sum(c.count * links.time(c.kind, c.group, c.nbytes, link) for c in step_comms(shape, args)
                    if c.dim == "tp")
     return total(1, False, False), total(0, True, True)
@@ -100,18 +101,22 @@ def step_time(cfg: DictConfig, mem: Optional[RankMemory], n_params: int, bubble:
     recompute = RECOMPUTED[t.activation_checkpointing]
     block_p, embed_p, head_p = rank_params(args, par.tp)
     overlap = bool(cl.get("comm_overlap")) if cl.get("comm_overlap") is not None else True
+    ov = cl.get("overheads") or {}
+    fsdp_factor = float(ov.get("fsdp_comm_factor", 1.0)) if par.dp_shard == "full" else 1.0
+    # The same on every pp rank: one block's forward+backward (a recomputed one's forward again), the head's.
+    blk = compute.seconds(*block_flops_parts(args, par.tp, tokens, t.seq_len), 1, par.tp) * (1 + recompute / 3)
+    blk_overhead = compute.overhead(1 + recompute / 3, par.tp)
+    head = compute.seconds(head_flops(args, par.tp, tokens), 0.0, 0, par.tp)
+    # A rank works (1 - bubble) of the schedule; meanwhile about that share of its node's ranks work too.
+    speedup = compute.speedup(cl.gpus_per_node * (1.0 - bubble), par.tp) if bubble > 0 else 1.0
     worst = None
     for pp_rank in range(par.pp):
         shape = shape_of(cfg, args, pp_rank, block_p, 0)
         root = (embed_p if shape.first else 0) + (head_p if shape.last else 0)
         shape = replace(shape, root_params=root)
         m = shape.microbatches
-        blk = compute.seconds(*block_flops_parts(args, par.tp, tokens, t.seq_len), 1, par.tp)
-        mb_compute = shape.layers * blk * (1 + recompute / 3)
-        if shape.last:
-            mb_compute += compute.seconds(head_flops(args, par.tp, tokens), 0.0, 0, par.tp)
-        compute_s = m * mb_compute
-        overhead_s = m * compute.overhead(shape.layers * (1 + recompute / 3), par.tp)
+        compute_s = m * (shape.layers * blk + (head if shape.last else 0.0))
+        overhead_s = m * shape.layers * blk_overhead
         by_dim = {"tp": 0.0, "pp": 0.0, "dp": 0.0, "loop": 0.0}
         dp_beside = 0.0  # the part of dp's time its code issues beside compute (FSDP2's prefetch, DDP's buckets)
         by_kind: dict = {}
@@ -122,10 +127,8 @@ def step_time(cfg: DictConfig, mem: Optional[RankMemory], n_params: int, bubble:
             by_dim[c.dim] += secs
             dp_beside += secs if c.dim == "dp" and c.overlapped else 0.0
             by_kind[(c.dim, c.kind)] = by_kind.get((c.dim, c.kind), 0.0) + secs
-        ov = cl.get("overheads") or {}
-        if par.dp_shard == "full":
-            by_dim["dp"] *= float(ov.get("fsdp_comm_factor", 1.0))
-            dp_beside *= float(ov.get("fsdp_comm_factor", 1.0))
+        by_dim["dp"] *= fsdp_factor
+        dp_beside *= fsdp_factor
         stage_mbs = m * shape.stages_per_rank if par.pp > 1 else 0
         compute_s += stage_mbs * float(ov.get("pipeline_ms_per_stage_microbatch", 0.0)) * 1e-3
         # Overlapped where the backend runs collectives beside compute: only their excess shows. ZeRO-1's and
@@ -135,8 +138,6 @@ def step_time(cfg: DictConfig, mem: Optional[RankMemory], n_params: int, bubble:
         if par.dp > 1 and par.dp_shard in ("full", "optimizer"):
             local /= par.dp
         loop_s = by_dim["loop"] + local * float((cl.get("loop") or {}).get("ns_per_param", 0.0)) * 1e-9
-        # A rank works (1 - bubble) of the schedule; meanwhile about that share of its node's ranks work too.
-        speedup = compute.speedup(cl.gpus_per_node * (1.0 - bubble), par.tp) if bubble > 0 else 1.0
         busy = (compute_s + by_dim["tp"] + by_dim["pp"]) / (speedup * (1.0 - bubble))
         step = busy + exposed_dp + loop_s
         row = {"compute_s": compute_s, "overhead_s": overhead_s, "tp_s": by_dim["tp"], "pp_s": by_dim["pp"], "dp_s": exposed_dp,
