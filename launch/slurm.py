@@ -135,7 +135,7 @@ def executor_params(cfg) -> dict[str, Any]:
     params = {
         "name": f"trident-{cfg.model.name}",
         "nodes": launcher.nodes,
-        "tasks_per_node": tasks_per_node(launcher, par.tp * par.pp * par.dp),
+        "tasks_per_node": tasks_per_node(launcher, par.tp * par.pp * par.dp * par.get("cp", 1)),
         "cpus_per_task": launcher.cpus_per_task,
         "timeout_min": time_minutes(launcher.time),
         "gpus_per_node": launcher.gpus_per_node or None,

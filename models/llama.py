@@ -194,7 +194,8 @@ class Transformer(nn.Module):
         self.loss_chunks = 1
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None, *, cache=None,
-                last_only: bool = False, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                last_only: bool = False, doc_ids: Optional[torch.Tensor] = None,
+                num_targets: Optional[float] = None) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab); with targets (batch, seq), the mean cross-entropy
         over the targets that are not IGNORE (-100).
 
@@ -204,6 +205,8 @@ class Transformer(nn.Module):
         to earlier tokens of its own document. (Rotary embeddings depend on relative positions
         only, so each document is computed as if it stood alone.) A pipeline stage gets hidden
         states as `tokens` and the same doc_ids.
+        num_targets: what the summed loss is divided by, where these targets are part of a larger
+        batch whose mean is wanted (a sequence split over ranks); None: the targets here not IGNORE.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         rope = self.rope if cache is None else cache.rope(self.rope)
@@ -216,7 +219,7 @@ class Transformer(nn.Module):
             return h
         if targets is None:
             return self.output(h)
-        return cross_entropy(self.output, h, targets, self.loss_chunks)
+        return cross_entropy(self.output, h, targets, self.loss_chunks, num_targets)
 
     def tie_weights(self) -> None:
         """With tie_embeddings, make the output projection use the embedding's tensor.
@@ -247,8 +250,11 @@ def _loss_sum(output: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torc
     return F.cross_entropy(output(h).float(), targets, reduction="sum")
 
 
-def cross_entropy(output: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+def cross_entropy(output: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunks: int = 1,
+                  num_targets: Optional[float] = None) -> torch.Tensor:
     """Mean cross-entropy of output(h) against targets, with fp32 log-probabilities.
+
+    num_targets: divide the summed loss by this rather than by the targets not ignored here.
 
     chunks > 1: the tokens are split into `chunks` pieces whose logits are made,
     reduced and thrown away one at a time, and made again in backward
@@ -258,11 +264,14 @@ def cross_entropy(output: nn.Module, h: torch.Tensor, targets: torch.Tensor, chu
     piece up to the order of the final sum; one more output projection in
     backward (2 * tokens * dim * vocab FLOPs).
     """
-    if chunks <= 1:
+    if chunks <= 1 and num_targets is None:
         return F.cross_entropy(output(h).flatten(0, 1).float(), targets.flatten())
+    if chunks <= 1:
+        return F.cross_entropy(output(h).flatten(0, 1).float(), targets.flatten(), reduction="sum") / num_targets
     total = sum(checkpoint(_loss_sum, output, hc, yc, use_reentrant=False)
                 for hc, yc in zip(h.flatten(0, 1).chunk(chunks), targets.flatten().chunk(chunks)))
-    return total / (targets != -100).sum()  # F.cross_entropy's mean: over the targets not ignored
+    # F.cross_entropy's mean: over the targets not ignored.
+    return total / (num_targets if num_targets is not None else (targets != -100).sum())
 
 
 def num_params(model: nn.Module, exclude_embedding: bool = False) -> int:

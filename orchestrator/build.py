@@ -1,7 +1,8 @@
 """From config and mesh to this rank's parallelized model parts with their initial weights.
 
 The whole model is built on the meta device and cut into pipeline stages;
-each of this rank's stages is split by TP, sharded by FSDP2 while it holds no
+each of this rank's stages is split by TP, given context parallelism's
+attention hooks (cp > 1), sharded by FSDP2 over dp x cp while it holds no
 memory, materialized, and only then initialised: each parameter's full value
 is a function of (seed, parameter name) alone, and each rank keeps its own
 shard of it. Every layout therefore starts from identical weights.
@@ -19,7 +20,9 @@ from models.hf import load_hf
 from models.llama import ModelArgs, Transformer, full_init_value, num_params
 from models.plans import TP_PLANS, pipeline_cuts, stage_layers
 from orchestrator.levers import DTYPES, apply_levers, compile_scope, compile_works
+from parallel.context_parallel import apply_cp
 from parallel.data_parallel import DataParallel, apply_dp, uses_ddp, uses_fsdp
+from parallel.mesh import model_meshes
 from parallel.pipeline_parallel import SPLIT_BACKWARD, stage_ids, stage_module, stages_per_rank
 from parallel.tensor_parallel import apply_tp, padded_vocab
 
@@ -74,7 +77,11 @@ def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device,
     count their shards).
     """
     args = ModelArgs.from_config(model_cfg)
-    tp, dp_mesh = mesh["tp"].size(), mesh["dp"]
+    # The data-parallel mesh spans dp x cp: the cp ranks hold the same weights (parallel/mesh.py).
+    tp_mesh, dp_mesh = model_meshes(mesh)
+    tp, cp = tp_mesh.size(), mesh["cp"].size()
+    if cp > 1 and train_cfg is None:
+        raise ValueError("parallel.cp > 1 needs train_cfg: context parallelism cuts train.seq_len")
     if tp > 1 and args.vocab_size % tp:
         args = replace(args, padded_vocab_size=padded_vocab(args.vocab_size, tp))
     with torch.device("meta"):
@@ -88,7 +95,9 @@ def build_model(model_cfg, parallel_cfg, mesh: DeviceMesh, device: torch.device,
     for stage in ids:
         module = whole if n_stages == 1 else stage_module(whole, stage, n_stages, layers[stage])
         if tp > 1:
-            apply_tp(module, mesh["tp"], TP_PLANS["llama"], parallel_cfg.sequence_parallel)
+            apply_tp(module, tp_mesh, TP_PLANS["llama"], parallel_cfg.sequence_parallel)
+        if cp > 1:
+            apply_cp(module, mesh["cp"], train_cfg.seq_len)
         if train_cfg is not None:
             apply_levers(module, train_cfg, device, fsdp_mixed_precision=fsdp, scope=scope)
         modules.append(module)

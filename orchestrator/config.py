@@ -38,6 +38,7 @@ class ParallelConfig:
     tp: int = MISSING
     pp: int = MISSING
     dp: int = MISSING
+    cp: int = 1
     sequence_parallel: bool = MISSING
     schedule: str = MISSING
     microbatches: Optional[int] = MISSING

@@ -71,6 +71,9 @@ def check_settings(cfg: DictConfig) -> None:
 def check_layout(cfg: DictConfig, env=None) -> list[str]:
     """Tensor parallelism only; then trident-train's own checks of the model and its split."""
     par = cfg.parallel
+    if par.cp != 1:
+        raise ConfigError(f"parallel.cp={par.cp}: trident-generate decodes at parallel.cp=1 (context parallelism "
+                          "splits a training sequence; valid: parallel.cp=1)")
     if par.pp != 1 or par.dp != 1:
         raise ConfigError(
             f"parallel.pp={par.pp} parallel.dp={par.dp}: trident-generate splits a model by tensor parallelism "

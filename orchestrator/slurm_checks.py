@@ -11,6 +11,7 @@ from typing import Optional
 
 from launch.slurm import tasks_per_node
 from orchestrator.validate import ConfigError
+from parallel.mesh import ParallelDims
 
 UNREACHABLE = "Unable to contact slurm controller"
 RETRY_S = (2, 4, 8)  # a controller restarting or failing over is back within seconds
@@ -97,7 +98,7 @@ def check_cluster(cfg) -> None:
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
         raise ConfigError("launcher=slurm needs SLURM's sbatch and sinfo on PATH: submit from a login node "
                           "(or start a local cluster: launch/cluster/start-cluster.sh)")
-    world = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp
+    world = ParallelDims.of(cfg.parallel).world_size
     check_partition(cfg.launcher, tasks_per_node(cfg.launcher, world), partitions())
     check_no_secrets(cfg.launcher)
 

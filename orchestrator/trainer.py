@@ -31,10 +31,11 @@ from launch.watchdog import BOUNDARY, StepWatchdog, dump_nccl_trace
 from orchestrator import checkpoint
 from orchestrator.faults import FaultStop, SpikeGuard, StepAgreement, StragglerWatch
 from orchestrator.build import build_model
-from orchestrator.data import Batches, Corpus, eval_batches
+from orchestrator.data import IGNORE, Batches, Corpus, eval_batches
 from orchestrator.flops import flops_per_token, mfu, run_peak
 from orchestrator.metrics import MetricsLogger, NullLogger, console, fmt_count, fmt_duration, progress_line
 from orchestrator.optim import build_adamw, resolve_implementation
+from parallel.context_parallel import shard_sequence
 from parallel.grad import clip_grads_
 from parallel.mesh import ParallelDims, build_mesh
 from parallel.pipeline_parallel import build_pipeline
@@ -77,16 +78,18 @@ class Trainer:
                  resume: Optional[str] = None, should_stop: Optional[Callable[[], bool]] = None):
         self.cfg, self.env, self.device, self.run_dir = cfg, env, device, run_dir
         par, t = cfg.parallel, cfg.train
-        self.dims = ParallelDims(par.tp, par.pp, par.dp)
+        self.dims = ParallelDims.of(par)
         self.mesh = build_mesh(self.dims, device.type)
-        self.dp_group = self.mesh["dp"].get_group()
         self.pp_group = self.mesh["pp"].get_group()
-        dp_rank = self.mesh["dp"].get_local_rank()
+        dp_rank, self.cp_rank = self.mesh["dp"].get_local_rank(), self.mesh["cp"].get_local_rank()
+        self.cp_group = self.mesh["cp"].get_group() if self.dims.cp > 1 else None
 
         built = build_model(cfg.model, par, self.mesh, device, t.seed, train_cfg=t)
         self.parts, self.modules, self.n_params = built.parts, built.modules, built.n_params
         self.params = [p for m in self.modules for p in m.parameters()]
         self.dp = built.dp
+        # The replicas: dp x cp ranks (each cp rank computes the loss of its part of the sequences).
+        self.dp_group = self.dp.dp_mesh.get_group()
         self.compiled = built.compiled
         o = cfg.optim
         self.optim_implementation = resolve_implementation(o.implementation, self.params)
@@ -94,7 +97,9 @@ class Trainer:
         self.optimizers = [build_adamw(m, o, self.optim_implementation, self.dp.owns) for m in self.modules]
         mask = cfg.data.mask_across_documents  # micro-batches then carry doc_ids (orchestrator/data.py)
         self.batches = Batches(corpus.train, t.seq_len, t.global_batch, t.micro_batch, t.seed, dp_rank, par.dp, mask)
-        self.eval_data = eval_batches(corpus.eval, t.seq_len, t.eval_sequences, t.micro_batch, dp_rank, par.dp, mask)
+        self.eval_data = [self._cp_share(b) for b in
+                          eval_batches(corpus.eval, t.seq_len, t.eval_sequences, t.micro_batch, dp_rank, par.dp, mask)]
+        self.num_targets: Optional[float] = None  # the loss's divisor while a step runs (_weigh_tokens)
         self.pipeline = None
         if par.pp > 1:
             # A compiled stage leaves the loss to the schedule: compile it too (at pp=1 the model computes it).
@@ -119,9 +124,9 @@ class Trainer:
             self.skipped_steps, self.rollbacks = meta.get("skipped_steps", 0), meta.get("rollbacks", 0)
         self.agreement = StepAgreement(self.dims.world_size, env.rank, device)
         tp_rank = self.mesh["tp"].get_local_rank()
-        # One rank per pipeline and dp rank brings the loss to the agreement; dp=tp=0 ranks the pipeline wait.
+        # One rank per pipeline, dp and cp rank brings the loss to the agreement; dp=cp=tp=0 ranks the pipeline wait.
         self.owns_loss = tp_rank == 0 and (self.pipeline is None or self.pipeline.has_last)
-        self.owns_pp_wait = tp_rank == 0 and dp_rank == 0
+        self.owns_pp_wait = tp_rank == 0 and dp_rank == 0 and self.cp_rank == 0
         self.spike = SpikeGuard(t.spike.factor, t.spike.window) if t.spike.factor else None
         self.stragglers = StragglerWatch(cfg.logging.straggler_factor, cfg.logging.straggler_steps)
         self.watchdog: Optional[StepWatchdog] = None  # started by fit()
@@ -135,7 +140,9 @@ class Trainer:
         self.logger = self._make_logger() if self.is_logger else NullLogger()
 
     def _make_logger(self):
-        name, group = f"{self.cfg.model.name}-tp{self.dims.tp}-pp{self.dims.pp}-dp{self.dims.dp}", self.cfg.model.name
+        d = self.dims
+        name, group = f"{self.cfg.model.name}-tp{d.tp}-pp{d.pp}-dp{d.dp}" + (f"-cp{d.cp}" if d.cp > 1 else ""), \
+            self.cfg.model.name
         sweep = self.cfg.get("sweep")  # a -m sweep's point: its runs share a group and differ by a suffix
         if sweep is not None:
             name, group = f"{name}-{sweep.num}", sweep.id
@@ -152,14 +159,45 @@ class Trainer:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    @staticmethod
-    def _loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The last pipeline stage's loss (at pp=1 the model computes the same, models/llama.py cross_entropy)."""
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The last pipeline stage's loss (at pp=1 the model computes the same, models/llama.py cross_entropy):
+        the mean over the targets, or the sum divided by `num_targets` where the step set one."""
+        if self.num_targets is None:
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum") / self.num_targets
+
+    def _weigh_tokens(self, micro: list) -> Optional[float]:
+        """The divisor that makes each micro-batch's summed loss its share of the mean over every target of the
+        global batch that counts, or None where every target counts (each micro-batch's mean is that share).
+
+        With document masking the targets across a boundary are IGNORE, unevenly over micro-batches, dp ranks
+        and cp ranks: each rank's loss (micro-batch m) is sum_m / (N / (R * M)), N the global batch's targets
+        that count (one all-reduce over the R = dp x cp replicas), M micro-batches per rank. Averaged as the
+        gradients are, over M and R, that is sum over all / N.
+        """
+        if not self.cfg.data.mask_across_documents:
+            return None
+        count = torch.stack([(b[1] != IGNORE).sum() for b in micro]).sum().to(self.device, torch.float64).reshape(1)
+        dist.all_reduce(count, group=self.dp_group)
+        # A number, not a tensor: FSDP2 would cast a float tensor argument to the compute dtype (bf16).
+        return count.item() / (self.dp_group.size() * len(micro))
+
+    def micro_batches(self, position: int) -> list[tuple]:
+        """This rank's micro-batches at a data position (its dp share, and under cp its part of each sequence)."""
+        return [self._cp_share(b) for b in self.batches.step(position)]
+
+    def _cp_share(self, batch: tuple) -> tuple:
+        """This cp rank's part of every sequence of a micro-batch (inputs, targets[, doc_ids]): its two chunks."""
+        if self.cp_group is None:
+            return batch
+        return tuple(shard_sequence(t, self.dims.cp, self.cp_rank) for t in batch)
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The mean loss of one micro-batch: the part's forward computes it (so a compiled part includes it)."""
+        """The loss of one micro-batch (its mean, or its sum / num_targets): the part's forward computes it (so a
+        compiled part includes it)."""
         kwargs = {} if doc_ids is None else {"doc_ids": self._to_device(doc_ids)}
+        if self.num_targets is not None:
+            kwargs["num_targets"] = self.num_targets
         return self.parts[0](self._to_device(inputs), self._to_device(targets), **kwargs)
 
     def _pp_sum(self, value: torch.Tensor) -> torch.Tensor:
@@ -181,6 +219,7 @@ class Trainer:
 
     def _forward_backward(self, micro: list) -> torch.Tensor:
         loss_sum = torch.zeros((), device=self.device)
+        self.num_targets = self._weigh_tokens(micro)
         if self.pipeline is not None:
             inputs, targets, *doc_ids = (self._to_device(torch.cat(column)) for column in zip(*micro))
             with loss_context(self.dims.tp):
@@ -205,7 +244,7 @@ class Trainer:
         start = time.perf_counter()
         self.step += 1
         self._phase(f"forward/backward of step {self.step}")
-        micro = self.batches.step(self.step + self.data_offset)
+        micro = self.micro_batches(self.step + self.data_offset)
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
         loss_sum = self._forward_backward(micro)
         waited = time.perf_counter()
@@ -221,7 +260,7 @@ class Trainer:
             work_s=arrived - start, wait_s=arrived - waited + (pp_wait or 0.0))
         self._phase(f"the optimizer step of step {self.step}")
         self.stop_requested = v.stop
-        loss = v.loss_sum / (self.dims.dp * len(micro))
+        loss = v.loss_sum / (self.dims.dp * self.dims.cp * len(micro))
         row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item()}
         spike_median = None if v.nonfinite or self.spike is None else self.spike.is_spike(loss)
         if v.nonfinite or spike_median is not None:
@@ -262,7 +301,8 @@ class Trainer:
             return _value(self._loss(inputs, targets, doc_ids))
         t, m = self.cfg.train, self.cfg.model
         sp = self.dims.tp > 1 and self.cfg.parallel.sequence_parallel
-        shape = (inputs.shape[0], t.seq_len // self.dims.tp if sp else t.seq_len, m.dim)
+        seq = t.seq_len // self.dims.cp
+        shape = (inputs.shape[0], seq // self.dims.tp if sp else seq, m.dim)
         doc_ids = self._to_device(doc_ids) if doc_ids is not None else None
         logits = self.pipeline.forward_only(self._to_device(inputs), shape, torch.float32, doc_ids)
         loss = _value(self._loss_fn(logits, self._to_device(targets))) if logits is not None else torch.zeros((), device=self.device)
@@ -274,12 +314,17 @@ class Trainer:
             part.eval()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
+        # Where targets may be IGNORE (document masking), the mean over the targets that count: each batch's
+        # loss is its sum (divided by 1); else every sequence weighs the same (the mean of batch means).
+        by_token = self.cfg.data.mask_across_documents
+        self.num_targets = 1.0 if by_token else None
         for batch in self.eval_data:  # (inputs, targets[, doc_ids])
-            inputs = batch[0]
             with loss_context(self.dims.tp):
                 loss = self._eval_loss(*batch)
-            total += loss.double() * inputs.shape[0]
-            count += inputs.shape[0]
+            weight = (batch[1] != IGNORE).sum().item() if by_token else batch[0].shape[0]
+            total += loss.double() * (1 if by_token else weight)
+            count += weight
+        self.num_targets = None
         for part in self.parts:
             part.train()
         return self._dp_mean(total, count)
@@ -483,7 +528,7 @@ class Trainer:
             "data_offset": self.data_offset,  # batches skipped by spike rollbacks: step s reads batch s + data_offset
             "skipped_steps": self.skipped_steps,
             "rollbacks": self.rollbacks,
-            "layout": {"tp": d.tp, "pp": d.pp, "dp": d.dp, "schedule": self.cfg.parallel.schedule},
+            "layout": {"tp": d.tp, "pp": d.pp, "dp": d.dp, "cp": d.cp, "schedule": self.cfg.parallel.schedule},
             "config": OmegaConf.to_container(self.cfg),
         }
 
@@ -504,7 +549,8 @@ class Trainer:
         levers.append(f"AdamW {self.optim_implementation}")
         return (
             f"trident: {self.cfg.model.name} ({fmt_count(self.n_params)} parameters) on {d.world_size} rank(s) "
-            f"tp={d.tp} pp={d.pp} dp={d.dp} ({self.cfg.parallel.dp_shard}), {self.device.type}, "
+            f"tp={d.tp} pp={d.pp} dp={d.dp}{f' cp={d.cp}' if d.cp > 1 else ''} ({self.cfg.parallel.dp_shard}), "
+            f"{self.device.type}, "
             f"{', '.join(levers)}; {start}"
         )
 

@@ -7,6 +7,7 @@ traceback from deep inside torch.
 
 import functools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -70,22 +71,24 @@ def validate(cfg: DictConfig, env=None) -> list[str]:
 
 def _check_parallel(cfg: DictConfig, env) -> list[str]:
     par = cfg.parallel
-    for dim in ("tp", "pp", "dp"):
+    for dim in ("tp", "pp", "dp", "cp"):
         _at_least(f"parallel.{dim}", par[dim], 1)
     _choice("parallel.dp_shard", par.dp_shard, DP_SHARD_CHOICES)
     if par.timeout_s <= 0:
         raise ConfigError(f"parallel.timeout_s={par.timeout_s} must be positive")
     _choice("launcher.name", cfg.launcher.name, LAUNCHERS)
     _choice("launcher.backend", cfg.launcher.backend, BACKENDS)
-    product = par.tp * par.pp * par.dp
+    product = par.tp * par.pp * par.dp * par.cp
     world_size = env.world_size if env is not None else None
     for key, size in (("launcher.nprocs", cfg.launcher.nprocs), ("world size", world_size)):
         if size is not None and size != product:
             raise ConfigError(
-                f"{key}={size} != parallel.tp*pp*dp = {par.tp}*{par.pp}*{par.dp} = {product}: "
-                f"the layout must use every rank exactly once (e.g. parallel.dp={size // (par.tp * par.pp) or 1})"
+                f"{key}={size} != parallel.tp*pp*dp*cp = {par.tp}*{par.pp}*{par.dp}*{par.cp} = {product}: the "
+                f"layout must use every rank exactly once (e.g. parallel.dp={size // (par.tp * par.pp * par.cp) or 1})"
             )
     warnings = _check_slurm(cfg) if cfg.launcher.name == "slurm" else []
+    if par.cp > 1:
+        _check_cp(cfg)
     if par.tp > 1:
         _check_tp(cfg)
         if env is not None and env.local_world_size < par.tp:
@@ -98,20 +101,20 @@ def _check_parallel(cfg: DictConfig, env) -> list[str]:
 
 def _check_slurm(cfg: DictConfig) -> list[str]:
     la, par = cfg.launcher, cfg.parallel
-    world = par.tp * par.pp * par.dp
+    world = par.tp * par.pp * par.dp * par.cp
     _at_least("launcher.nodes", la.nodes, 1)
     _at_least("launcher.cpus_per_task", la.cpus_per_task, 1)
     _at_least("launcher.array_parallelism", la.array_parallelism, 1)
     if la.tasks_per_node is None and world % la.nodes:
         raise ConfigError(
-            f"launcher.nodes={la.nodes} does not divide the world size tp*pp*dp={world} "
+            f"launcher.nodes={la.nodes} does not divide the world size tp*pp*dp*cp={world} "
             f"(valid nodes: {', '.join(map(str, divisors(world)))}, or set launcher.tasks_per_node)"
         )
     tasks = la.tasks_per_node or world // la.nodes
     if la.nodes * tasks != world:
         raise ConfigError(
             f"launcher.nodes * launcher.tasks_per_node = {la.nodes}*{tasks} = {la.nodes * tasks} != "
-            f"parallel.tp*pp*dp = {world}: every task is one rank"
+            f"parallel.tp*pp*dp*cp = {world}: every task is one rank"
         )
     if la.gpus_per_node and la.gpus_per_node < tasks:
         raise ConfigError(
@@ -129,6 +132,31 @@ def _check_slurm(cfg: DictConfig) -> list[str]:
             "tensor parallelism across nodes is slow (its all-reduces cross the network every layer)"
         )
     return warnings
+
+
+def _check_cp(cfg: DictConfig) -> None:
+    """Context parallelism: the sequence cuts into 2*cp equal chunks (and, under SP, each rank's part by tp)."""
+    par, t = cfg.parallel, cfg.train
+    chunks = 2 * par.cp
+    if t.seq_len % chunks:
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} is not divisible by 2 x parallel.cp = {chunks}: context parallelism cuts "
+            f"each sequence into {chunks} equal chunks (valid: a multiple of {chunks}, e.g. "
+            f"{t.seq_len - t.seq_len % chunks or chunks}, or a cp that halves it evenly)"
+        )
+    local = t.seq_len // par.cp
+    if par.tp > 1 and par.sequence_parallel and local % par.tp:
+        step = chunks * par.tp // math.gcd(2, par.tp)
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} / parallel.cp={par.cp} = {local} tokens per rank is not divisible by "
+            f"parallel.tp={par.tp}, which parallel.sequence_parallel=true splits them by (valid: seq_len a "
+            f"multiple of {step}, or sequence_parallel=false)"
+        )
+    if t.compile:
+        raise ConfigError(
+            f"train.compile=true with parallel.cp={par.cp}: compiling the K/V all-gather of context parallelism "
+            "is not supported (valid: train.compile=false, or parallel.cp=1)"
+        )
 
 
 def _check_tp(cfg: DictConfig) -> None:

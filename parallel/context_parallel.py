@@ -11,14 +11,31 @@ gradients are reduce-scattered back: each rank keeps the sum of every rank's
 gradient for its own keys and values.
 
 `KVGather` speaks the model's KV-cache protocol (`Attention.forward` calls
-`cache.update(k, v)` and attends with the keys, values and mask it returns),
-so the model code needs no knowledge of cp.
+`cache.update(k, v)` and attends with the keys, values and mask it returns;
+`cache.rope` gives each token's rotary angles), so the model code needs no
+knowledge of cp. `apply_cp` hangs it on a model (or pipeline stage) from
+outside, as `apply_tp` does TP: each forward gets one KVGather for its
+micro-batch, built from the document ids it was given. Each cp rank's loss
+is the mean over its own tokens; data parallelism averages gradients over
+dp x cp, which makes them the whole sequence's (the trainer weighs by
+token counts where some targets are ignored).
+
+What moves, per layer and micro-batch: forward all-gathers the rank's K and
+V together, (cp-1)/cp of 2 x batch x seq x kv_heads x head_dim elements
+received per rank; backward reduce-scatters their gradients, as many. Under
+TP each rank gathers its own kv heads only.
 """
 
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+# torch 2.13 renamed the tensor-in, tensor-out collectives (the old names warn); torch 2.11 has only those.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def chunk_ids(cp: int, cp_rank: int) -> tuple[int, int]:
@@ -53,7 +70,8 @@ class _GatherSequence(torch.autograd.Function):
         n = dist.get_world_size(group)
         front = x.transpose(0, 1).contiguous()  # (seq, batch, ...): the collectives concatenate along dim 0
         out = front.new_empty((n * front.shape[0], *front.shape[1:]))
-        dist.all_gather_into_tensor(out, front, group=group)
+        if not x.is_meta:  # a pipeline stage's shape inference runs forward on the meta device
+            _all_gather(out, front, group=group)
         return out.transpose(0, 1)
 
     @staticmethod
@@ -61,7 +79,7 @@ class _GatherSequence(torch.autograd.Function):
         n = dist.get_world_size(ctx.group)
         front = grad.transpose(0, 1).contiguous()
         out = front.new_empty((front.shape[0] // n, *front.shape[1:]))
-        dist.reduce_scatter_tensor(out, front, group=ctx.group)
+        _reduce_scatter(out, front, group=ctx.group)
         return out.transpose(0, 1), None
 
 
@@ -72,26 +90,57 @@ def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
 class KVGather:
     """One micro-batch's attention under cp, as a KV cache the model's attention already understands.
 
-    q_positions: (seq_local,) absolute positions of this rank's queries; doc_ids: (batch, seq_local) their
-    documents, or None for plain causal attention. The mask, (batch or 1, 1, seq_local, seq), is built once
-    and serves every layer.
+    doc_ids: (batch, seq_local) the documents of this rank's tokens, or None for plain causal
+    attention. The mask, (batch or 1, 1, seq_local, seq), is built once and serves every layer.
     """
 
     def __init__(self, group, seq: int, cp_rank: int, doc_ids: Optional[torch.Tensor] = None, device=None):
         cp = dist.get_world_size(group)
         self.group = group
-        q_pos = local_positions(seq, cp, cp_rank, device)
+        self.positions = local_positions(seq, cp, cp_rank, device)
         k_pos = gathered_positions(seq, cp, device)
-        mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+        mask = (k_pos[None, :] <= self.positions[:, None])[None, None]
         if doc_ids is not None:
             all_docs = torch.empty((cp * doc_ids.shape[1], doc_ids.shape[0]), dtype=doc_ids.dtype,
                                    device=doc_ids.device)
-            dist.all_gather_into_tensor(all_docs, doc_ids.t().contiguous(), group=group)
+            if not doc_ids.is_meta:
+                _all_gather(all_docs, doc_ids.t().contiguous(), group=group)
             mask = mask & (doc_ids[:, :, None] == all_docs.t()[:, None, :]).unsqueeze(1)
         self.mask = mask
+
+    def rope(self, table: torch.Tensor) -> torch.Tensor:
+        """The rotary angles of this rank's tokens, by their absolute positions: (1, seq_local, head_dim // 2, 2)."""
+        return table[self.positions.to(table.device)].unsqueeze(0)
 
     def layer(self, key: int) -> "KVGather":
         return self
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
-        return gather_sequence(k, self.group), gather_sequence(v, self.group), self.mask
+        """Every rank's keys and values (one all-gather of both), and the mask of this rank's queries."""
+        both = gather_sequence(torch.cat([k, v], dim=2), self.group)
+        k_all, v_all = both.split([k.shape[2], v.shape[2]], dim=2)
+        return k_all, v_all, self.mask
+
+
+class ContextParallel:
+    """The hook `apply_cp` hangs on a model part: a KVGather per forward."""
+
+    def __init__(self, group, seq_len: int):
+        self.group, self.seq_len = group, seq_len
+        self.cp_rank = dist.get_rank(group)
+
+    def before(self, module, args: tuple, kwargs: dict):
+        if kwargs.get("cache") is not None:
+            raise RuntimeError("a KV cache (decoding) under context parallelism: generation runs at parallel.cp=1")
+        doc_ids = kwargs.pop("doc_ids", None)
+        kwargs["cache"] = KVGather(self.group, self.seq_len, self.cp_rank, doc_ids, device=args[0].device)
+        return args, kwargs
+
+
+def apply_cp(module: nn.Module, cp_mesh: DeviceMesh, seq_len: int) -> nn.Module:
+    """Context parallelism for a model (or pipeline stage) whose forward takes this rank's part of each
+    sequence (`shard_sequence`) and, with document masking, its `doc_ids`; seq_len: the whole sequence's."""
+    local_positions(seq_len, cp_mesh.size(), 0)  # a seq_len the chunks do not divide fails here, not in forward
+    hooks = ContextParallel(cp_mesh.get_group(), seq_len)
+    module.register_forward_pre_hook(hooks.before, with_kwargs=True)
+    return module

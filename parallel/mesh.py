@@ -1,8 +1,11 @@
-"""The (pp, dp, tp) device mesh: tp innermost, pp outermost.
+"""The (pp, dp, cp, tp) device mesh: tp innermost, then cp, pp outermost.
 
 Adjacent ranks share a tp group, so tensor parallelism (the most
 communication-heavy dimension) stays inside a node, as in Megatron-LM and
-torchtitan.
+torchtitan; context parallelism's K/V all-gathers come next. The dp and cp
+ranks of one (pp, tp) position hold the same weights: data parallelism
+reduces gradients (and FSDP2 shards parameters) over dp x cp, which
+`model_meshes` gives as one dimension.
 """
 
 import contextlib
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-MESH_DIMS = ("pp", "dp", "tp")
+MESH_DIMS = ("pp", "dp", "cp", "tp")
 
 
 @dataclass(frozen=True)
@@ -19,23 +22,49 @@ class ParallelDims:
     tp: int
     pp: int
     dp: int
+    cp: int = 1
+
+    @classmethod
+    def of(cls, par) -> "ParallelDims":
+        """From the `parallel:` config group (a config without `cp` has cp=1)."""
+        return cls(par.tp, par.pp, par.dp, getattr(par, "cp", 1))
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.cp
 
     def coords(self, rank: int) -> dict[str, int]:
-        """This rank's (pp, dp, tp) coordinates in the mesh."""
+        """This rank's (pp, dp, cp, tp) coordinates in the mesh."""
         return {
-            "pp": rank // (self.dp * self.tp),
-            "dp": (rank // self.tp) % self.dp,
+            "pp": rank // (self.dp * self.cp * self.tp),
+            "dp": (rank // (self.cp * self.tp)) % self.dp,
+            "cp": (rank // self.tp) % self.cp,
             "tp": rank % self.tp,
         }
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
     """The world's DeviceMesh; slice it by name (`mesh["dp"]`) for each parallelism."""
-    return init_device_mesh(device_type, (dims.pp, dims.dp, dims.tp), mesh_dim_names=MESH_DIMS)
+    return init_device_mesh(device_type, (dims.pp, dims.dp, dims.cp, dims.tp), mesh_dim_names=MESH_DIMS)
+
+
+def model_meshes(mesh: DeviceMesh) -> tuple[DeviceMesh, DeviceMesh]:
+    """(the tp mesh, the data-parallel mesh over dp x cp) that the model's weights live on.
+
+    FSDP2 under TP needs both from one root mesh. With cp or dp of 1 they are
+    slices of the world's mesh; with both above 1 a second world mesh
+    (pp, dp x cp, tp) is built, whose middle dimension is the dp and cp ranks
+    of one (pp, tp) position in the world mesh's order (torch's public API
+    has no flattening of two dimensions).
+    """
+    dp, cp = mesh["dp"].size(), mesh["cp"].size()
+    if cp == 1:
+        return mesh["tp"], mesh["dp"]
+    if dp == 1:
+        return mesh["tp"], mesh["cp"]
+    flat = init_device_mesh(mesh.device_type, (mesh["pp"].size(), dp * cp, mesh["tp"].size()),
+                            mesh_dim_names=("pp", "dp_cp", "tp"))
+    return flat["tp"], flat["dp_cp"]
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from orchestrator.sweep import failures as sweep_failures
 from orchestrator.tokenizer import TokenizerError
 from orchestrator.trainer import run_worker
 from orchestrator.validate import ConfigError, check_corpus, validate
+from parallel.mesh import ParallelDims
 
 # The threads once everything is imported: the main one and OpenBLAS's idle pool (numpy's; it stops its threads
 # before a fork and starts them again after). One started later (a tokenizer's or torch's pool, W&B) could hold a
@@ -88,7 +89,7 @@ def available_world(cfg: DictConfig, env) -> tuple[int, int]:
                               "the job's size is what the layout is planned for")
         world = la.nprocs or la.nodes * la.tasks_per_node
         return world, tasks_per_node(la, world) if la.nprocs is None else world // la.nodes
-    world = la.nprocs or par.tp * par.pp * par.dp
+    world = la.nprocs or ParallelDims.of(par).world_size
     return world, world
 
 
@@ -123,7 +124,7 @@ def spawn_with_restarts(cfg: DictConfig, plain: dict, run_dir: str, corpus, resu
     for attempt in range(la.max_restarts + 1):
         (Path(run_dir) / "fault.json").unlink(missing_ok=True)
         try:
-            spawn(run_worker, par.tp * par.pp * par.dp, plain, run_dir, corpus, resume, backend=la.backend,
+            spawn(run_worker, ParallelDims.of(par).world_size, plain, run_dir, corpus, resume, backend=la.backend,
                   timeout_s=par.timeout_s, ranks_dir=str(Path(run_dir) / "ranks"),
                   fork_here=may_fork())
             return

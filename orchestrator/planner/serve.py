@@ -124,6 +124,9 @@ class ServeRow:
 def serve_plan(cfg: DictConfig) -> tuple[list[ServeRow], dict]:
     """One row per tp degree trident-generate accepts for this model on cluster.gpus, smallest tp first."""
     cl, g = cfg.cluster, cfg.generate
+    if cfg.parallel.get("cp", 1) != 1:
+        raise ConfigError(f"parallel.cp={cfg.parallel.cp}: serving decodes at parallel.cp=1 (context parallelism "
+                          "splits a training sequence; valid: parallel.cp=1)")
     dtype = serve_dtype(g.dtype)
     try:  # resolved once (${hydra:...} resolves only inside the Hydra app)
         work = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
@@ -135,7 +138,7 @@ def serve_plan(cfg: DictConfig) -> tuple[list[ServeRow], dict]:
     rows, rejected = [], {}
     for tp in divisors(cl.gpus):
         with open_dict(work):
-            work.parallel.tp, work.parallel.pp, work.parallel.dp = tp, 1, 1
+            work.parallel.tp, work.parallel.pp, work.parallel.dp, work.parallel.cp = tp, 1, 1, 1
             work.parallel.sequence_parallel = False
             work.launcher.nprocs = None
         try:

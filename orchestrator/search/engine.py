@@ -45,6 +45,7 @@ from orchestrator.slurm_checks import check_cluster, jobs_at_once
 from orchestrator.sweep import SWEEP_POINT_ENV, Sweep
 from orchestrator.trials import RunProcess
 from orchestrator.validate import ConfigError, validate
+from parallel.mesh import ParallelDims
 
 OBJECTIVES = ("final", "best")
 PRUNERS = ("median", "successive_halving", "hyperband", "none")
@@ -181,7 +182,7 @@ class Search:
 
     def _check_capacity(self, cfg: DictConfig) -> None:
         par = cfg.parallel
-        world = par.tp * par.pp * par.dp
+        world = ParallelDims.of(par).world_size
         n = self.s.n_jobs
         if self.slurm:
             fit, what = jobs_at_once(cfg.launcher, world)

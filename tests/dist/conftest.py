@@ -1,7 +1,7 @@
 import pytest
 
 import launch.local
-from tests.dist.harness import run_layout
+from tests.dist.harness import DEEP, run_layout
 
 
 @pytest.fixture(autouse=True)
@@ -17,3 +17,9 @@ def cpu_processes(monkeypatch):
 def single(tmp_path_factory):
     """The reference every layout is compared with: one process, same model, same global batch."""
     return run_layout(tmp_path_factory.mktemp("single"), "single")
+
+
+@pytest.fixture(scope="session")
+def single_deep(tmp_path_factory):
+    """The reference of the deeper pipelines (8 layers, 16 micro-batches of one sequence)."""
+    return run_layout(tmp_path_factory.mktemp("deep"), "single-deep", 1, 1, *DEEP)

@@ -22,6 +22,11 @@ from orchestrator.validate import validate
 from tests.conftest import make_cfg
 
 
+# Deep enough for 4 ranks x 2 virtual stages, and 8 micro-batches per dp rank
+# so that every schedule can run (DualPipeV needs as many as stages).
+DEEP = ("model.n_layers=8", "train.global_batch=16", "train.micro_batch=1")
+
+
 def gathered(t: torch.Tensor) -> torch.Tensor:
     """The full value of a possibly sharded tensor (a collective for DTensors), on the CPU."""
     return (t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()).cpu()
@@ -33,9 +38,12 @@ def reference_grads(cfg, corpus, device=torch.device("cpu")) -> dict[str, torch.
     with torch.device(device):
         model = Transformer(ModelArgs.from_config(cfg.model))
     init_weights(model, cfg.train.seed)
-    t = cfg.train
-    (inputs, targets), = Batches(corpus.train, t.seq_len, t.global_batch, t.global_batch, t.seed, 0, 1).step(1)
-    F.cross_entropy(model(inputs.to(device)).flatten(0, 1), targets.to(device).flatten()).backward()
+    t, docs = cfg.train, cfg.data.mask_across_documents
+    (inputs, targets, *doc_ids), = Batches(corpus.train, t.seq_len, t.global_batch, t.global_batch, t.seed, 0, 1,
+                                           docs).step(1)
+    kwargs = {"doc_ids": doc_ids[0].to(device)} if docs else {}
+    # The mean over the targets that count (with document masking those across a boundary do not).
+    F.cross_entropy(model(inputs.to(device), **kwargs).flatten(0, 1), targets.to(device).flatten()).backward()
     return {name: p.grad.cpu() for name, p in model.named_parameters()}
 
 
@@ -52,11 +60,11 @@ def _worker(env, device, cfg_dict, run_dir, corpus):
     vocab_rows = ("tok_embeddings.weight", "output.weight")
     init = {name: gathered(p) for name, p in named}
     init = {name: t[:vocab] if name in vocab_rows else t for name, t in init.items()}
-    trainer.forward_backward(trainer.batches.step(1))
+    trainer.forward_backward(trainer.micro_batches(1))
     grads = {name: gathered(p.grad) for name, p in named}
     trainer.zero_grad()
-    # One writer per pipeline stage: the rank at dp=0, tp=0 of each pp rank.
-    if trainer.mesh["dp"].get_local_rank() == 0 and trainer.mesh["tp"].get_local_rank() == 0:
+    # One writer per pipeline stage: the rank at dp=cp=tp=0 of each pp rank.
+    if all(trainer.mesh[d].get_local_rank() == 0 for d in ("dp", "cp", "tp")):
         ref = reference_grads(cfg, corpus, device)
         errors = {}
         for name, g in grads.items():
@@ -84,16 +92,16 @@ class Result:
         return {s: r["loss"] for s, r in self.rows.items() if "loss" in r}
 
 
-def run_layout(tmp_path: Path, name: str, tp: int = 1, dp: int = 1, *overrides: str, pp: int = 1,
+def run_layout(tmp_path: Path, name: str, tp: int = 1, dp: int = 1, *overrides: str, pp: int = 1, cp: int = 1,
                steps: int = 10) -> Result:
-    cfg = make_cfg(f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}", f"train.steps={steps}",
-                   "checkpoint.at_end=false", *overrides, tmp=tmp_path)
+    cfg = make_cfg(f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}", f"parallel.cp={cp}",
+                   f"train.steps={steps}", "checkpoint.at_end=false", *overrides, tmp=tmp_path)
     validate(cfg)
     run_dir = tmp_path / name
     run_dir.mkdir()
     # The backend the config names (tests/conftest.py TINY: gloo), so the dist tier runs on CPU processes on
     # every machine, GPUs or not; the gpu tier names nccl.
-    spawn(_worker, tp * pp * dp, OmegaConf.to_container(cfg, resolve=True), str(run_dir), prepare(cfg.data),
+    spawn(_worker, tp * pp * dp * cp, OmegaConf.to_container(cfg, resolve=True), str(run_dir), prepare(cfg.data),
           backend=cfg.launcher.backend, timeout_s=120)
     return Result(run_dir)
 

@@ -74,8 +74,9 @@ def _worker(env, device, cfgs: dict, run_dir: str, corpus, probe: torch.Tensor):
         Path(run_dir, "first.json").write_text(json.dumps(first))
 
 
-def per_document_loss(model, window: torch.Tensor, bos: int) -> torch.Tensor:
-    """Mean cross-entropy of a window's next-token targets, each document run alone (split at BOS)."""
+def per_document_loss(model, window: torch.Tensor, bos: int) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of a window's next-token targets, each document run alone (split at BOS), and
+    how many targets that sums."""
     cuts = sorted({0, len(window), *(i for i in range(1, len(window)) if window[i] == bos)})
     total, count = 0.0, 0
     for a, b in zip(cuts, cuts[1:]):
@@ -83,7 +84,7 @@ def per_document_loss(model, window: torch.Tensor, bos: int) -> torch.Tensor:
         if len(seg) > 1:
             total = total + F.cross_entropy(model(seg[None, :-1]).logits[0], seg[1:], reduction="sum")
             count += len(seg) - 1
-    return total / count
+    return total, count
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +124,9 @@ def reference(finetuned, hf_llama_dir):
     windows = torch.cat([x, y[:, -1:]], dim=1)
     # Boundaries found from the tokens (each document starts with BOS) are the data's own.
     assert torch.equal(my == IGNORE, y == tok.bos_id) and (my == IGNORE).sum() >= 4
-    # micro_batch=1: the step's loss is the mean over sequences of each sequence's mean.
-    masked = torch.stack([per_document_loss(model, w, tok.bos_id) for w in windows]).mean()
+    # The step's loss is the mean over every target of the global batch that is not across a boundary.
+    sums, counts = zip(*(per_document_loss(model, w, tok.bos_id) for w in windows))
+    masked = torch.stack(sums).sum() / sum(counts)
     masked.backward()
     grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters())).item()
     with torch.no_grad():

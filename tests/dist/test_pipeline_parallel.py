@@ -7,19 +7,9 @@ ones with pp=2 (1F1B), and pp=4 with every schedule.
 
 import pytest
 
-from tests.dist.harness import assert_same_run, run_layout
+from tests.dist.harness import DEEP, assert_same_run, run_layout
 
 pytestmark = pytest.mark.dist
-
-# Deep enough for 4 ranks x 2 virtual stages, and 8 micro-batches per dp rank
-# so that every schedule can run (DualPipeV needs as many as stages).
-DEEP = ("model.n_layers=8", "train.global_batch=16", "train.micro_batch=1")
-
-
-@pytest.fixture(scope="module")
-def single_deep(tmp_path_factory):
-    return run_layout(tmp_path_factory.mktemp("deep"), "single-deep", 1, 1, *DEEP)
-
 
 @pytest.mark.parametrize("tp, dp", [(1, 1), (2, 1), (1, 2), (2, 2)])
 def test_pp2_1f1b_loss_curve_grads_and_init_match_single_process(single, tmp_path, tp, dp):

@@ -87,10 +87,10 @@ def test_unknown_model_fails_naming_the_group():
         (["parallel.pp=2", "parallel.dp=1", "parallel.schedule=zbv", "parallel.stages_per_rank=3"],
          ["parallel.stages_per_rank=3 with parallel.schedule=zbv", "valid: 2 or null"]),
         (["parallel.pp=2", "parallel.dp=1", "model.tie_embeddings=true"], ["model.tie_embeddings=true with parallel.pp=2"]),
-        (["launcher=slurm", "launcher.nodes=3"], ["launcher.nodes=3 does not divide the world size tp*pp*dp=2",
+        (["launcher=slurm", "launcher.nodes=3"], ["launcher.nodes=3 does not divide the world size tp*pp*dp*cp=2",
                                                   "valid nodes: 1, 2"]),
         (["launcher=slurm", "launcher.tasks_per_node=4"], ["launcher.nodes * launcher.tasks_per_node = 1*4 = 4 != "
-                                                           "parallel.tp*pp*dp = 2"]),
+                                                           "parallel.tp*pp*dp*cp = 2"]),
         (["launcher=slurm", "launcher.gpus_per_node=1"], ["launcher.gpus_per_node=1 < 2 tasks per node"]),
         (["launcher=slurm", "launcher.time=soon"], ["launcher.time: 'soon' is not a SLURM time"]),
         (["parallel.dp_shard=zero7"], ["parallel.dp_shard='zero7'", "full, optimizer, replicate"]),
@@ -103,6 +103,14 @@ def test_unknown_model_fails_naming_the_group():
         (["model.n_kv_heads=3"], ["model.n_kv_heads=3", "valid: 1, 2, 4, 8"]),
         (["model.dim=36"], ["model.dim=36", "model.n_heads=8"]),
         (["train.seq_len=4096"], ["train.seq_len=4096", "model.max_seq_len=2048"]),
+        (["parallel.cp=0"], ["parallel.cp=0", ">= 1"]),
+        (["parallel.cp=2", "train.seq_len=30"], ["train.seq_len=30 is not divisible by 2 x parallel.cp = 4",
+                                                 "valid: a multiple of 4, e.g. 28"]),
+        (["parallel.cp=2", "parallel.tp=4", "parallel.dp=1", "train.seq_len=36"],
+         ["train.seq_len=36 / parallel.cp=2 = 18 tokens per rank is not divisible by parallel.tp=4",
+          "seq_len a multiple of 8, or sequence_parallel=false"]),
+        (["parallel.cp=2", "train.compile=true"], ["train.compile=true with parallel.cp=2", "valid: train.compile=false"]),
+        (["parallel.cp=2", "train.seq_len=4096"], ["train.seq_len=4096", "model.max_seq_len=2048"]),
         (["optim.schedule=step"], ["optim.schedule='step'", "cosine, linear, constant"]),
         (["logging.wandb.mode=cloud"], ["logging.wandb.mode='cloud'", "offline, online, disabled"]),
         (["model.vocab_size=100"], ["model.vocab_size=100", "vocab_size >= 256"]),
@@ -128,7 +136,7 @@ def test_external_world_size_must_match_the_layout_fake_torchrun_env(tmp_path, m
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
     cfg = make_cfg("launcher=external", "parallel.tp=1", "parallel.dp=2", tmp=tmp_path)
-    with pytest.raises(ConfigError, match=r"world size=4 != parallel.tp\*pp\*dp = 1\*1\*2 = 2"):
+    with pytest.raises(ConfigError, match=r"world size=4 != parallel.tp\*pp\*dp\*cp = 1\*1\*2\*1 = 2"):
         train_app.run(cfg, str(tmp_path / "run"))
 
 

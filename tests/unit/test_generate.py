@@ -181,6 +181,7 @@ def refused(cfg, monkeypatch, stdin=None) -> str:
     (["generate.max_total_tokens=4096"], ["generate.max_total_tokens=4096", "model.max_seq_len=2048"]),
     (["parallel.pp=2"], ["parallel.pp=2 parallel.dp=1", "tensor parallelism only"]),
     (["parallel.dp=2"], ["parallel.pp=1 parallel.dp=2"]),
+    (["parallel.cp=2"], ["parallel.cp=2: trident-generate decodes at parallel.cp=1", "valid: parallel.cp=1"]),
     (["parallel.tp=3"], ["parallel.tp=3 does not divide model.n_heads=8", "valid tp: 1, 2, 4"]),
     (["parallel.tp=8"], ["parallel.tp=8 does not divide model.n_kv_heads=4", "valid tp: 1, 2, 4"]),
     (["parallel.sequence_parallel=true", "parallel.tp=2"], ["parallel.sequence_parallel=true"]),

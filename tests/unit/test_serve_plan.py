@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from models.llama import ModelArgs
 from orchestrator.planner.memory import build_meta
 from orchestrator.planner.serve import collectives_per_step, decode_step, kv_cache_bytes, serve_plan, weight_bytes
+from orchestrator.validate import ConfigError
 from tests.conftest import run_cmd
 from tests.unit.test_plan import compose_plan
 
@@ -107,3 +108,10 @@ def test_cli_serve_prints_a_row_per_tp_and_json():
     doc = json.loads(run_cmd([sys.executable, "-m", "orchestrator.cli.plan", "--serve", "--json",
                               "model=llama3-8b"], timeout=120).stdout)
     assert [r["tp"] for r in doc["rows"]] == [1, 2, 4, 8] and all(r["fits"] for r in doc["rows"])
+
+
+def test_serving_refuses_context_parallelism_in_one_line():
+    with pytest.raises(ConfigError) as e:
+        serve_plan(compose_plan("model=llama3-8b", "parallel.cp=2"))
+    assert str(e.value) == ("parallel.cp=2: serving decodes at parallel.cp=1 (context parallelism splits a "
+                            "training sequence; valid: parallel.cp=1)")
