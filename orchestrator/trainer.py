@@ -178,7 +178,8 @@ class Trainer:
         if not self.cfg.data.mask_across_documents:
             return None
         count = torch.stack([(b[1] != IGNORE).sum() for b in micro]).sum().to(self.device, torch.float64).reshape(1)
-        dist.all_reduce(count, group=self.dp_group)
+        if self.dp_group.size() > 1:
+            dist.all_reduce(count, group=self.dp_group)
         # A number, not a tensor: FSDP2 would cast a float tensor argument to the compute dtype (bf16).
         return count.item() / (self.dp_group.size() * len(micro))
 

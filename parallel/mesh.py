@@ -55,15 +55,16 @@ def model_meshes(mesh: DeviceMesh) -> tuple[DeviceMesh, DeviceMesh]:
     slices of the world's mesh; with both above 1 a second world mesh
     (pp, dp x cp, tp) is built, whose middle dimension is the dp and cp ranks
     of one (pp, tp) position in the world mesh's order (torch's public API
-    has no flattening of two dimensions).
+    has no flattening of two dimensions). Built from the world mesh's own rank
+    tensor, it also serves the planner's partial meshes in a fake world.
     """
     dp, cp = mesh["dp"].size(), mesh["cp"].size()
     if cp == 1:
         return mesh["tp"], mesh["dp"]
     if dp == 1:
         return mesh["tp"], mesh["cp"]
-    flat = init_device_mesh(mesh.device_type, (mesh["pp"].size(), dp * cp, mesh["tp"].size()),
-                            mesh_dim_names=("pp", "dp_cp", "tp"))
+    ranks = mesh.mesh.reshape(mesh["pp"].size(), dp * cp, mesh["tp"].size())
+    flat = DeviceMesh(mesh.device_type, ranks, mesh_dim_names=("pp", "dp_cp", "tp"))
     return flat["tp"], flat["dp_cp"]
 
 

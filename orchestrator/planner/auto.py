@@ -100,13 +100,14 @@ def choose(cfg: DictConfig, world: int, local_world: Optional[int] = None,
                           + fitting_worlds(cfg, world, local_world))
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(out):
-        out.parallel.tp, out.parallel.pp, out.parallel.dp = best.tp, best.pp, best.dp
+        out.parallel.tp, out.parallel.pp, out.parallel.dp, out.parallel.cp = best.tp, best.pp, best.dp, best.cp
         if best.pp > 1:
             out.parallel.schedule = best.schedule
         out.parallel.microbatches = None
         out.parallel.cut_points = None
         out.train.micro_batch = best.micro_batch
-    line = (f"parallel=auto: {world} rank(s) -> tp={best.tp} pp={best.pp} dp={best.dp} micro_batch={best.micro_batch}"
+    line = (f"parallel=auto: {world} rank(s) -> tp={best.tp} pp={best.pp} dp={best.dp}"
+            + (f" cp={best.cp}" if best.cp > 1 else "") + f" micro_batch={best.micro_batch}"
             + (f" schedule={best.schedule}" if best.pp > 1 else "")
             + f" (the best of {info['fit']} fitting layouts; global_batch={cfg.train.global_batch} unchanged)")
     return out, line

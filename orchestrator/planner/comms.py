@@ -1,7 +1,7 @@
 """Every collective one optimizer step of a layout issues on a rank, counted from the code it runs.
 
-Per micro-batch (m per step and dp rank, T = micro_batch x seq_len tokens,
-d = dim, a = bytes of train.dtype):
+Per micro-batch (m per step and dp rank, T = micro_batch x seq_len / cp
+tokens on a rank, d = dim, a = bytes of train.dtype):
 
   tp   per block (parallel/tensor_parallel.py, torchtitan's plan): with
        sequence parallelism 2 all-gathers + 2 reduce-scatters of T x d x a
@@ -12,10 +12,16 @@ d = dim, a = bytes of train.dtype):
        output projection (last stage) gathers its input (SP) and
        reduce-scatters the gradient, or all-reduces the input's gradient;
        loss parallel all-reduces 3 per-token statistics (fp32).
+  cp   per block one all-gather of the rank's K and V (its kv heads: 2 x
+       kv_heads x head_dim / tp wide) into the whole sequence's, and one
+       reduce-scatter of their gradient back; a recomputed block gathers
+       again. With document masking each stage's forward gathers the
+       document ids (int64) once per micro-batch (parallel/context_parallel.py).
   pp   each stage sends its output forward and its input's gradient
        backward, fp32 on the wire (parallel/pipeline_parallel.py), sharded
        over tp under SP.
-  dp   FSDP2 (full): each block is a unit, the rest of the stage the root.
+  dp   over the dp x cp ranks that hold the same weights.
+       FSDP2 (full): each block is a unit, the rest of the stage the root.
        Without a pipeline, every micro-batch all-gathers each unit's
        weights for forward and each block's again for backward (the root
        keeps its own), and reduce-scatters each unit's gradient (fp32);
@@ -29,13 +35,14 @@ d = dim, a = bytes of train.dtype):
   loop clipping: the squared norm all-reduced over each mesh dim its
        gradients are sharded on, and over pp; sequence-parallel norms'
        partial gradients all-reduced over tp (without FSDP2); the agreement
-       vector all-reduced over the world once per step.
+       vector all-reduced over the world once per step; with document
+       masking, the count of targets that count over dp x cp.
 
 `tests/dist/test_plan_comms.py` holds these counts to what a dispatch mode
 records in a real step, per layout.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from models.llama import ModelArgs
 from orchestrator.levers import dtype_bytes
@@ -50,7 +57,7 @@ FP32 = 4
 
 @dataclass(frozen=True)
 class Comm:
-    dim: str  # tp | pp | dp | loop: which parallelism issues it
+    dim: str  # tp | cp | pp | dp | loop: which parallelism issues it
     kind: str  # all_reduce | all_gather | reduce_scatter | send_recv | broadcast
     group: int  # ranks in the group
     nbytes: float  # the whole buffer (all-gather: output; reduce-scatter: input)
@@ -80,28 +87,46 @@ class Shape:
     block_params: int  # one block's parameters, this tp rank's part
     root_params: int  # the rest of this rank's stages (embedding, norm, output), this tp rank's part
     fsdp_units_per_block: bool
+    cp: int = 1
+    docs: bool = False  # document masking: each stage gathers the document ids under cp
+    schedule: str = ""
 
 
 def shape_of(cfg, args: ModelArgs, pp_rank: int, block_params: int, root_params: int) -> Shape:
-    par, t = cfg.parallel, cfg.train
+    return at_rank(layout_shape(cfg, args, block_params, root_params), pp_rank, args.n_layers)
 
+
+def layout_shape(cfg, args: ModelArgs, block_params: int, root_params: int) -> Shape:
+    """The layout's shape as pp rank 0 sees it: `at_rank` gives any other rank's, without reading the config
+    again (a 256-GPU plan asks for thousands)."""
+    par, t = cfg.parallel, cfg.train
     v = stages_per_rank(par.schedule, par.stages_per_rank) if par.pp > 1 else 1
     m = t.global_batch // (t.micro_batch * par.dp)
-    ids = stage_ids(par.schedule, pp_rank, par.pp, v) if par.pp > 1 else [0]
-    n_stages = par.pp * v
-    ends = sum(int(0 <= nb < n_stages and stage_owner(par.schedule, nb, par.pp) != pp_rank)
-               for i in ids for nb in (i - 1, i + 1)) if par.pp > 1 else 0
-    layers = -(-args.n_layers // n_stages) * len(ids)
-    return Shape(par.tp, par.pp, par.dp, t.micro_batch, m, t.seq_len, v,
+    base = Shape(par.tp, par.pp, par.dp, t.micro_batch, m, t.seq_len, v,
                  bool(par.sequence_parallel) and par.tp > 1, par.dp_shard, dtype_bytes(t.dtype),
-                 RECOMPUTED[t.activation_checkpointing], layers, 0 in ids, n_stages - 1 in ids, ends,
-                 block_params, root_params, par.pp == 1 or par.schedule not in SPLIT_BACKWARD)
+                 RECOMPUTED[t.activation_checkpointing], args.n_layers, True, True, 0,
+                 block_params, root_params, par.pp == 1 or par.schedule not in SPLIT_BACKWARD, par.get("cp", 1),
+                 bool(cfg.data.get("mask_across_documents")), par.schedule)
+    return at_rank(base, 0, args.n_layers)
+
+
+def at_rank(s: Shape, pp_rank: int, n_layers: int) -> Shape:
+    """The same layout's shape on pp rank `pp_rank`: its stages' layers, ends and boundaries."""
+    if s.pp == 1:
+        return s
+    ids = stage_ids(s.schedule, pp_rank, s.pp, s.stages_per_rank)
+    n_stages = s.pp * s.stages_per_rank
+    ends = sum(int(0 <= nb < n_stages and stage_owner(s.schedule, nb, s.pp) != pp_rank)
+               for i in ids for nb in (i - 1, i + 1))
+    return replace(s, layers=-(-n_layers // n_stages) * len(ids), first=0 in ids, last=n_stages - 1 in ids,
+                   p2p_ends=ends)
 
 
 def step_comms(s: Shape, args: ModelArgs) -> list[Comm]:
     out: list[Comm] = []
-    T, d, a, m = s.micro_batch * s.seq_len, args.dim, s.dtype_bytes, s.microbatches
+    T, d, a, m = s.micro_batch * s.seq_len // s.cp, args.dim, s.dtype_bytes, s.microbatches
     act = T * d * a
+    replicas = s.dp * s.cp
     # --- tensor parallelism
     if s.tp > 1:
         # A recomputed forward stops once it has remade what backward saved (torch's non-reentrant checkpoint):
@@ -123,13 +148,20 @@ def step_comms(s: Shape, args: ModelArgs) -> list[Comm]:
             else:
                 out.append(Comm("tp", "all_reduce", s.tp, act, m))
             out.append(Comm("tp", "all_reduce", s.tp, T * FP32, 3 * m))  # loss parallel's statistics
+    # --- context parallelism: K and V gathered whole in each block's forward, their gradients scattered back
+    if s.cp > 1:
+        kv = s.micro_batch * s.seq_len * 2 * args.kv_heads * args.head_dim // s.tp * a
+        out += [Comm("cp", "all_gather", s.cp, kv, m * s.layers * (1 + s.recompute)),
+                Comm("cp", "reduce_scatter", s.cp, kv, m * s.layers)]
+        if s.docs:
+            out.append(Comm("cp", "all_gather", s.cp, s.micro_batch * s.seq_len * 8, m * s.stages_per_rank))
     # --- pipeline parallelism: one transfer forward and one backward per micro-batch and stage boundary
     if s.pp > 1:
         wire = T * d * FP32 / (s.tp if s.sequence_parallel else 1)
         # Each boundary carries the activation one way and its gradient back: two transfers per micro-batch.
         out.append(Comm("pp", "send_recv", 2, wire, 2 * m * s.p2p_ends))
-    # --- data parallelism
-    if s.dp > 1:
+    # --- data parallelism (over dp x cp)
+    if replicas > 1:
         blocks, gathered = s.layers * s.block_params, s.layers * s.block_params + s.root_params
         if s.dp_shard == "full":
             pa = a  # FSDP2 gathers in the compute dtype
@@ -141,32 +173,32 @@ def step_comms(s: Shape, args: ModelArgs) -> list[Comm]:
             if s.pp == 1:
                 # Each micro-batch: every unit gathered for forward, each block again for backward (resharded
                 # after forward; the root keeps its own), every unit's gradient reduce-scattered.
-                out += [Comm("dp", "all_gather", s.dp, gathered * pa / units, m * units, overlapped=True),
-                        Comm("dp", "all_gather", s.dp, block, m * s.layers, overlapped=True),
-                        Comm("dp", "reduce_scatter", s.dp, gathered * FP32 / units, m * units, overlapped=True)]
+                out += [Comm("dp", "all_gather", replicas, gathered * pa / units, m * units, overlapped=True),
+                        Comm("dp", "all_gather", replicas, block, m * s.layers, overlapped=True),
+                        Comm("dp", "reduce_scatter", replicas, gathered * FP32 / units, m * units, overlapped=True)]
             else:
                 # A stage keeps its gradients unsharded until the step's last backward: each unit gathered once
                 # and reduce-scattered once, and each block gathered again for each micro-batch's backward.
-                out += [Comm("dp", "all_gather", s.dp, gathered * pa / units, units, overlapped=True),
-                        Comm("dp", "reduce_scatter", s.dp, gathered * FP32 / units, units, overlapped=True)]
+                out += [Comm("dp", "all_gather", replicas, gathered * pa / units, units, overlapped=True),
+                        Comm("dp", "reduce_scatter", replicas, gathered * FP32 / units, units, overlapped=True)]
                 if s.fsdp_units_per_block:
-                    out.append(Comm("dp", "all_gather", s.dp, block, m * s.layers, overlapped=True))
+                    out.append(Comm("dp", "all_gather", replicas, block, m * s.layers, overlapped=True))
         else:
             total = gathered * FP32
             if s.dp_shard == "replicate" and s.tp == 1 and s.pp == 1:
                 n = max(1, -(-total // DDP_BUCKET_BYTES))
-                out.append(Comm("dp", "all_reduce", s.dp, total / n, n, overlapped=True))
+                out.append(Comm("dp", "all_reduce", replicas, total / n, n, overlapped=True))
                 # DDP syncs the module's buffers (the rotary table) from rank 0 in the synced forward: the
                 # buffers' count and sizes, then their values.
                 rope = args.max_seq_len * args.head_dim * FP32
-                out += [Comm("dp", "broadcast", s.dp, 8, 2), Comm("dp", "broadcast", s.dp, rope, 1)]
+                out += [Comm("dp", "broadcast", replicas, 8, 2), Comm("dp", "broadcast", replicas, rope, 1)]
             else:
                 n = max(1, -(-gathered // BUCKET))
-                out.append(Comm("dp", "all_reduce", s.dp, total / n, n))
+                out.append(Comm("dp", "all_reduce", replicas, total / n, n))
                 if s.dp_shard == "optimizer":
-                    out.append(Comm("dp", "broadcast", s.dp, total / s.dp, s.dp))
+                    out.append(Comm("dp", "broadcast", replicas, total / replicas, replicas))
     # --- the loop: clipping's norms and the agreement
-    fsdp = s.dp > 1 and s.dp_shard == "full"
+    fsdp = replicas > 1 and s.dp_shard == "full"
     if s.sequence_parallel:
         # A sequence-parallel norm's weight gets a partial gradient, all-reduced over tp: under FSDP2 without a
         # pipeline in each micro-batch's backward, else once per step (a stage's deferred reduction, or clipping).
@@ -174,11 +206,14 @@ def step_comms(s: Shape, args: ModelArgs) -> list[Comm]:
         out.append(Comm("tp", "all_reduce", s.tp, args.dim * FP32, norms * (m if fsdp and s.pp == 1 else 1)))
     # The squared norm is summed over each group its gradients are sharded on (parallel/grad.py): tp and dp for
     # FSDP2 x TP's matrices, dp again for the parameters FSDP2 shards but TP replicates.
-    norm_groups = [s.tp, s.dp, s.dp] if fsdp and s.tp > 1 else [g for g in (s.tp, s.dp if fsdp else 1) if g > 1]
+    norm_groups = ([s.tp, replicas, replicas] if fsdp and s.tp > 1
+                   else [g for g in (s.tp, replicas if fsdp else 1) if g > 1])
     for g in norm_groups:
         out.append(Comm("loop", "all_reduce", g, 8, 1))
     if s.pp > 1:
         out.append(Comm("loop", "all_reduce", s.pp, 8, 1))
-    world = s.tp * s.pp * s.dp
+    if s.docs and replicas > 1:  # the global batch's targets that count (the trainer's _weigh_tokens)
+        out.append(Comm("loop", "all_reduce", replicas, 8, 1))
+    world = s.tp * s.pp * s.dp * s.cp
     out.append(Comm("loop", "all_reduce", world, 8 * (8 + 2 * world), 1))
     return out

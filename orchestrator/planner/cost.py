@@ -10,8 +10,10 @@ file's measured or published figures (orchestrator/planner/cluster.py):
             for the layout's tp degree (so small micro-batches pay the
             overhead more often: the efficiency curve); + one forward of
             each recomputed block
-  tp, pp    every collective and stage transfer as alpha + bytes / beta on
-            its link, on the compute path
+  tp, cp,   every collective and stage transfer as alpha + bytes / beta on
+  pp        its link, on the compute path (cp: each block's K/V all-gather
+            and its gradient's reduce-scatter; a rank computes its s/cp
+            tokens, 1/cp of the causal attention)
   bubble    compute and transfers stretched by 1 / (1 - bubble), the idle
             share of the schedule (orchestrator/planner/bubble.py), and sped
             up by what the cluster measured a rank gains while only
@@ -41,7 +43,7 @@ from omegaconf import DictConfig
 from models.llama import ModelArgs
 from orchestrator.flops import block_flops_parts, block_matmul_weights, cluster_peak, flops_per_token, head_flops, mfu
 from orchestrator.planner.cluster import Compute, Links
-from orchestrator.planner.comms import RECOMPUTED, Comm, Shape, shape_of, step_comms
+from orchestrator.planner.comms import RECOMPUTED, Shape, at_rank, layout_shape, step_comms
 from orchestrator.planner.bubble import analytic_bubble, simulate
 from orchestrator.planner.memory import RankMemory, orders_microbatches, schedule_orders
 from parallel.pipeline_parallel import stages_per_rank
@@ -94,10 +96,11 @@ def step_time(cfg: DictConfig, mem: Optional[RankMemory], n_params: int, bubble:
     cl, par, t = cfg.cluster, cfg.parallel, cfg.train
     links = links or Links.of(cl)
     compute = compute or Compute.of(cl, t.dtype)
-    gpus = par.tp * par.pp * par.dp
+    cp = par.get("cp", 1)
+    gpus = par.tp * par.pp * par.dp * cp
     dtype_peak = cluster_peak(cl.device, t.dtype, cl.gpus_per_node)
     flops = flops_per_token(args, n_params, t.seq_len) * t.global_batch * t.seq_len
-    tokens = t.micro_batch * t.seq_len
+    tokens = t.micro_batch * t.seq_len // cp  # a rank's: the attention FLOPs below are then 1/cp of the causal whole
     recompute = RECOMPUTED[t.activation_checkpointing]
     block_p, embed_p, head_p = rank_params(args, par.tp)
     overlap = bool(cl.get("comm_overlap")) if cl.get("comm_overlap") is not None else True
@@ -109,19 +112,21 @@ def step_time(cfg: DictConfig, mem: Optional[RankMemory], n_params: int, bubble:
     head = compute.seconds(head_flops(args, par.tp, tokens), 0.0, 0, par.tp)
     # A rank works (1 - bubble) of the schedule; meanwhile about that share of its node's ranks work too.
     speedup = compute.speedup(cl.gpus_per_node * (1.0 - bubble), par.tp) if bubble > 0 else 1.0
+    link_of = group_links(cl, par)  # read once: a config lookup per collective is most of a 256-GPU plan's time
     worst = None
+    base = layout_shape(cfg, args, block_p, 0)
     for pp_rank in range(par.pp):
-        shape = shape_of(cfg, args, pp_rank, block_p, 0)
+        shape = at_rank(base, pp_rank, args.n_layers)
         root = (embed_p if shape.first else 0) + (head_p if shape.last else 0)
         shape = replace(shape, root_params=root)
         m = shape.microbatches
         compute_s = m * (shape.layers * blk + (head if shape.last else 0.0))
         overhead_s = m * shape.layers * blk_overhead
-        by_dim = {"tp": 0.0, "pp": 0.0, "dp": 0.0, "loop": 0.0}
+        by_dim = {"tp": 0.0, "cp": 0.0, "pp": 0.0, "dp": 0.0, "loop": 0.0}
         dp_beside = 0.0  # the part of dp's time its code issues beside compute (FSDP2's prefetch, DDP's buckets)
         by_kind: dict = {}
         for c in step_comms(shape, args):
-            link = _link(cl, c, par)
+            link = link_of[c.dim]
             kind = "all_reduce" if c.kind == "broadcast" else c.kind  # a broadcast costs an all-reduce's half
             secs = c.count * links.time(kind, c.group, c.nbytes * (0.5 if c.kind == "broadcast" else 1), link)
             by_dim[c.dim] += secs
@@ -135,24 +140,27 @@ def step_time(cfg: DictConfig, mem: Optional[RankMemory], n_params: int, bubble:
         # replicate's reductions after backward never overlap.
         exposed_dp = by_dim["dp"] - dp_beside + (max(0.0, dp_beside - compute_s) if overlap else dp_beside)
         local = shape.layers * block_p + root
-        if par.dp > 1 and par.dp_shard in ("full", "optimizer"):
-            local /= par.dp
+        if par.dp * cp > 1 and par.dp_shard in ("full", "optimizer"):
+            local /= par.dp * cp
         loop_s = by_dim["loop"] + local * float((cl.get("loop") or {}).get("ns_per_param", 0.0)) * 1e-9
-        busy = (compute_s + by_dim["tp"] + by_dim["pp"]) / (speedup * (1.0 - bubble))
+        busy = (compute_s + by_dim["tp"] + by_dim["cp"] + by_dim["pp"]) / (speedup * (1.0 - bubble))
         step = busy + exposed_dp + loop_s
-        row = {"compute_s": compute_s, "overhead_s": overhead_s, "tp_s": by_dim["tp"], "pp_s": by_dim["pp"], "dp_s": exposed_dp,
+        row = {"compute_s": compute_s, "overhead_s": overhead_s, "tp_s": by_dim["tp"], "cp_s": by_dim["cp"],
+               "pp_s": by_dim["pp"], "dp_s": exposed_dp,
                "loop_s": loop_s, "step_s": step, "by_kind": by_kind}
         if worst is None or step > worst["step_s"]:
             worst = row
-    comm = worst["tp_s"] + worst["pp_s"] + worst["dp_s"] + worst["loop_s"]
+    comm = worst["tp_s"] + worst["cp_s"] + worst["pp_s"] + worst["dp_s"] + worst["loop_s"]
     worst["comm_share"] = min(1.0, comm / worst["step_s"])
     worst["mfu"] = mfu(flops / (t.global_batch * t.seq_len), t.global_batch * t.seq_len / worst["step_s"],
                        dtype_peak, gpus)
     return worst
 
 
-def _link(cl, c: Comm, par) -> str:
-    """intra while the group's ranks share a node (ranks are ordered tp, dp, pp: tp innermost)."""
-    span = {"tp": par.tp, "dp": par.tp * par.dp, "loop": par.tp * par.dp * par.pp,
-            "pp": par.tp * par.dp * par.pp}[c.dim]
-    return "intra" if span <= cl.gpus_per_node else "inter"
+def group_links(cl, par) -> dict[str, str]:
+    """Each parallelism's link: intra while its group's ranks share a node (ranks are ordered (pp, dp, cp,
+    tp): tp innermost)."""
+    tp_cp, per_node = par.tp * par.get("cp", 1), cl.gpus_per_node
+    spans = {"tp": par.tp, "cp": tp_cp, "dp": tp_cp * par.dp, "loop": tp_cp * par.dp * par.pp,
+             "pp": tp_cp * par.dp * par.pp}
+    return {dim: "intra" if span <= per_node else "inter" for dim, span in spans.items()}

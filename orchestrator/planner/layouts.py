@@ -1,6 +1,6 @@
 """Every layout of a model on a cluster that trident-train would accept, ranked.
 
-The same conf/ tree as trident-train plus a `cluster`; parallel.tp/pp/dp,
+The same conf/ tree as trident-train plus a `cluster`; parallel.tp/pp/dp/cp,
 train.micro_batch and parallel.schedule vary, and exactly the layouts that
 trident-train's own validation accepts are kept. For each: the worst rank's
 memory (orchestrator/planner/memory.py) and a predicted step time
@@ -47,29 +47,34 @@ class Layout:
     comm_share: float  # of the step: tp + pp + exposed dp + the loop's collectives and step
     why: str = ""  # the largest communication cost, in words
     rel: float = 0.0
+    cp: int = 1
+    cp_s: float = 0.0  # context parallelism's K/V gathers and their gradients' reduce-scatters
 
     def overrides(self) -> dict:
         sched = {} if self.pp == 1 else {"schedule": self.schedule}
-        return {"parallel": {"tp": self.tp, "pp": self.pp, "dp": self.dp, **sched},
+        return {"parallel": {"tp": self.tp, "pp": self.pp, "dp": self.dp, "cp": self.cp, **sched},
                 "train": {"micro_batch": self.micro_batch}}
 
 
 def candidates(cfg: DictConfig):
-    """Every (tp, pp, dp, micro_batch, schedule) on cluster.gpus, before validation."""
+    """Every (tp, pp, dp, micro_batch, schedule, cp) on cluster.gpus, before validation; cp only where the
+    sequence cuts into its 2 x cp chunks."""
     gpus, t = cfg.cluster.gpus, cfg.train
     for tp in divisors(gpus):
-        for pp in divisors(gpus // tp):
-            dp = gpus // (tp * pp)
-            if t.global_batch % dp:
-                continue
-            for mb in divisors(t.global_batch // dp):
-                for schedule in (SCHEDULES if pp > 1 else [cfg.parallel.schedule]):
-                    yield tp, pp, dp, mb, schedule
+        for cp in (c for c in divisors(gpus // tp) if t.seq_len % (2 * c) == 0 or c == 1):
+            for pp in divisors(gpus // (tp * cp)):
+                dp = gpus // (tp * cp * pp)
+                if t.global_batch % dp:
+                    continue
+                for mb in divisors(t.global_batch // dp):
+                    for schedule in (SCHEDULES if pp > 1 else [cfg.parallel.schedule]):
+                        yield tp, pp, dp, mb, schedule, cp
 
 
-def set_layout(c: DictConfig, tp, pp, dp, mb, schedule) -> None:
+def set_layout(c: DictConfig, tp, pp, dp, mb, schedule, cp: int = 1) -> None:
     with open_dict(c):
         c.parallel.tp, c.parallel.pp, c.parallel.dp, c.parallel.schedule = tp, pp, dp, schedule
+        c.parallel.cp = cp
         c.parallel.microbatches = None
         c.parallel.cut_points = None
         c.train.micro_batch = mb
@@ -108,35 +113,35 @@ def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
         work = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     rejected: dict[str, int] = {}
     valid = []
-    for tp, pp, dp, mb, schedule in candidates(cfg):
-        set_layout(work, tp, pp, dp, mb, schedule)
+    for layout in candidates(cfg):
+        set_layout(work, *layout)
         try:
             validate(work)
         except ConfigError as e:
             reason = re.match(r"[\w.]+", str(e)).group(0)  # the setting it names
             rejected[reason] = rejected.get(reason, 0) + 1
             continue
-        valid.append((tp, pp, dp, mb, schedule))
+        valid.append(layout)
     n_params = n_params_of(cfg)
     args = ModelArgs.from_config(cfg.model)
     shards = {}
-    for tp, pp, dp, _, _ in valid:
-        if (tp, pp, dp) not in shards:
-            set_layout(work, tp, pp, dp, 1, "1f1b")
-            shards[tp, pp, dp] = probe_shards(work)
+    for tp, pp, dp, _, _, cp in valid:
+        if (tp, pp, dp, cp) not in shards:
+            set_layout(work, tp, pp, dp, 1, "1f1b", cp)
+            shards[tp, pp, dp, cp] = probe_shards(work)
     rows = []
     links, compute = Links.of(cl), Compute.of(cl, cfg.train.dtype)
     budget = (cl.gpu_memory_gb - cl.memory_reserve_gb) * GiB
-    for tp, pp, dp, mb, schedule in valid:
-        set_layout(work, tp, pp, dp, mb, schedule)
-        ranks = layout_memory(work, shards[tp, pp, dp], args, device="cuda")  # a cluster of GPUs
+    for tp, pp, dp, mb, schedule, cp in valid:
+        set_layout(work, tp, pp, dp, mb, schedule, cp)
+        ranks = layout_memory(work, shards[tp, pp, dp, cp], args, device="cuda")  # a cluster of GPUs
         worst = max(ranks, key=lambda r: r.total)
         m = cfg.train.global_batch // (mb * dp)
         bubble = bubble_of(schedule, pp, m, cfg.parallel.stages_per_rank)
         times = step_time(work, worst, n_params, bubble, args, links, compute)
         by_kind = times.pop("by_kind")
         rows.append(Layout(tp, pp, dp, mb, schedule if pp > 1 else "-", m, worst, worst.total <= budget, bubble,
-                           **times, why=why(by_kind, times["step_s"], mb)))
+                           **times, why=why(by_kind, times["step_s"], mb), cp=cp))
     rows.sort(key=lambda r: (not r.fits, r.step_s))
     best = next((r.step_s for r in rows if r.fits), rows[0].step_s if rows else 1.0)
     for r in rows:

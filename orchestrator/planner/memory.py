@@ -65,11 +65,16 @@ class ModelShards:
     head: list[ParamShard]
 
 
+def replicas(par) -> int:
+    """The ranks that hold the same weights, over which data parallelism reduces and shards: dp x cp."""
+    return par.dp * par.get("cp", 1)
+
+
 def whole_embedding_grad(cfg) -> bool:
     """DTensor's vocab-parallel embedding backward gives a replicated gradient of the whole table (torch
     2.13, measured): unless FSDP2 reduce-scatters it into a shard, every tp rank keeps all of it."""
     par = cfg.parallel
-    return par.tp > 1 and not (par.dp > 1 and par.dp_shard == "full")
+    return par.tp > 1 and not (replicas(par) > 1 and par.dp_shard == "full")
 
 
 def _shard(p, whole_grad: bool = False) -> ParamShard:
@@ -80,28 +85,31 @@ def _shard(p, whole_grad: bool = False) -> ParamShard:
 def build_meta(cfg, rank: int):
     """This rank's whole model parts on the meta device, sharded by the real build code, in a fake world."""
     par = cfg.parallel
-    with fake_world(par.tp * par.pp * par.dp, rank):
-        mesh = build_mesh(ParallelDims(par.tp, par.pp, par.dp), "cpu")
+    dims = ParallelDims.of(par)
+    with fake_world(dims.world_size, rank):
+        mesh = build_mesh(dims, "cpu")
         train = OmegaConf.merge(cfg.train, {"compile": False})  # nothing runs: compiling would only cost time
         return build_model(cfg.model, par, mesh, torch.device("meta"), 0, train_cfg=train, materialize=False)
 
 
-def probe_shards(cfg, dp_rank: int = 0, tp_rank: int = 0) -> ModelShards:
-    """Measure the embedding's, a block's and the head's shards at (pp rank 0, dp_rank, tp_rank).
+def probe_shards(cfg, dp_rank: int = 0, tp_rank: int = 0, cp_rank: int = 0) -> ModelShards:
+    """Measure the embedding's, a block's and the head's shards at (pp rank 0, dp_rank, cp_rank, tp_rank).
 
     The probe is a one-layer model built by `build_model` in the layout's full
-    fake world, on the mesh of pp rank 0's dp x tp ranks: exactly the groups,
-    rank order and sharding of the real layout (ranks are ordered (pp, dp,
-    tp), so pp rank 0 holds ranks 0 .. dp*tp-1), without building pp stages.
-    Rank (0, 0) of each dp and tp group holds the largest shards (torch.chunk
-    gives any remainder to the last ranks).
+    fake world, on the mesh of pp rank 0's dp x cp x tp ranks: exactly the
+    groups, rank order and sharding of the real layout (ranks are ordered
+    (pp, dp, cp, tp), so pp rank 0 holds ranks 0 .. dp*cp*tp-1), without
+    building pp stages. Rank 0 of each dp x cp and tp group holds the largest
+    shards (torch.chunk gives any remainder to the last ranks).
     """
     par = cfg.parallel
     model = OmegaConf.merge(cfg.model, {"n_layers": 1})
     one_stage = OmegaConf.merge(par, {"pp": 1, "schedule": "1f1b", "stages_per_rank": None, "cut_points": None})
     train = OmegaConf.merge(cfg.train, {"compile": False})  # nothing runs: compiling would only cost time
-    with fake_world(par.tp * par.pp * par.dp, dp_rank * par.tp + tp_rank):
-        mesh = DeviceMesh("cpu", torch.arange(par.dp * par.tp).view(1, par.dp, par.tp), mesh_dim_names=MESH_DIMS)
+    dims = ParallelDims.of(par)
+    with fake_world(dims.world_size, (dp_rank * dims.cp + cp_rank) * dims.tp + tp_rank):
+        ranks = torch.arange(dims.dp * dims.cp * dims.tp).view(1, dims.dp, dims.cp, dims.tp)
+        mesh = DeviceMesh("cpu", ranks, mesh_dim_names=MESH_DIMS)
         built = build_model(model, one_stage, mesh, torch.device("meta"), 0, train_cfg=train, materialize=False)
     found = {"embed": [], "block": [], "head": []}
     for name, p in built.modules[0].named_parameters():
@@ -163,6 +171,7 @@ class ActivationModel:
     block_input: float  # a checkpointed block: only its input
     first: float  # the token ids
     last: float  # final norm, output projection input, fp32 log-softmax
+    per_microbatch: float = 0.0  # bytes each stage's forward saves once for all its blocks (cp's mask)
 
 
 def activation_model(cfg, args: ModelArgs = None) -> ActivationModel:
@@ -170,19 +179,25 @@ def activation_model(cfg, args: ModelArgs = None) -> ActivationModel:
 
     Each RMSNorm saves its fp32 input (x.float()), its normalised output in the
     stream's dtype, and a 4-byte rsqrt; the linears save their (gathered)
-    input; attention saves q, the repeated k and v, its output (in
-    `act` bytes) and a 4-byte log-sum-exp per head; the SwiGLU MLP saves w1's
-    and w3's outputs, silu's output and their product. With sequence
-    parallelism norms and the residual stream hold s/tp tokens, the linears'
-    inputs all s; everything inside attention and the MLP is split over tp.
+    input; attention saves q, the repeated k and v, its output (in `act`
+    bytes) and a 4-byte log-sum-exp per head; the SwiGLU MLP saves w1's and
+    w3's outputs, silu's output and their product. With sequence parallelism norms and the residual
+    stream hold s/tp tokens, the linears' inputs all s; everything inside
+    attention and the MLP is split over tp.
+
+    "Per token" is per token a rank holds: under context parallelism s/cp of
+    each sequence. Attention then saves the (repeated) K and V gathered from
+    the whole sequence, cp times its own, and each stage's forward one additive mask
+    of its queries against every key, in `act` bytes (batch rows of it with
+    document masking) and its tokens' rotary angles (parallel/context_parallel.py).
     """
     args = args or ModelArgs.from_config(cfg.model)
     par, t = cfg.parallel, cfg.train
-    tp = par.tp
+    tp, cp = par.tp, par.get("cp", 1)
     sp = tp if (tp > 1 and par.sequence_parallel) else 1
     h, f, heads = args.dim, args.ffn_hidden, args.n_heads
     bf16 = t.dtype == "bf16"
-    fsdp_mp = bf16 and par.dp > 1 and par.dp_shard == "full"
+    fsdp_mp = bf16 and replicas(par) > 1 and par.dp_shard == "full"
     act = dtype_bytes(t.dtype)  # what matmuls output
     stream = act if fsdp_mp else 4  # the residual stream: bf16 only when the weights themselves are gathered as bf16
     normed = stream if not bf16 else (act if fsdp_mp else 4)
@@ -190,15 +205,19 @@ def activation_model(cfg, args: ModelArgs = None) -> ActivationModel:
     # Autocast casts an activation per op, not per tensor: wq, wk and wv each save their own bf16 copy of
     # the (fp32) normed input, w1 and w3 theirs; `norm` counts one per sub-block: 2 + 1 more per block.
     autocast_casts = 3 * act * h if bf16 and not fsdp_mp else 0
-    block = 2 * norm + autocast_casts + (4 * act * h + 4 * heads + 4 * act * f) / tp
+    block = 2 * norm + autocast_casts + (2 * act * h + 2 * act * h * cp + 4 * heads + 4 * act * f) / tp
     vocab = -(-args.vocab_size // tp) * tp
     # The fp32 log-probabilities cross-entropy saves; chunked (train.loss_chunks), nothing stays saved.
     log_probs = 4 * vocab / tp if t.get("loss_chunks", 1) <= 1 else 0
+    local = t.seq_len // cp
+    rows = t.micro_batch if cfg.data.get("mask_across_documents") else 1
+    mask = act * rows * local * t.seq_len + 4 * args.head_dim * local if cp > 1 else 0.0
     return ActivationModel(
         block=block,
         block_input=stream * h / sp,
         first=8,
         last=norm + log_probs,
+        per_microbatch=mask,
     )
 
 
@@ -254,7 +273,7 @@ def other_bytes(cfg, shards: ModelShards) -> float:
     buckets hold one fp32 bucket.
     """
     par, t = cfg.parallel, cfg.train
-    if par.dp == 1:
+    if replicas(par) == 1:
         return 0.0
     act = dtype_bytes(t.dtype)
     tp_local = lambda shards_: sum(s.numel for s in shards_) / par.tp  # noqa: E731
@@ -270,7 +289,7 @@ def autocast_copy_bytes(cfg, shards: ModelShards) -> tuple[float, float]:
     matmul's weight per micro-batch and keeps the copy until that micro-batch's backward (2 bytes per
     TP-local matrix element)."""
     par, t = cfg.parallel, cfg.train
-    if t.dtype != "bf16" or (par.dp > 1 and par.dp_shard == "full"):
+    if t.dtype != "bf16" or (replicas(par) > 1 and par.dp_shard == "full"):
         return 0.0, 0.0
     dim = cfg.model.dim
     matrices = lambda shards_: 2 * sum(s.numel for s in shards_ if s.numel > dim) / par.tp  # noqa: E731 (not norms)
@@ -299,7 +318,7 @@ def activation_peaks(cfg, shards: ModelShards, stages=None, args: ModelArgs = No
     par, t = cfg.parallel, cfg.train
     ids_per_rank, layers, n_stages = stages or rank_stages(cfg)
     am = activation_model(cfg, args)
-    tokens = t.micro_batch * t.seq_len
+    tokens = t.micro_batch * t.seq_len // par.get("cp", 1)  # this rank's
     ac = t.activation_checkpointing
     copy_block, copy_head = autocast_copy_bytes(cfg, shards)
     stage_bytes, recompute = {}, {}
@@ -308,7 +327,7 @@ def activation_peaks(cfg, shards: ModelShards, stages=None, args: ModelArgs = No
         saved, recompute[stage] = stage_activation_bytes(am, ids, first, last, tokens, ac)
         # A checkpointed block keeps no weight copies: only its input survives its forward.
         kept = len(ids) - len(ac_layers(list(ids), ac))
-        stage_bytes[stage] = saved + copy_block * kept + (copy_head if last else 0.0)
+        stage_bytes[stage] = saved + copy_block * kept + (copy_head if last else 0.0) + am.per_microbatch
     if par.pp == 1:  # micro-batches run one after another (gradient accumulation)
         return [stage_bytes[0] + recompute[0]]
     m = t.global_batch // (t.micro_batch * par.dp)
@@ -384,7 +403,7 @@ def cuda_terms(cfg, shards: ModelShards, pp_rank: int, st: "StateMemory", stages
     par, t = cfg.parallel, cfg.train
     ids_per_rank, layers, n_stages = stages or rank_stages(cfg)
     ids = ids_per_rank[pp_rank]
-    tokens = t.micro_batch * t.seq_len
+    tokens = t.micro_batch * t.seq_len // par.get("cp", 1)
     vocab_local = -(-cfg.model.vocab_size // par.tp)
     chunks = t.get("loss_chunks", 1)
     last = n_stages - 1 in ids
@@ -402,7 +421,7 @@ def cuda_terms(cfg, shards: ModelShards, pp_rank: int, st: "StateMemory", stages
     optimizer_temp = 0.0 if implementation in ("auto", "fused") else float(st.stepped)  # auto: fused on CUDA
     other_at_loss = other_bytes(cfg, shards)
     stage_numel = sum(s.numel for s in rank_params(cfg, shards, pp_rank, stages)) / par.tp
-    pipelined_fsdp = par.pp > 1 and par.dp > 1 and par.dp_shard == "full"
+    pipelined_fsdp = par.pp > 1 and replicas(par) > 1 and par.dp_shard == "full"
     if m == 1:
         grads_at_loss = 0.0
     elif pipelined_fsdp:
@@ -475,10 +494,11 @@ def layout_memory(cfg, shards: ModelShards, args: ModelArgs = None, device: str 
     acts = activation_peaks(cfg, shards, stages, args)
     other = other_bytes(cfg, shards)
     out = []
-    dp_ranks = range(par.dp) if par.dp_shard == "optimizer" else [0]  # ZeRO-1 owners differ by dp rank
+    n = replicas(par)
+    dp_ranks = range(n) if par.dp_shard == "optimizer" else [0]  # ZeRO-1 owners differ by dp (x cp) rank
     for r in range(par.pp):
         params = rank_params(cfg, shards, r, stages)
-        st = max((state_memory(params, par.dp_shard, par.dp, d) for d in dp_ranks), key=lambda m: m.total)
+        st = max((state_memory(params, par.dp_shard, n, d) for d in dp_ranks), key=lambda m: m.total)
         cuda = cuda_terms(cfg, shards, r, st, stages) if device == "cuda" else None
         out.append(RankMemory(r, st.params, st.grads, st.optim, acts[r], other, cuda))
     return out

@@ -23,13 +23,13 @@ def table(rows: list[Layout], cfg: DictConfig, info: dict, top=None) -> str:
             f"dp_shard={cfg.parallel.dp_shard} ac={t.activation_checkpointing}\n"
             f"{info['valid']} valid layouts of {info['candidates']} ({info['fit']} fit); "
             f"planned in {info['seconds']:.1f} s. Memory: {unit} per GPU on the fullest rank.")
-    cols = ("tp", "pp", "dp", "mb", "schedule", "m", "params", "grads", "optim", "act", "other", "total", "fits",
+    cols = ("tp", "pp", "dp", "cp", "mb", "schedule", "m", "params", "grads", "optim", "act", "other", "total", "fits",
             "bubble", "comm", "MFU", "step_s", "rel")
-    lines = [head, "  ".join(f"{c:>8}" if i > 4 else f"{c:>4}" if c != "schedule" else f"{c:<16}"
+    lines = [head, "  ".join(f"{c:>8}" if i > 5 else f"{c:>4}" if c != "schedule" else f"{c:<16}"
                              for i, c in enumerate(cols))]
     for r in rows[:top]:
         w = r.worst
-        cells = [f"{r.tp:>4}", f"{r.pp:>4}", f"{r.dp:>4}", f"{r.micro_batch:>4}", f"{r.schedule:<16}",
+        cells = [f"{r.tp:>4}", f"{r.pp:>4}", f"{r.dp:>4}", f"{r.cp:>4}", f"{r.micro_batch:>4}", f"{r.schedule:<16}",
                  f"{r.microbatches:>8}", *(f"{x / size:>8.1f}" for x in w.shown()),
                  f"{'yes' if r.fits else 'no':>8}", f"{r.bubble:>8.3f}", f"{100 * r.comm_share:>7.0f}%",
                  f"{100 * r.mfu:>7.1f}%",
@@ -40,7 +40,7 @@ def table(rows: list[Layout], cfg: DictConfig, info: dict, top=None) -> str:
     reason = why_best(rows)
     if reason:
         lines.append(reason)
-    lines.append("comm: the share of the step spent in communication (tp, pp, exposed dp, the loop's own); step_s from "
+    lines.append("comm: the share of the step spent in communication (tp, cp, pp, exposed dp, the loop's own); step_s from "
                  f"cluster={cl.name}'s " + ("measured figures (trident-plan --calibrate)" if cl.get("compute")
                                             else "link figures and mfu"))
     if not info["fit"]:
@@ -50,7 +50,8 @@ def table(rows: list[Layout], cfg: DictConfig, info: dict, top=None) -> str:
 
 
 def layout_name(r: Layout) -> str:
-    return f"tp={r.tp} pp={r.pp} dp={r.dp} mb={r.micro_batch}" + (f" {r.schedule}" if r.pp > 1 else "")
+    return (f"tp={r.tp} pp={r.pp} dp={r.dp}" + (f" cp={r.cp}" if r.cp > 1 else "") + f" mb={r.micro_batch}"
+            + (f" {r.schedule}" if r.pp > 1 else ""))
 
 
 def why_best(rows: list[Layout]) -> str:
@@ -62,12 +63,13 @@ def why_best(rows: list[Layout]) -> str:
     best = fitting[0]
     rival = next((r for r in fitting if r.tp != best.tp), None) or next((r for r in fitting if r.pp != best.pp),
                                                                       fitting[1])
-    stretch = lambda r: r.step_s - (r.compute_s + r.tp_s + r.pp_s + r.dp_s + r.loop_s)  # noqa: E731
+    stretch = lambda r: r.step_s - (r.compute_s + r.tp_s + r.cp_s + r.pp_s + r.dp_s + r.loop_s)  # noqa: E731
     terms = {
         "compute": (rival.compute_s - rival.overhead_s) - (best.compute_s - best.overhead_s),
         f"per-block overhead (dispatch, {1e3 * rival.overhead_s / max(1, rival.microbatches):.0f} ms a micro-batch)":
             rival.overhead_s - best.overhead_s,
-        "TP collectives": rival.tp_s - best.tp_s, "stage transfers": rival.pp_s - best.pp_s,
+        "TP collectives": rival.tp_s - best.tp_s, "CP's K/V gathers": rival.cp_s - best.cp_s,
+        "stage transfers": rival.pp_s - best.pp_s,
         "data-parallel collectives": rival.dp_s - best.dp_s, "the loop's own": rival.loop_s - best.loop_s,
         "the pipeline bubble": stretch(rival) - stretch(best),
     }

@@ -40,6 +40,14 @@ LAYOUTS = {
     "pp2-dp4-interleaved": ("parallel.tp=1", "parallel.pp=2", "parallel.dp=4", "parallel.schedule=interleaved-1f1b"),
     "tp2-pp4-gpipe-ac": ("parallel.tp=2", "parallel.pp=4", "parallel.dp=1", "parallel.schedule=gpipe",
                          "train.activation_checkpointing=full"),
+    # Context parallelism: K/V gathers per block (again where recomputed), FSDP2 and ZeRO-1 over dp x cp, the
+    # document ids gathered per stage and micro-batch.
+    "tp2-dp2-cp2-sp-fsdp": ("parallel.tp=2", "parallel.pp=1", "parallel.dp=2", "parallel.cp=2",
+                            "parallel.dp_shard=full"),
+    "pp2-dp2-cp2-1f1b-docs": ("parallel.tp=1", "parallel.pp=2", "parallel.dp=2", "parallel.cp=2",
+                              "parallel.schedule=1f1b", "data.mask_across_documents=true"),
+    "dp2-cp4-zero1-ac": ("parallel.tp=1", "parallel.pp=1", "parallel.dp=2", "parallel.cp=4",
+                         "parallel.dp_shard=optimizer", "train.activation_checkpointing=full"),
 }
 KINDS = {"allreduce": "all_reduce", "all_reduce": "all_reduce", "allgather": "all_gather",
          "all_gather": "all_gather", "reduce_scatter": "reduce_scatter", "broadcast": "broadcast"}

@@ -141,7 +141,7 @@ def test_tune_spread_picks_k_distinct_layouts_from_best_to_worst():
 def test_tune_spread_beyond_the_fitting_layouts_says_how_many_fit(tmp_path):
     out = run_cmd([sys.executable, "-m", "orchestrator.cli.plan", "cluster=cpu", "--tune-spread", "1000",
                    f"checkpoint.dir={tmp_path}"], timeout=120)
-    assert out.returncode == 2 and "only 51 layouts of llama-debug fit" in out.stderr, out.stderr
+    assert out.returncode == 2 and "only 149 layouts of llama-debug fit" in out.stderr, out.stderr
     assert not (tmp_path / "multirun").exists()
 
 
