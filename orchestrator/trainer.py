@@ -1,5 +1,10 @@
 """One rank's training: build everything from the config, then the loop.
 
+Each dp rank reads its share of the step's sequences; under context
+parallelism (parallel.cp > 1) each cp rank keeps its two chunks of every
+sequence (parallel/context_parallel.py) and the dp x cp ranks are the
+replicas data parallelism averages over.
+
 The loop, per optimizer step: the step's micro-batches (gradient
 accumulation with the dp reduction only on the last, or the pipeline
 schedule when pp > 1), clipping by the global gradient norm, AdamW, and the

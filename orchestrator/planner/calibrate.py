@@ -71,7 +71,7 @@ from orchestrator.planner.layouts import n_params_of
 from orchestrator.trainer import Trainer
 from orchestrator.validate import ConfigError, validate
 from parallel.grad import clip_grads_
-from parallel.mesh import MESH_DIMS
+from parallel.mesh import ParallelDims, build_mesh
 from parallel.tensor_parallel import loss_context
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
@@ -190,8 +190,9 @@ def _real_model(spec: dict, tp: int, device, world: int):
     degree: step(mb, seq) makes one micro-batch's forward+backward, DTensor's dispatch and TP's collectives
     included."""
     model_cfg = OmegaConf.create({**spec["model_cfg"], "n_layers": spec["layers"], "init_from": None})
-    par = OmegaConf.create({**spec["parallel_cfg"], "tp": tp, "pp": 1, "dp": world // tp, "dp_shard": "optimizer"})
-    mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (1, world // tp, tp), mesh_dim_names=MESH_DIMS)
+    par = OmegaConf.create({**spec["parallel_cfg"], "tp": tp, "pp": 1, "dp": world // tp, "cp": 1,
+                            "dp_shard": "optimizer"})
+    mesh = build_mesh(ParallelDims(tp, 1, world // tp), device.type)
     train_cfg = OmegaConf.create({**spec["train_cfg"], "compile": False, "activation_checkpointing": "none"})
     model = build_model(model_cfg, par, mesh, device, 0, train_cfg).parts[0]
 
@@ -362,7 +363,8 @@ def reference_layouts(cfg: DictConfig, world: int) -> dict:
         c = OmegaConf.create(plain)
         pp = change["parallel"]["pp"]
         c.merge_with(change)
-        c.merge_with({"parallel": {"dp": world // pp, "microbatches": None, "cut_points": None, "layout": "manual"},
+        c.merge_with({"parallel": {"dp": world // pp, "cp": 1, "microbatches": None, "cut_points": None,
+                                   "layout": "manual"},
                       "train": {"micro_batch": 1, "compile": False, "activation_checkpointing": "none",
                                 "eval_every": 0, "steps": 1000},
                       "checkpoint": {"every": 0, "at_end": False}, "logging": {"wandb": {"mode": "disabled"}},
