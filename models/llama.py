@@ -140,6 +140,10 @@ class Attention(nn.Module):
         k = self.wk(x).view(bsz, seq, -1, self.head_dim)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if getattr(cache, "attend", None) is not None:
+            # A cache that computes the attention itself, from this rank's part of the sequence (context
+            # parallelism's, parallel/context_parallel.py): (batch, seq, heads, head_dim).
+            return self.wo(cache.attend(q, k, v).reshape(bsz, seq, -1))
         if cache is not None:  # decoding: these keys and values join the cached ones
             k, v, mask = cache.update(k, v)
         repeat = q.shape[2] // k.shape[2]

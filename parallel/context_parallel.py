@@ -4,16 +4,17 @@ Llama 3's scheme (issue 22): the sequence is cut into 2·cp chunks and rank r
 of the cp group holds chunks r and 2cp-1-r, so every rank does the same
 causal work (an early chunk attends to few keys, its partner late in the
 sequence to many). In attention each rank all-gathers the keys and values of
-its kv heads across the group and its own queries attend with the mask of
-their absolute positions (and of their documents), so any mask works, and
-under GQA the gathered K/V are smaller than Q. In backward, the gathered K/V
-gradients are reduce-scattered back: each rank keeps the sum of every rank's
-gradient for its own keys and values.
+its kv heads across the group and its own queries attend to them by their
+absolute positions (and their documents), so any mask works, and under GQA
+the gathered K/V are smaller than Q. The attention is blockwise
+(`_ChunkedAttention`): a query chunk visits the key chunks up to its own, so
+no mask of the queries against the whole sequence is ever made. In backward,
+the gathered K/V gradients are reduce-scattered back: each rank keeps the sum
+of every rank's gradient for its own keys and values.
 
-`KVGather` speaks the model's KV-cache protocol (`Attention.forward` calls
-`cache.update(k, v)` and attends with the keys, values and mask it returns;
-`cache.rope` gives each token's rotary angles), so the model code needs no
-knowledge of cp. `apply_cp` hangs it on a model (or pipeline stage) from
+`KVGather` is a cache for the model's attention (`Attention.forward` asks a
+cache with `attend` for its output; `cache.rope` gives each token's rotary
+angles), so the model code needs no knowledge of cp. `apply_cp` hangs it on a model (or pipeline stage) from
 outside, as `apply_tp` does TP: each forward gets one KVGather for its
 micro-batch, built from the document ids it was given. Each cp rank's loss
 is the mean over its own tokens; data parallelism averages gradients over
@@ -87,36 +88,135 @@ def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
     return _GatherSequence.apply(x, group)
 
 
+KEY_BLOCK = 512  # keys per block of the blockwise attention
+
+
+def _spans(n: int, block: int) -> list[tuple[int, int]]:
+    return [(a, min(a + block, n)) for a in range(0, n, block)]
+
+
+def _block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_docs, k_docs) -> Optional[torch.Tensor]:
+    """(batch or 1, 1, 1, c_q, c_k) bool, True where a query may attend, or None where every query may
+    attend every key (a key chunk wholly before the query chunk, no documents)."""
+    mask = None
+    if k_pos[-1] > q_pos[0]:  # the diagonal block: causal inside it
+        mask = (k_pos[None, :] <= q_pos[:, None])[None, None, None]
+    if q_docs is not None:
+        same = (q_docs[:, :, None] == k_docs[:, None, :])[:, None, None]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, mask) -> torch.Tensor:
+    """q (b, kvh, g, c_q, d) against k (b, kvh, c_k, d): (b, kvh, g, c_q, c_k) fp32, -inf where masked."""
+    s = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * scale
+    return s if mask is None else s.masked_fill(~mask, float("-inf"))
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    """Causal (and document-masked) attention of this rank's query chunks to the gathered keys, one chunk of
+    keys at a time: the attention of a query chunk at chunk index i runs over key chunks 0..i only, with an
+    online softmax (flash attention's recurrence, in fp32) and no mask bigger than one chunk against one
+    chunk. Backward recomputes each block's probabilities from the saved log-sum-exp. Saved for backward:
+    q, the gathered K and V (at their kv heads: grouped-query attention without repeating them), the output
+    and the log-sum-exp; the dense mask of the queries against every key is never made.
+
+    q (b, s_local, h, d); k, v (b, s, kvh, d) in gathered order; plan: [(query slice, [(key slice, q
+    positions, k positions)])]; docs: (this rank's (b, s_local), the gathered (b, s)) or None.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, docs):
+        b, sq, h, d = q.shape
+        kvh = k.shape[2]
+        g, scale = h // kvh, d ** -0.5
+        qf = q.float().permute(0, 2, 1, 3).reshape(b, kvh, g, sq, d)
+        kf, vf = k.float().transpose(1, 2), v.float().transpose(1, 2)  # (b, kvh, s, d)
+        out = torch.empty(b, kvh, g, sq, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(b, kvh, g, sq, dtype=torch.float32, device=q.device)
+        for qs, blocks in plan:
+            qc = qf[:, :, :, qs]
+            m = torch.full(qc.shape[:-1], float("-inf"), device=q.device)
+            l = torch.zeros_like(m)
+            acc = torch.zeros_like(qc)
+            for ks, q_pos, k_pos in blocks:
+                mask = _block_mask(q_pos, k_pos, *(None, None) if docs is None else (docs[0][:, qs], docs[1][:, ks]))
+                s = _scores(qc, kf[:, :, ks], scale, mask)
+                m_new = torch.maximum(m, s.amax(-1))
+                safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with no key yet
+                p = torch.exp(s - safe[..., None])
+                shrink = torch.exp(m - safe)
+                l = l * shrink + p.sum(-1)
+                acc = acc * shrink[..., None] + torch.matmul(p, vf[:, :, ks].unsqueeze(2))
+                m = m_new
+            out[:, :, :, qs] = acc / l[..., None]
+            lse[:, :, :, qs] = m + torch.log(l)
+        result = out.reshape(b, h, sq, d).transpose(1, 2).to(q.dtype).contiguous()  # (b, s_local, h, d)
+        ctx.save_for_backward(q, k, v, result, lse)
+        ctx.plan, ctx.docs = plan, docs
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, docs = ctx.plan, ctx.docs
+        b, sq, h, d = q.shape
+        kvh = k.shape[2]
+        g, scale = h // kvh, d ** -0.5
+        grouped = lambda t: t.float().permute(0, 2, 1, 3).reshape(b, kvh, g, sq, d)  # noqa: E731
+        qf, of, dof = grouped(q), grouped(out), grouped(grad_out)
+        kf, vf = k.float().transpose(1, 2), v.float().transpose(1, 2)
+        dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+        delta = (dof * of).sum(-1)  # rowsum(dO * O)
+        for qs, blocks in plan:
+            qc, doc_, lc, dc = qf[:, :, :, qs], dof[:, :, :, qs], lse[:, :, :, qs], delta[:, :, :, qs]
+            for ks, q_pos, k_pos in blocks:
+                mask = _block_mask(q_pos, k_pos, *(None, None) if docs is None else (docs[0][:, qs], docs[1][:, ks]))
+                p = torch.exp(_scores(qc, kf[:, :, ks], scale, mask) - lc[..., None])
+                dv[:, :, ks] += torch.matmul(p.transpose(-1, -2), doc_).sum(2)
+                ds = p * (torch.matmul(doc_, vf[:, :, ks].unsqueeze(2).transpose(-1, -2)) - dc[..., None])
+                dq[:, :, :, qs] += torch.matmul(ds, kf[:, :, ks].unsqueeze(2)) * scale
+                dk[:, :, ks] += torch.matmul(ds.transpose(-1, -2), qc).sum(2) * scale
+        dq = dq.reshape(b, h, sq, d).transpose(1, 2).to(q.dtype)
+        return dq, dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype), None, None
+
+
 class KVGather:
-    """One micro-batch's attention under cp, as a KV cache the model's attention already understands.
+    """One micro-batch's attention under cp, as a cache the model's attention already understands.
 
     doc_ids: (batch, seq_local) the documents of this rank's tokens, or None for plain causal
-    attention. The mask, (batch or 1, 1, seq_local, seq), is built once and serves every layer: as an
-    additive float mask (0 or -inf) in the attention's dtype, which SDPA keeps for backward by reference;
-    given a bool mask, SDPA on CPU converts it to a new float tensor in every layer and saves each one
-    (4 x seq_local x seq bytes per layer, measured with torch 2.13).
+    attention. `attend(q, k, v)` gathers every rank's keys and values (one all-gather of both) and
+    computes this rank's queries' attention blockwise (_ChunkedAttention): a query chunk attends to the
+    key chunks before it and, causally, to its own. A dense (seq_local x seq) mask in SDPA would be
+    saved for backward and grow with the square of the sequence (seq_len 8192 at cp=4: 64 MiB per
+    micro-batch, more than a small model's whole activations).
     """
 
     def __init__(self, group, seq: int, cp_rank: int, doc_ids: Optional[torch.Tensor] = None, device=None):
         cp = dist.get_world_size(group)
         self.group = group
         self.positions = local_positions(seq, cp, cp_rank, device)
-        k_pos = gathered_positions(seq, cp, device)
-        mask = (k_pos[None, :] <= self.positions[:, None])[None, None]
+        size = seq // (2 * cp)
+        # Where each chunk's keys sit after the all-gather: rank rho's two chunks (rho, 2cp-1-rho), in rank order.
+        start = {}
+        for rho in range(cp):
+            for piece, chunk in enumerate(chunk_ids(cp, rho)):
+                start[chunk] = (2 * rho + piece) * size
+        self.plan = []
+        for piece, chunk in enumerate(chunk_ids(cp, cp_rank)):
+            q_pos = self.positions[piece * size:(piece + 1) * size]
+            # Key chunks 0..chunk, each in blocks of at most KEY_BLOCK keys: one block's scores (heads x
+            # chunk x block, fp32) are what attention holds at a time beyond what it saves.
+            blocks = [(slice(start[j] + a, start[j] + e), q_pos, torch.arange(j * size + a, j * size + e, device=device))
+                      for j in range(chunk + 1) for a, e in _spans(size, KEY_BLOCK)]
+            self.plan.append((slice(piece * size, (piece + 1) * size), blocks))
+        self.docs = None
         if doc_ids is not None:
             all_docs = torch.empty((cp * doc_ids.shape[1], doc_ids.shape[0]), dtype=doc_ids.dtype,
                                    device=doc_ids.device)
             if not doc_ids.is_meta:
                 _all_gather(all_docs, doc_ids.t().contiguous(), group=group)
-            mask = mask & (doc_ids[:, :, None] == all_docs.t()[:, None, :]).unsqueeze(1)
-        self.allowed = mask
-        self._masks: dict[torch.dtype, torch.Tensor] = {}
-
-    def mask(self, dtype: torch.dtype) -> torch.Tensor:
-        if dtype not in self._masks:
-            zeros = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
-            self._masks[dtype] = zeros.masked_fill(~self.allowed, float("-inf"))
-        return self._masks[dtype]
+            self.docs = (doc_ids, all_docs.t())
 
     def rope(self, table: torch.Tensor) -> torch.Tensor:
         """The rotary angles of this rank's tokens, by their absolute positions: (1, seq_local, head_dim // 2, 2)."""
@@ -125,11 +225,18 @@ class KVGather:
     def layer(self, key: int) -> "KVGather":
         return self
 
-    def update(self, k: torch.Tensor, v: torch.Tensor):
-        """Every rank's keys and values (one all-gather of both), and the mask of this rank's queries."""
+    def gather(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's keys and values, in gathered order (one all-gather of both; backward: reduce-scatter)."""
         both = gather_sequence(torch.cat([k, v], dim=2), self.group)
         k_all, v_all = both.split([k.shape[2], v.shape[2]], dim=2)
-        return k_all, v_all, self.mask(k.dtype)
+        return k_all, v_all
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """This rank's attention output (batch, seq_local, heads, head_dim) from its q, k and v (after RoPE)."""
+        k_all, v_all = self.gather(k, v)
+        if q.is_meta:  # a pipeline stage's shape inference
+            return torch.empty_like(q)
+        return _ChunkedAttention.apply(q, k_all, v_all, self.plan, self.docs)
 
 
 class ContextParallel:

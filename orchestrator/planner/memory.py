@@ -171,7 +171,7 @@ class ActivationModel:
     block_input: float  # a checkpointed block: only its input
     first: float  # the token ids
     last: float  # final norm, output projection input, fp32 log-softmax
-    per_microbatch: float = 0.0  # bytes each stage's forward saves once for all its blocks (cp's mask)
+    per_microbatch: float = 0.0  # bytes each stage's forward saves once for all its blocks (cp's rotary rows)
 
 
 def activation_model(cfg, args: ModelArgs = None) -> ActivationModel:
@@ -186,10 +186,10 @@ def activation_model(cfg, args: ModelArgs = None) -> ActivationModel:
     attention and the MLP is split over tp.
 
     "Per token" is per token a rank holds: under context parallelism s/cp of
-    each sequence. Attention then saves the (repeated) K and V gathered from
-    the whole sequence, cp times its own, and each stage's forward one additive mask
-    of its queries against every key, in `act` bytes (batch rows of it with
-    document masking) and its tokens' rotary angles (parallel/context_parallel.py).
+    each sequence. Its blockwise attention (parallel/context_parallel.py) then
+    saves q, the K and V gathered from the whole sequence at their kv heads
+    (cp times its own, not repeated), its output and the log-sum-exp; each
+    stage's forward also saves its tokens' rotary angles once (fp32).
     """
     args = args or ModelArgs.from_config(cfg.model)
     par, t = cfg.parallel, cfg.train
@@ -205,19 +205,18 @@ def activation_model(cfg, args: ModelArgs = None) -> ActivationModel:
     # Autocast casts an activation per op, not per tensor: wq, wk and wv each save their own bf16 copy of
     # the (fp32) normed input, w1 and w3 theirs; `norm` counts one per sub-block: 2 + 1 more per block.
     autocast_casts = 3 * act * h if bf16 and not fsdp_mp else 0
-    block = 2 * norm + autocast_casts + (2 * act * h + 2 * act * h * cp + 4 * heads + 4 * act * f) / tp
+    kv_saved = args.kv_heads * args.head_dim * cp if cp > 1 else h  # SDPA's repeated K and V at cp=1
+    block = 2 * norm + autocast_casts + (2 * act * h + 2 * act * kv_saved + 4 * heads + 4 * act * f) / tp
     vocab = -(-args.vocab_size // tp) * tp
     # The fp32 log-probabilities cross-entropy saves; chunked (train.loss_chunks), nothing stays saved.
     log_probs = 4 * vocab / tp if t.get("loss_chunks", 1) <= 1 else 0
-    local = t.seq_len // cp
-    rows = t.micro_batch if cfg.data.get("mask_across_documents") else 1
-    mask = act * rows * local * t.seq_len + 4 * args.head_dim * local if cp > 1 else 0.0
+    rotary = 4 * args.head_dim * t.seq_len // cp if cp > 1 else 0.0  # the rotary table's rows of its positions
     return ActivationModel(
         block=block,
         block_input=stream * h / sp,
         first=8,
         last=norm + log_probs,
-        per_microbatch=mask,
+        per_microbatch=rotary,
     )
 
 

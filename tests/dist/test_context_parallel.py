@@ -2,9 +2,9 @@
 
 One launch of 4 ranks: cp=2 (two groups of 2) and cp=4, plain causal and with document masks, grouped-query
 attention with fewer kv heads than cp ranks. Each rank attends with its head-tail chunks of the queries to the
-keys and values gathered over its cp group; its output and the gradients of its own q, k and v must equal
-those slices of a one-process attention over the whole sequence, in fp32 within 1e-5 (the same terms summed
-in another order: each query's softmax runs over the same keys).
+keys and values gathered over its cp group, one chunk of keys at a time; its output and the gradients of its
+own q, k and v must equal those slices of a one-process SDPA attention over the whole sequence, in fp32 within
+1e-5 (the same terms summed in another order: each query's softmax runs over the same keys, blockwise).
 """
 
 import json
@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from launch.local import spawn
+from parallel import context_parallel
 from parallel.context_parallel import KVGather, gathered_positions, local_positions, shard_sequence
 
 pytestmark = pytest.mark.dist
@@ -62,17 +63,19 @@ def _worker(env, device, out_dir):
     results = {}
     for cp, group in ((2, groups2[rank // 2]), (4, dist.group.WORLD)):
         cp_rank = rank % cp
-        for docs in (False, True):
+        for docs, block in ((False, context_parallel.KEY_BLOCK), (True, context_parallel.KEY_BLOCK), (True, 5)):
+            # block 5: key blocks smaller than a chunk (6 or 12 tokens), some of them across the diagonal.
+            context_parallel.KEY_BLOCK, default = block, context_parallel.KEY_BLOCK
             q, k, v, upstream, doc_ids = inputs()
             mine = [shard_sequence(t, cp, cp_rank).clone().requires_grad_() for t in (q, k, v)]
             gather = KVGather(group, SEQ, cp_rank, shard_sequence(doc_ids, cp, cp_rank) if docs else None)
-            k_all, v_all, mask = gather.layer(0).update(mine[1], mine[2])
-            out = attend(mine[0], k_all, v_all, mask)
+            context_parallel.KEY_BLOCK = default
+            out = gather.layer(0).attend(*mine)
             out.backward(shard_sequence(upstream, cp, cp_rank))
             ref = [shard_sequence(t, cp, cp_rank) for t in reference(docs)]
             got = [out.detach(), *(t.grad for t in mine)]
-            results[f"cp{cp}-{'docs' if docs else 'causal'}"] = [
-                ((g - r).abs().max() / r.abs().max()).item() for g, r in zip(got, ref)]
+            name = f"cp{cp}-{'docs' if docs else 'causal'}" + ("-block5" if block == 5 else "")
+            results[name] = [((g - r).abs().max() / r.abs().max()).item() for g, r in zip(got, ref)]
     Path(out_dir, f"rank-{rank}.json").write_text(json.dumps(results))
 
 
@@ -83,7 +86,8 @@ def errors(tmp_path_factory):
     return {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in out.glob("rank-*.json")}
 
 
-@pytest.mark.parametrize("case", ["cp2-causal", "cp2-docs", "cp4-causal", "cp4-docs"])
+@pytest.mark.parametrize("case", ["cp2-causal", "cp2-docs", "cp2-docs-block5", "cp4-causal", "cp4-docs",
+                                  "cp4-docs-block5"])
 def test_each_rank_attends_to_the_gathered_keys_and_gets_one_process_output_and_gradients(errors, case):
     assert sorted(errors) == [0, 1, 2, 3]
     for rank, by_case in errors.items():
