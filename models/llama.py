@@ -250,6 +250,14 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (doc_ids[:, :, None] == doc_ids[:, None, :]).unsqueeze(1) & causal
 
 
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, num_targets: Optional[float] = None) -> torch.Tensor:
+    """Cross-entropy of logits (batch, seq, vocab) against targets in fp32: the mean over the targets not
+    IGNORE, or their sum divided by num_targets where given."""
+    if num_targets is None:
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum") / num_targets
+
+
 def _loss_sum(output: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output(h).float(), targets, reduction="sum")
 
@@ -268,10 +276,8 @@ def cross_entropy(output: nn.Module, h: torch.Tensor, targets: torch.Tensor, chu
     piece up to the order of the final sum; one more output projection in
     backward (2 * tokens * dim * vocab FLOPs).
     """
-    if chunks <= 1 and num_targets is None:
-        return F.cross_entropy(output(h).flatten(0, 1).float(), targets.flatten())
     if chunks <= 1:
-        return F.cross_entropy(output(h).flatten(0, 1).float(), targets.flatten(), reduction="sum") / num_targets
+        return token_loss(output(h), targets, num_targets)
     total = sum(checkpoint(_loss_sum, output, hc, yc, use_reentrant=False)
                 for hc, yc in zip(h.flatten(0, 1).chunk(chunks), targets.flatten().chunk(chunks)))
     # F.cross_entropy's mean: over the targets not ignored.

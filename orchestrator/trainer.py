@@ -27,12 +27,12 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor
 
 from launch.env import RankEnv
 from launch.watchdog import BOUNDARY, StepWatchdog, dump_nccl_trace
+from models.llama import token_loss
 from orchestrator import checkpoint
 from orchestrator.faults import FaultStop, SpikeGuard, StepAgreement, StragglerWatch
 from orchestrator.build import build_model
@@ -87,7 +87,6 @@ class Trainer:
         self.mesh = build_mesh(self.dims, device.type)
         self.pp_group = self.mesh["pp"].get_group()
         dp_rank, self.cp_rank = self.mesh["dp"].get_local_rank(), self.mesh["cp"].get_local_rank()
-        self.cp_group = self.mesh["cp"].get_group() if self.dims.cp > 1 else None
 
         built = build_model(cfg.model, par, self.mesh, device, t.seed, train_cfg=t)
         self.parts, self.modules, self.n_params = built.parts, built.modules, built.n_params
@@ -167,9 +166,7 @@ class Trainer:
     def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The last pipeline stage's loss (at pp=1 the model computes the same, models/llama.py cross_entropy):
         the mean over the targets, or the sum divided by `num_targets` where the step set one."""
-        if self.num_targets is None:
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum") / self.num_targets
+        return token_loss(logits, targets, self.num_targets)
 
     def _weigh_tokens(self, micro: list) -> Optional[float]:
         """The divisor that makes each micro-batch's summed loss its share of the mean over every target of the
@@ -194,7 +191,7 @@ class Trainer:
 
     def _cp_share(self, batch: tuple) -> tuple:
         """This cp rank's part of every sequence of a micro-batch (inputs, targets[, doc_ids]): its two chunks."""
-        if self.cp_group is None:
+        if self.dims.cp == 1:
             return batch
         return tuple(shard_sequence(t, self.dims.cp, self.cp_rank) for t in batch)
 

@@ -27,6 +27,7 @@ received per rank; backward reduce-scatters their gradients, as many. Under
 TP each rank gathers its own kv heads only.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -107,6 +108,12 @@ def _block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_docs, k_docs) -> Opt
     return mask
 
 
+def _mask_of(docs, qs: slice, ks: slice, q_pos: torch.Tensor, k_pos: torch.Tensor) -> Optional[torch.Tensor]:
+    """One block's mask: causal on the diagonal, and the documents of its queries and keys where given."""
+    q_docs, k_docs = (None, None) if docs is None else (docs[0][:, qs], docs[1][:, ks])
+    return _block_mask(q_pos, k_pos, q_docs, k_docs)
+
+
 def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, mask) -> torch.Tensor:
     """q (b, kvh, g, c_q, d) against k (b, kvh, c_k, d): (b, kvh, g, c_q, c_k) fp32, -inf where masked."""
     s = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * scale
@@ -140,7 +147,7 @@ class _ChunkedAttention(torch.autograd.Function):
             l = torch.zeros_like(m)
             acc = torch.zeros_like(qc)
             for ks, q_pos, k_pos in blocks:
-                mask = _block_mask(q_pos, k_pos, *(None, None) if docs is None else (docs[0][:, qs], docs[1][:, ks]))
+                mask = _mask_of(docs, qs, ks, q_pos, k_pos)
                 s = _scores(qc, kf[:, :, ks], scale, mask)
                 m_new = torch.maximum(m, s.amax(-1))
                 safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with no key yet
@@ -171,7 +178,7 @@ class _ChunkedAttention(torch.autograd.Function):
         for qs, blocks in plan:
             qc, doc_, lc, dc = qf[:, :, :, qs], dof[:, :, :, qs], lse[:, :, :, qs], delta[:, :, :, qs]
             for ks, q_pos, k_pos in blocks:
-                mask = _block_mask(q_pos, k_pos, *(None, None) if docs is None else (docs[0][:, qs], docs[1][:, ks]))
+                mask = _mask_of(docs, qs, ks, q_pos, k_pos)
                 p = torch.exp(_scores(qc, kf[:, :, ks], scale, mask) - lc[..., None])
                 dv[:, :, ks] += torch.matmul(p.transpose(-1, -2), doc_).sum(2)
                 ds = p * (torch.matmul(doc_, vf[:, :, ks].unsqueeze(2).transpose(-1, -2)) - dc[..., None])
@@ -179,6 +186,26 @@ class _ChunkedAttention(torch.autograd.Function):
                 dk[:, :, ks] += torch.matmul(ds.transpose(-1, -2), qc).sum(2) * scale
         dq = dq.reshape(b, h, sq, d).transpose(1, 2).to(q.dtype)
         return dq, dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype), None, None
+
+
+@functools.lru_cache(maxsize=64)
+def attention_plan(seq: int, cp: int, cp_rank: int, device=None, block: int = KEY_BLOCK) -> tuple[torch.Tensor, list]:
+    """This rank's tokens' positions, and which keys each of its query chunks attends to as _ChunkedAttention
+    walks them: [(query slice, [(key slice in gathered order, query positions, key positions)])]. Key
+    chunks 0..i for the query chunk at chunk index i, each in blocks of at most `block` keys: one block's
+    scores (heads x chunk x block, fp32) are what attention holds at a time beyond what it saves. The same
+    for every micro-batch: made once (read-only tensors, shared)."""
+    size = seq // (2 * cp)
+    gathered = gathered_positions(seq, cp)
+    start = {int(gathered[i]) // size: i for i in range(0, seq, size)}  # where each chunk sits once gathered
+    positions = local_positions(seq, cp, cp_rank, device)
+    plan = []
+    for piece, chunk in enumerate(chunk_ids(cp, cp_rank)):
+        q_pos = positions[piece * size:(piece + 1) * size]
+        blocks = [(slice(start[j] + a, start[j] + e), q_pos, torch.arange(j * size + a, j * size + e, device=device))
+                  for j in range(chunk + 1) for a, e in _spans(size, block)]
+        plan.append((slice(piece * size, (piece + 1) * size), blocks))
+    return positions, plan
 
 
 class KVGather:
@@ -193,30 +220,10 @@ class KVGather:
     """
 
     def __init__(self, group, seq: int, cp_rank: int, doc_ids: Optional[torch.Tensor] = None, device=None):
-        cp = dist.get_world_size(group)
         self.group = group
-        self.positions = local_positions(seq, cp, cp_rank, device)
-        size = seq // (2 * cp)
-        # Where each chunk's keys sit after the all-gather: rank rho's two chunks (rho, 2cp-1-rho), in rank order.
-        start = {}
-        for rho in range(cp):
-            for piece, chunk in enumerate(chunk_ids(cp, rho)):
-                start[chunk] = (2 * rho + piece) * size
-        self.plan = []
-        for piece, chunk in enumerate(chunk_ids(cp, cp_rank)):
-            q_pos = self.positions[piece * size:(piece + 1) * size]
-            # Key chunks 0..chunk, each in blocks of at most KEY_BLOCK keys: one block's scores (heads x
-            # chunk x block, fp32) are what attention holds at a time beyond what it saves.
-            blocks = [(slice(start[j] + a, start[j] + e), q_pos, torch.arange(j * size + a, j * size + e, device=device))
-                      for j in range(chunk + 1) for a, e in _spans(size, KEY_BLOCK)]
-            self.plan.append((slice(piece * size, (piece + 1) * size), blocks))
-        self.docs = None
-        if doc_ids is not None:
-            all_docs = torch.empty((cp * doc_ids.shape[1], doc_ids.shape[0]), dtype=doc_ids.dtype,
-                                   device=doc_ids.device)
-            if not doc_ids.is_meta:
-                _all_gather(all_docs, doc_ids.t().contiguous(), group=group)
-            self.docs = (doc_ids, all_docs.t())
+        self.positions, self.plan = attention_plan(seq, dist.get_world_size(group), cp_rank, device, KEY_BLOCK)
+        # The documents of every key, in gathered order (no gradient flows through ids).
+        self.docs = None if doc_ids is None else (doc_ids, gather_sequence(doc_ids, group))
 
     def rope(self, table: torch.Tensor) -> torch.Tensor:
         """The rotary angles of this rank's tokens, by their absolute positions: (1, seq_local, head_dim // 2, 2)."""

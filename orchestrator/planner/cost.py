@@ -45,7 +45,7 @@ from orchestrator.flops import block_flops_parts, block_matmul_weights, cluster_
 from orchestrator.planner.cluster import Compute, Links
 from orchestrator.planner.comms import RECOMPUTED, Shape, at_rank, layout_shape, step_comms
 from orchestrator.planner.bubble import analytic_bubble, simulate
-from orchestrator.planner.memory import RankMemory, orders_microbatches, schedule_orders
+from orchestrator.planner.memory import RankMemory, orders_microbatches, replicas, schedule_orders
 from parallel.pipeline_parallel import stages_per_rank
 
 
@@ -140,8 +140,8 @@ def step_time(cfg: DictConfig, mem: Optional[RankMemory], n_params: int, bubble:
         # replicate's reductions after backward never overlap.
         exposed_dp = by_dim["dp"] - dp_beside + (max(0.0, dp_beside - compute_s) if overlap else dp_beside)
         local = shape.layers * block_p + root
-        if par.dp * cp > 1 and par.dp_shard in ("full", "optimizer"):
-            local /= par.dp * cp
+        if replicas(par) > 1 and par.dp_shard in ("full", "optimizer"):
+            local /= replicas(par)
         loop_s = by_dim["loop"] + local * float((cl.get("loop") or {}).get("ns_per_param", 0.0)) * 1e-9
         busy = (compute_s + by_dim["tp"] + by_dim["cp"] + by_dim["pp"]) / (speedup * (1.0 - bubble))
         step = busy + exposed_dp + loop_s

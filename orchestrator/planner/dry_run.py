@@ -10,8 +10,9 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from orchestrator.planner.memory import build_meta, layout_memory, measured_params, probe_shards, state_memory
+from orchestrator.planner.memory import build_meta, layout_memory, measured_params, probe_shards, replicas, state_memory
 from orchestrator.planner.render import memory_unit
+from parallel.mesh import ParallelDims
 
 
 def target_device(cfg: DictConfig) -> str:
@@ -35,15 +36,15 @@ def dry_run(cfg: DictConfig, device: str = None) -> str:
     shards = probe_shards(cfg)
     ranks = layout_memory(cfg, shards, device=device)
     unit, size = memory_unit(r.total for r in ranks)
-    cp = par.get("cp", 1)
+    dims = ParallelDims.of(par)
     lines = [f"trident: dry run of {cfg.model.name} at tp={par.tp} pp={par.pp} dp={par.dp}"
-             + (f" cp={cp}" if cp > 1 else "") + f" ({par.tp * par.pp * par.dp * cp} ranks, dp_shard={par.dp_shard}, dtype={t.dtype}, "
+             + (f" cp={dims.cp}" if dims.cp > 1 else "") + f" ({dims.world_size} ranks, dp_shard={par.dp_shard}, dtype={t.dtype}, "
              f"micro_batch={t.micro_batch}, schedule={par.schedule if par.pp > 1 else '-'}, {device}): {unit} per rank"]
     lines.append(f"  {'pp rank':>7}  {'params':>8}  {'grads':>8}  {'optim':>8}  {'act':>8}  {'other':>8}  {'total':>8}")
     for r in ranks:
         # The whole stage, built as a rank would build it (dp rank 0, tp rank 0: the largest shards).
-        built = build_meta(cfg, r.pp_rank * par.dp * cp * par.tp)
-        st = state_memory(measured_params(cfg, built), par.dp_shard, par.dp * cp)
+        built = build_meta(cfg, r.pp_rank * replicas(par) * par.tp)
+        st = state_memory(measured_params(cfg, built), par.dp_shard, replicas(par))
         assert (st.params, st.grads, st.optim) == (r.params, r.grads, r.optim), "probe and full build disagree"
         lines.append(f"  {r.pp_rank:>7}  " + "  ".join(f"{x / size:>8.1f}" for x in r.shown()))
     if device == "cuda":

@@ -373,8 +373,9 @@ class CudaTerms:
     other_at_loss: float  # gathered (FSDP2) buffers then
 
 
-def cuda_terms(cfg, shards: ModelShards, pp_rank: int, st: "StateMemory", stages=None) -> CudaTerms:
-    """What a CUDA step holds at its fullest moments that the CPU accounting (saved tensors + state) does not.
+def cuda_terms(cfg, ranks: list[tuple[list[ParamShard], "StateMemory"]], stages, other: float) -> list[CudaTerms]:
+    """What a CUDA step holds at its fullest moments that the CPU accounting (saved tensors + state) does not,
+    on each pp rank: ranks, each one's parameters and state; other, other_bytes of the layout.
 
     loss_backward  The last micro-batch's backward starts with cross-entropy: nll_loss's backward
                    makes the gradient of the fp32 log-probabilities, dense (tokens, vocab/tp), and
@@ -400,36 +401,37 @@ def cuda_terms(cfg, shards: ModelShards, pp_rank: int, st: "StateMemory", stages
                    backward to its last (set_reshard_after_backward(False)).
     """
     par, t = cfg.parallel, cfg.train
-    ids_per_rank, layers, n_stages = stages or rank_stages(cfg)
-    ids = ids_per_rank[pp_rank]
+    # The layout's own figures, read from the config once (a 256-GPU plan asks for thousands of layouts).
+    ids_per_rank, layers, n_stages = stages
     tokens = t.micro_batch * t.seq_len // par.get("cp", 1)
     vocab_local = -(-cfg.model.vocab_size // par.tp)
     chunks = t.get("loss_chunks", 1)
-    last = n_stages - 1 in ids
-    if not last:
-        loss_backward = 0.0
-    elif chunks <= 1:
-        loss_backward = 2 * 4 * vocab_local * tokens
-    else:
-        loss_backward = 3 * 4 * vocab_local * -(-tokens // chunks)
     m = t.global_batch // (t.micro_batch * par.dp)
     in_flight = m if par.pp > 1 and par.schedule == "gpipe" else min(m, par.pp) if par.pp > 1 else 1
-    blocks = sum(len(layers[s]) for s in ids) * in_flight
-    slack = ALLOCATOR_SLACK_PER_TENSOR * (TENSORS_PER_BLOCK * blocks + 8)
-    implementation = cfg.optim.get("implementation", "auto")
-    optimizer_temp = 0.0 if implementation in ("auto", "fused") else float(st.stepped)  # auto: fused on CUDA
-    other_at_loss = other_bytes(cfg, shards)
-    stage_numel = sum(s.numel for s in rank_params(cfg, shards, pp_rank, stages)) / par.tp
+    fused = cfg.optim.get("implementation", "auto") in ("auto", "fused")  # auto: fused on CUDA
     pipelined_fsdp = par.pp > 1 and replicas(par) > 1 and par.dp_shard == "full"
-    if m == 1:
-        grads_at_loss = 0.0
-    elif pipelined_fsdp:
-        grads_at_loss = 4 * stage_numel
-    else:
-        grads_at_loss = float(st.grads)
-    if pipelined_fsdp:
-        other_at_loss = max(other_at_loss, dtype_bytes(t.dtype) * stage_numel)
-    return CudaTerms(loss_backward, CUBLAS_WORKSPACE, slack, optimizer_temp, grads_at_loss, other_at_loss)
+    tp, act = par.tp, dtype_bytes(t.dtype)
+    out = []
+    for ids, (params, st) in zip(ids_per_rank, ranks):
+        if n_stages - 1 not in ids:
+            loss_backward = 0.0
+        elif chunks <= 1:
+            loss_backward = 2 * 4 * vocab_local * tokens
+        else:
+            loss_backward = 3 * 4 * vocab_local * -(-tokens // chunks)
+        blocks = sum(len(layers[s]) for s in ids) * in_flight
+        slack = ALLOCATOR_SLACK_PER_TENSOR * (TENSORS_PER_BLOCK * blocks + 8)
+        optimizer_temp = 0.0 if fused else float(st.stepped)
+        stage_numel = sum(s.numel for s in params) / tp
+        if m == 1:
+            grads_at_loss = 0.0
+        elif pipelined_fsdp:
+            grads_at_loss = 4 * stage_numel
+        else:
+            grads_at_loss = float(st.grads)
+        other_at_loss = max(other, act * stage_numel) if pipelined_fsdp else other
+        out.append(CudaTerms(loss_backward, CUBLAS_WORKSPACE, slack, optimizer_temp, grads_at_loss, other_at_loss))
+    return out
 
 
 @dataclass
@@ -492,12 +494,13 @@ def layout_memory(cfg, shards: ModelShards, args: ModelArgs = None, device: str 
     stages = rank_stages(cfg)
     acts = activation_peaks(cfg, shards, stages, args)
     other = other_bytes(cfg, shards)
-    out = []
     n = replicas(par)
     dp_ranks = range(n) if par.dp_shard == "optimizer" else [0]  # ZeRO-1 owners differ by dp (x cp) rank
+    ranks = []
     for r in range(par.pp):
         params = rank_params(cfg, shards, r, stages)
-        st = max((state_memory(params, par.dp_shard, n, d) for d in dp_ranks), key=lambda m: m.total)
-        cuda = cuda_terms(cfg, shards, r, st, stages) if device == "cuda" else None
-        out.append(RankMemory(r, st.params, st.grads, st.optim, acts[r], other, cuda))
-    return out
+        ranks.append((params, max((state_memory(params, par.dp_shard, n, d) for d in dp_ranks),
+                                  key=lambda m: m.total)))
+    cuda = cuda_terms(cfg, ranks, stages, other) if device == "cuda" else [None] * par.pp
+    return [RankMemory(r, st.params, st.grads, st.optim, acts[r], other, c)
+            for r, ((_, st), c) in enumerate(zip(ranks, cuda))]
