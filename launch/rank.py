@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from launch.env import RankEnv
+from launch.env import RankEnv, bind_to_node_address
 from launch.watchdog import nccl_trace_env
 
 
@@ -39,9 +39,12 @@ def run_rank(fn: Callable, env: RankEnv, backend: str, timeout_s: float, *args, 
     write) it returns fn's result after the teardown instead. An exception propagates
     untouched, so the launcher can show it. trace_dir: where NCCL's flight
     recorder dumps its last collectives (set only for nccl, before the
-    process group exists; a user's own settings win).
+    process group exists; a user's own settings win). On several nodes, gloo
+    and NCCL use the interface that reaches the rendezvous host
+    (`launch.env.bind_to_node_address`).
     """
     env.export()
+    bind_to_node_address(env)
     if backend == "nccl" and trace_dir is not None:
         Path(trace_dir).mkdir(parents=True, exist_ok=True)
         for key, value in nccl_trace_env(trace_dir).items():

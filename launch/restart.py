@@ -8,6 +8,12 @@ job starts again from its own script, and the run resumes from its newest
 checkpoint. The count lives beside submitit's files, per job id, so
 preemption requeues (submitit's) do not spend it. Exits with STATUS, so a
 job that is not requeued still ends FAILED.
+
+A node lost (SLURM marks it down or not responding; the job runs with
+`--no-kill`, so its batch script lives on to get here) is named. With
+parallel=auto the requeued job asks only for the nodes that are left, and
+the run plans its layout again for their ranks; a fixed layout keeps its
+shape and waits for SLURM to find it other nodes.
 """
 
 import json
@@ -18,12 +24,28 @@ import sys
 import time
 from pathlib import Path
 
+from launch.env import expand_hostlist
+
 
 def job_folder(job_id: str) -> Path:
     """submitit's folder of this job: where its stdout goes (asked of slurmctld)."""
     out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60).stdout
     m = re.search(r"StdOut=(\S+)", out)
     return Path(m.group(1)).parent if m else Path.cwd()
+
+
+def lost_nodes(nodelist: str) -> dict[str, str]:
+    """The job's nodes that SLURM reports down, failing or not responding: {node: "state: reason"}."""
+    if not nodelist:
+        return {}
+    out = subprocess.run(["sinfo", "-h", "-N", "-n", nodelist, "-o", "%N|%t|%E"], capture_output=True, text=True,
+                         timeout=60).stdout
+    lost = {}
+    for line in out.splitlines():
+        node, state, reason = (line.split("|") + ["", ""])[:3]
+        if state.startswith(("down", "fail", "drain")) or state.endswith("*"):
+            lost[node] = f"{state}: {reason}" if reason and reason != "none" else state
+    return lost
 
 
 def decide(max_restarts: int, status: int, job_id: str, folder: Path, started: float) -> tuple[bool, str]:
@@ -49,6 +71,11 @@ def main(argv: list[str]) -> int:
     started = float(os.environ.get("TRIDENT_JOB_STARTED", "0"))
     folder = job_folder(job_id)
     requeue, why = decide(max_restarts, status, job_id, folder, started)
+    job_nodes = expand_hostlist(os.environ.get("SLURM_JOB_NODELIST", ""))
+    lost = lost_nodes(",".join(job_nodes)) if status else {}
+    if lost:
+        print(f"trident: lost node(s) of job {job_id}: " + "; ".join(f"{n} ({why_})" for n, why_ in lost.items()),
+              file=sys.stderr, flush=True)
     if not requeue:
         if status:
             print(f"trident: srun ended with status {status}; not requeued: {why}", file=sys.stderr, flush=True)
@@ -61,6 +88,14 @@ def main(argv: list[str]) -> int:
     counter.write_text(json.dumps({"restarts": len(history), "history": history}))
     print(f"trident: srun ended with status {status}; requeueing job {job_id} ({why}); it resumes from its newest "
           "checkpoint", file=sys.stderr, flush=True)
+    info = folder / f"trident-run-{job_id}.json"
+    run = json.loads(info.read_text()) if info.exists() else {}
+    left = [n for n in job_nodes if n not in lost]
+    if lost and left and run.get("relayout"):
+        tasks = int(run["tasks_per_node"])
+        print(f"trident: without {', '.join(lost)} the job runs on the {len(left)} node(s) left ({', '.join(left)}) "
+              f"x {tasks} task(s): parallel=auto plans the layout again for {len(left) * tasks} rank(s)",
+              file=sys.stderr, flush=True)
     done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         if before is None:

@@ -65,6 +65,14 @@ def tasks_per_node(launcher, world: int) -> int:
     return launcher.tasks_per_node or world // launcher.nodes
 
 
+def min_nodes(launcher, par) -> int:
+    """The fewest nodes a requeued job may run on: launcher.min_nodes; unset, 1 for parallel=auto (it plans for
+    whatever ranks it gets) and all of launcher.nodes for a fixed layout."""
+    if launcher.get("min_nodes") is not None:
+        return launcher.min_nodes
+    return 1 if par.get("layout") == "auto" and launcher.max_restarts else launcher.nodes
+
+
 class SlurmRun:
     """What submitit pickles and every task of the job calls: one rank of the run.
 
@@ -104,8 +112,9 @@ class SlurmRun:
             import submitit  # only launcher=slurm needs it, and this is inside a SLURM job
 
             job_folder = submitit.JobEnvironment().paths.folder
-            Path(job_folder, f"trident-run-{os.environ['SLURM_JOB_ID']}.json").write_text(
-                json.dumps({"run_dir": str(Path(self.run_dir).resolve())}))
+            Path(job_folder, f"trident-run-{os.environ['SLURM_JOB_ID']}.json").write_text(json.dumps(
+                {"run_dir": str(Path(self.run_dir).resolve()), "relayout": self.relayout is not None,
+                 "tasks_per_node": env.local_world_size}))
         ckpt = cfg_dict["checkpoint"]
         # Looked up here, not at submission: a requeued job resumes from what exists now.
         resume: Optional[Path] = self.find_resume(ckpt["resume"], ckpt["dir"])
@@ -146,13 +155,26 @@ def executor_params(cfg) -> dict[str, Any]:
         "slurm_constraint": launcher.constraint,
         "slurm_setup": list(launcher.setup) or None,
         "slurm_additional_parameters": dict(launcher.extra_sbatch) or None,
-        # One rank failing ends the job at once, instead of the others waiting in a collective.
-        "slurm_srun_args": ["--kill-on-bad-exit=1"],
+        # One rank failing ends the job at once, instead of the others waiting in a collective; ranks fill the
+        # nodes in order (block), so the innermost dimension, tp, stays inside a node.
+        "slurm_srun_args": ["--kill-on-bad-exit=1", "--distribution=block"],
     }
     if launcher.max_restarts:
         # After srun ends ($? is its status): requeue a failed run, at most max_restarts times (launch/restart.py).
         params["slurm_setup"] = ["export TRIDENT_JOB_STARTED=$(date +%s)", *(params["slurm_setup"] or [])]
         params["slurm_teardown"] = [f"{shlex.quote(sys.executable)} -m launch.restart {launcher.max_restarts} $?"]
+        least = min_nodes(launcher, par)
+        if least < launcher.nodes:
+            # Elastic (parallel=auto): a node lost does not end the job (--no-kill: SLURM takes it out of the
+            # allocation, srun fails, the teardown names it and requeues), and the job asks for a range of
+            # nodes and CPUs per node rather than a task count (SLURM keeps both across a requeue, and nodes x
+            # tasks fit only all the nodes). srun starts tasks_per_node on each node the job got, so the
+            # requeued job runs on the nodes left and parallel=auto plans for their ranks.
+            per_node = params.pop("tasks_per_node")
+            params["slurm_additional_parameters"] = {
+                "nodes": f"{least}-{launcher.nodes}", "no_kill": True, "mincpus": per_node * launcher.cpus_per_task,
+                **(params.get("slurm_additional_parameters") or {})}
+            params["slurm_srun_args"] = [*params["slurm_srun_args"], f"--ntasks-per-node={per_node}"]
     return {k: v for k, v in params.items() if v is not None}
 
 
@@ -174,8 +196,11 @@ def submit(run: SlurmRun, cfg) -> Any:
     executor.update_parameters(**params)
     job = executor.submit(run)
     record(job, run_dir)
-    print(f"trident: submitted SLURM job {job.job_id} ({launcher.nodes} node(s) x "
-          f"{params['tasks_per_node']} task(s))", flush=True)
+    world = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp * cfg.parallel.get("cp", 1)
+    least = min_nodes(launcher, cfg.parallel)
+    nodes = f"{least}-{launcher.nodes}" if least < launcher.nodes else launcher.nodes
+    print(f"trident: submitted SLURM job {job.job_id} ({nodes} node(s) x {tasks_per_node(launcher, world)} task(s))",
+          flush=True)
     print(f"  rank 0 log  {job.paths.stdout}", flush=True)
     print(f"  errors      {job.paths.stderr}", flush=True)
     print(f"  run dir     {run_dir}", flush=True)
@@ -219,7 +244,7 @@ def submit_sweep(pending: list[SweepPoint], sweep_dir: str, sweep_id: str) -> li
             record(job, point.run.run_dir, sweep=sweep_id)
         kind = "array" if len(batch) > 1 else "job"  # submitit submits a batch of one as a plain job
         print(f"trident: submitted SLURM {kind} {batch[0].job_id.split('_')[0]}: {len(batch)} point(s), "
-              f"{points[0].params['tasks_per_node']} task(s) each, at most {points[0].array_parallelism} at once",
+              f"{points[0].params.get('tasks_per_node', 'elastic')} task(s) each, at most {points[0].array_parallelism} at once",
               flush=True)
         for point, job in zip(points, batch):
             print(f"  {job.job_id:<10} {point.label:<40} {point.run.run_dir}", flush=True)

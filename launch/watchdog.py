@@ -149,6 +149,14 @@ class StepWatchdog:
         os._exit(HUNG_EXIT)
 
 
+def rank_info(ranks_dir, rank: int) -> dict:
+    """What rank `rank` wrote of itself at start (rank-<r>.json: pid, host, ...); {} if nothing (yet)."""
+    try:
+        return json.loads(rank_file(ranks_dir, rank, ".json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def hang_reports(ranks_dir) -> dict[int, dict]:
     out = {}
     for p in Path(ranks_dir).glob("rank-*.hang.json"):
@@ -216,6 +224,7 @@ def describe_hang(ranks_dir, world: int, reports: Optional[dict] = None, states:
     step, setting = any_report.get("step", "?"), any_report.get("setting", "the step deadline")
     step = max((rep.get("step", 0) for rep in reports.values()), default=step)
     late, busy, waiting = [], [], []
+    hosts = {r: (reports.get(r) or rank_info(ranks_dir, r)).get("host") for r in range(world)}
     for r in range(world):
         rep = reports.get(r)
         if rep is None:
@@ -224,7 +233,8 @@ def describe_hang(ranks_dir, world: int, reports: Optional[dict] = None, states:
             frames = stacks_from_dump(text)
             state = states.get(r, "wrote no report (stopped, frozen outside Python, or its node is gone)")
             what = f"it was at {where(frames)}" if frames else "its stacks are unknown"
-            late.append((r, f"rank {r} {state}; {what}"))
+            on = f" on {hosts[r]}" if hosts[r] else ""
+            late.append((r, f"rank {r} {state}{on}; {what}"))
         elif rep["phase"] == BOUNDARY or in_collective(rep["frames"]):
             waiting.append((r, rep))
         else:
@@ -235,8 +245,9 @@ def describe_hang(ranks_dir, world: int, reports: Optional[dict] = None, states:
     lines = []
     if late:
         names = ", ".join(str(r) for r, _ in late)
+        where_ = sorted({hosts[r] for r, _ in late if hosts[r]})
         lines.append(f"the run hung after step {step}: rank(s) {names} did not reach the step boundary within "
-                     f"{setting}")
+                     f"{setting}" + (f" (on {', '.join(where_)})" if where_ else ""))
         lines += [f"  {text}" for _, text in late]
     else:
         lines.append(f"the run hung after step {step}: every rank is blocked in torch.distributed within {setting} "

@@ -40,6 +40,7 @@ class ParallelConfig:
     dp: int = MISSING
     cp: int = 1
     sequence_parallel: bool = MISSING
+    allow_cross_node_tp: bool = False
     schedule: str = MISSING
     microbatches: Optional[int] = MISSING
     stages_per_rank: Optional[int] = MISSING
@@ -58,6 +59,7 @@ class LauncherConfig:
     backend: str = MISSING
     # launcher=slurm only (conf/launcher/slurm.yaml gives their values; the others have none).
     nodes: Optional[int] = None
+    min_nodes: Optional[int] = None
     tasks_per_node: Optional[int] = None
     gpus_per_node: Optional[int] = None
     cpus_per_task: Optional[int] = None

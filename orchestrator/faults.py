@@ -31,6 +31,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from launch.watchdog import rank_info
+
 HEAD = 4
 
 
@@ -101,8 +103,8 @@ class SpikeGuard:
 class StragglerWatch:
     """Per-rank step statistics, and a rank named once it is busier than factor x the median for `steps` steps."""
 
-    def __init__(self, factor: Optional[float], steps: int):
-        self.factor, self.steps = factor, steps
+    def __init__(self, factor: Optional[float], steps: int, ranks_dir: Optional[str] = None):
+        self.factor, self.steps, self.ranks_dir = factor, steps, ranks_dir
         self.suspect, self.count, self.named = None, 0, None
 
     def update(self, verdict: Verdict) -> tuple[dict, Optional[str]]:
@@ -130,8 +132,15 @@ class StragglerWatch:
                 message = (f"trident: straggler: rank {slowest} was busy {busy[slowest]:.3f}s per step, "
                            f"{busy[slowest] / max(med, 1e-9):.1f}x the median rank's {med:.3f}s, for "
                            f"{self.count} steps in a row (logging.straggler_factor={self.factor}); "
-                           f"its pid and host: ranks/rank-{slowest}.json")
+                           f"{self._where(slowest)}")
         elif self.named is not None and self.suspect != self.named:
             message = f"trident: straggler: rank {self.named} is back within {self.factor}x the median"
             self.named = None
         return row, message
+
+    def _where(self, rank: int) -> str:
+        """'on <host> (pid <pid>)' from the rank's own file in the run's ranks/ folder (the file, if unread)."""
+        info = rank_info(self.ranks_dir, rank) if self.ranks_dir else {}
+        if not info:
+            return f"its pid and host: ranks/rank-{rank}.json"
+        return f"it runs on {info.get('host')} (pid {info.get('pid')})"

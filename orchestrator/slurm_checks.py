@@ -51,23 +51,27 @@ class Partition:
     name: str
     default: bool
     gpus_per_node: int
+    nodes: int = 0  # 0: not known (sinfo's %D not asked)
 
 
 def parse_sinfo(text: str) -> list[Partition]:
-    """`sinfo -h -o "%P %G"` lines, e.g. `debug* gpu:h100:8(S:0-1)` or `cpu (null)`, one per node group."""
+    """`sinfo -h -o "%P %G %D"` lines, e.g. `debug* gpu:h100:8(S:0-1) 4` or `cpu (null) 2`, one per node group
+    (the node count is optional)."""
     found: dict[str, Partition] = {}
     for line in text.splitlines():
         if not line.strip():
             continue
-        name, _, gres = line.strip().partition(" ")
+        name, gres, *count = line.split()
         gpus = sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[^:,(]+)?:(\d+)", gres))
         part = found.setdefault(name.rstrip("*"), Partition(name.rstrip("*"), name.endswith("*"), gpus))
         part.gpus_per_node = max(part.gpus_per_node, gpus)
+        part.nodes += int(count[0]) if count and count[0].isdigit() else 0
     return list(found.values())
 
 
 def check_partition(launcher, tasks: int, partitions: list[Partition]) -> None:
-    """The partition exists (or the cluster has a default), and a GPU partition has a GPU per task."""
+    """The partition exists (or the cluster has a default) and has the nodes asked for, and a GPU partition has a
+    GPU per task."""
     names = ", ".join(p.name for p in partitions) or "none"
     if launcher.partition is None:
         chosen = next((p for p in partitions if p.default), None)
@@ -79,6 +83,9 @@ def check_partition(launcher, tasks: int, partitions: list[Partition]) -> None:
         if chosen is None:
             raise ConfigError(f"launcher.partition={launcher.partition!r} is not a partition of this cluster "
                               f"(valid: {names})")
+    if chosen.nodes and launcher.nodes > chosen.nodes:
+        raise ConfigError(f"launcher.nodes={launcher.nodes} but partition {chosen.name!r} has {chosen.nodes} node(s) "
+                          f"(valid: 1..{chosen.nodes})")
     if chosen.gpus_per_node and (launcher.gpus_per_node or 0) < tasks:
         raise ConfigError(
             f"partition {chosen.name!r} has {chosen.gpus_per_node} GPUs per node: launcher.gpus_per_node="
@@ -90,7 +97,7 @@ def check_partition(launcher, tasks: int, partitions: list[Partition]) -> None:
 @functools.lru_cache(maxsize=1)
 def partitions() -> list[Partition]:
     """The cluster's partitions, asked once per process (a sweep checks every point against them)."""
-    return parse_sinfo(sinfo("-h", "-o", "%P %G"))
+    return parse_sinfo(sinfo("-h", "-o", "%P %G %D"))
 
 
 def check_cluster(cfg) -> None:

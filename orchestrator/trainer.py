@@ -132,7 +132,8 @@ class Trainer:
         self.owns_loss = tp_rank == 0 and (self.pipeline is None or self.pipeline.has_last)
         self.owns_pp_wait = tp_rank == 0 and dp_rank == 0 and self.cp_rank == 0
         self.spike = SpikeGuard(t.spike.factor, t.spike.window) if t.spike.factor else None
-        self.stragglers = StragglerWatch(cfg.logging.straggler_factor, cfg.logging.straggler_steps)
+        self.stragglers = StragglerWatch(cfg.logging.straggler_factor, cfg.logging.straggler_steps,
+                                         str(Path(run_dir) / "ranks"))
         self.watchdog: Optional[StepWatchdog] = None  # started by fit()
         self.first_step_times: list[float] = []
 

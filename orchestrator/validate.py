@@ -91,12 +91,23 @@ def _check_parallel(cfg: DictConfig, env) -> list[str]:
         _check_cp(cfg)
     if par.tp > 1:
         _check_tp(cfg)
-        if env is not None and env.local_world_size < par.tp:
-            warnings.append(
-                f"parallel.tp={par.tp} is larger than the {env.local_world_size} ranks on one node: "
-                "tensor parallelism across nodes is slow (its all-reduces cross the network every layer)"
-            )
+        if env is not None and env.nodes > 1:
+            warnings += _tp_in_a_node(par, env.local_world_size, f"{env.local_world_size} ranks per node")
     return warnings
+
+
+def _tp_in_a_node(par, tasks: int, where: str) -> list[str]:
+    """Ranks go to nodes in blocks of `tasks` and tp is the innermost dimension: a tp group stays inside a
+    node exactly when tp divides the tasks per node. Otherwise refused, unless parallel.allow_cross_node_tp."""
+    if tasks % par.tp == 0:
+        return []
+    why = (f"parallel.tp={par.tp} would put tensor-parallel groups across nodes ({where}; tp must divide it): "
+           "its all-reduces would cross the network in every layer")
+    if not par.get("allow_cross_node_tp", False):
+        fits = [t for t in divisors(tasks) if t <= par.tp] or [1]
+        raise ConfigError(f"{why} (valid: parallel.tp in {', '.join(map(str, fits))}, more tasks per node, or "
+                          "parallel.allow_cross_node_tp=true)")
+    return [why]
 
 
 def _check_slurm(cfg: DictConfig) -> list[str]:
@@ -104,6 +115,14 @@ def _check_slurm(cfg: DictConfig) -> list[str]:
     world = par.tp * par.pp * par.dp * par.cp
     _at_least("launcher.nodes", la.nodes, 1)
     _at_least("launcher.cpus_per_task", la.cpus_per_task, 1)
+    if la.get("min_nodes") is not None:
+        if not 1 <= la.min_nodes <= la.nodes:
+            raise ConfigError(f"launcher.min_nodes={la.min_nodes} must be within 1..launcher.nodes={la.nodes}")
+        if la.min_nodes < la.nodes and (par.layout != "auto" or not la.max_restarts):
+            raise ConfigError(
+                f"launcher.min_nodes={la.min_nodes} < launcher.nodes={la.nodes} needs parallel=auto and "
+                "launcher.max_restarts >= 1: only a layout planned at start-up fits fewer nodes, and only the "
+                f"restart requeues the job onto them (valid: min_nodes={la.nodes}, or parallel=auto with max_restarts)")
     _at_least("launcher.array_parallelism", la.array_parallelism, 1)
     if la.tasks_per_node is None and world % la.nodes:
         raise ConfigError(
@@ -125,13 +144,7 @@ def _check_slurm(cfg: DictConfig) -> list[str]:
         time_minutes(la.time)
     except ValueError as e:
         raise ConfigError(f"launcher.time: {e}") from None
-    warnings = []
-    if par.tp > tasks:
-        warnings.append(
-            f"parallel.tp={par.tp} is larger than the {tasks} ranks on one node: "
-            "tensor parallelism across nodes is slow (its all-reduces cross the network every layer)"
-        )
-    return warnings
+    return _tp_in_a_node(par, tasks, f"launcher.tasks_per_node={tasks}") if la.nodes > 1 else []
 
 
 def _check_cp(cfg: DictConfig) -> None:

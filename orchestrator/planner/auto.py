@@ -158,8 +158,12 @@ def _choose_plain(plain: dict, world: int, local_world: Optional[int]) -> tuple[
 def relayout(cfg_dict: dict, world: int, local_world: int) -> tuple[dict, Optional[str]]:
     """Inside a started job (a rank, before its process group): the plain config re-planned, in a child
     process, if the job got another world size (else as it is)."""
-    par = cfg_dict["parallel"]
-    if par.get("layout") != "auto" or par["tp"] * par["pp"] * par["dp"] == world:
+    par, launcher = cfg_dict["parallel"], cfg_dict.get("launcher", {})
+    if launcher.get("name") == "slurm" and local_world:
+        # The nodes this job got (a requeued elastic job may have fewer than launcher.nodes).
+        launcher = {**launcher, "nodes": max(1, world // local_world), "tasks_per_node": local_world}
+        cfg_dict = {**cfg_dict, "launcher": launcher}
+    if par.get("layout") != "auto" or par["tp"] * par["pp"] * par["dp"] * par.get("cp", 1) == world:
         return cfg_dict, None
     cfg, line = choose(OmegaConf.create(cfg_dict), world, local_world, isolated=True)
     return OmegaConf.to_container(cfg), line

@@ -140,23 +140,37 @@ def test_external_world_size_must_match_the_layout_fake_torchrun_env(tmp_path, m
         train_app.run(cfg, str(tmp_path / "run"))
 
 
-def test_tp_wider_than_a_node_is_a_warning_not_an_error_fake_torchrun_env(tmp_path):
+def test_tp_across_nodes_is_refused_unless_allowed_then_a_warning_fake_torchrun_env(tmp_path):
     from launch.env import from_environ
     from orchestrator.validate import validate
 
     env = from_environ({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"})
-    warnings = validate(make_cfg("launcher=external", "parallel.tp=4", "parallel.dp=1", tmp=tmp_path), env)
-    assert len(warnings) == 1 and "parallel.tp=4 is larger than the 2 ranks on one node" in warnings[0]
+    assert env.nodes == 2
+    with pytest.raises(ConfigError, match=r"parallel.tp=4 would put tensor-parallel groups across nodes \(2 ranks per "
+                                          r"node; tp must divide it\).*valid: parallel.tp in 1, 2, .*allow_cross_node_tp=true"):
+        validate(make_cfg("launcher=external", "parallel.tp=4", "parallel.dp=1", tmp=tmp_path), env)
+    warnings = validate(make_cfg("launcher=external", "parallel.tp=4", "parallel.dp=1",
+                                 "parallel.allow_cross_node_tp=true", tmp=tmp_path), env)
+    assert len(warnings) == 1 and "parallel.tp=4 would put tensor-parallel groups across nodes" in warnings[0]
     assert validate(make_cfg("launcher=external", "parallel.tp=2", "parallel.dp=2", tmp=tmp_path), env) == []
 
 
-def test_slurm_tp_across_nodes_is_a_warning_and_time_limits_parse(tmp_path):
+def test_slurm_tp_across_nodes_is_refused_and_time_limits_parse(tmp_path):
     from launch.slurm import time_minutes
     from orchestrator.validate import validate
 
     cfg = make_cfg("launcher=slurm", "launcher.nodes=2", "parallel.tp=2", "parallel.dp=1", tmp=tmp_path)
-    warnings = validate(cfg)
-    assert len(warnings) == 1 and "parallel.tp=2 is larger than the 1 ranks on one node" in warnings[0]
+    with pytest.raises(ConfigError, match=r"tp=2 would put tensor-parallel groups across nodes "
+                                          r"\(launcher.tasks_per_node=1; tp must divide it\)"):
+        validate(cfg)
+    # 3 tasks per node cannot hold tp=2 groups whole either (ranks 2 and 3 would sit on two nodes)
+    cfg = make_cfg("launcher=slurm", "launcher.nodes=2", "launcher.tasks_per_node=3", "parallel.tp=2",
+                   "parallel.dp=3", tmp=tmp_path)
+    with pytest.raises(ConfigError, match=r"\(launcher.tasks_per_node=3; tp must divide it\).*valid: "
+                                          r"parallel.tp in 1,"):
+        validate(cfg)
+    assert validate(make_cfg("launcher=slurm", "launcher.nodes=2", "launcher.tasks_per_node=2", "parallel.tp=2",
+                             "parallel.dp=2", tmp=tmp_path)) == []
     assert [time_minutes(t) for t in ("30", "30:15", "4:00:00", "1-2", "1-2:30:10")] == [30, 31, 240, 1560, 1591]
 
 

@@ -164,7 +164,14 @@ def test_the_hang_report_names_the_silent_rank_first_and_the_waiting_ones_as_wai
     assert any("rank 1 waited in a collective during forward/backward of step 42" in line for line in rest)
     # Everyone answered: the one busy outside torch.distributed is the late one.
     busy = {0: _report(0, BOUNDARY, collective), 1: _report(1, "forward/backward", [[trainer, 9, "sleepy"]])}
-    assert describe_hang(tmp_path, 2, busy).splitlines()[0].startswith("the run hung after step 41: rank(s) 1 did")
+    assert describe_hang(tmp_path, 2, busy).splitlines()[0] == (
+        "the run hung after step 41: rank(s) 1 did not reach the step boundary within X=4s (on n1)")
+    # A silent rank's host comes from the file it wrote at start (on another node, it cannot say it now).
+    (tmp_path / "rank-2.json").write_text(json.dumps({"rank": 2, "pid": 7, "host": "node2"}))
+    first, second, *_ = describe_hang(tmp_path, 3, reports).splitlines()
+    assert first.endswith("rank(s) 2 did not reach the step boundary within X=4s (on node2)")
+    assert second.startswith("  rank 2 wrote no report (stopped, frozen outside Python, or its node is gone) on "
+                             "node2; it was at orchestrator/trainer.py:200")
 
 
 def test_a_ranks_own_dump_landing_inside_a_sigusr1_dump_leaves_both_readable(tmp_path):
@@ -198,11 +205,13 @@ def test_a_spike_is_factor_times_the_running_median_once_the_window_is_full():
     assert guard.is_spike(8.9) is None and guard.is_spike(9.1) == 4.5
 
 
-def test_a_straggler_is_named_after_n_slow_steps_in_a_row_and_cleared_when_it_recovers():
-    watch = StragglerWatch(factor=1.5, steps=3)
+def test_a_straggler_is_named_after_n_slow_steps_in_a_row_with_its_host_and_cleared_when_it_recovers(tmp_path):
+    (tmp_path / "rank-2.json").write_text(json.dumps({"rank": 2, "pid": 4242, "host": "node2"}))
+    watch = StragglerWatch(factor=1.5, steps=3, ranks_dir=str(tmp_path))
     slow = Verdict(False, False, 0.0, 0.0, work_s=[1.0, 1.0, 1.0, 1.0], wait_s=[0.5, 0.5, 0.0, 0.5])
     messages = [watch.update(slow)[1] for _ in range(3)]
     assert messages[:2] == [None, None] and "straggler: rank 2 was busy 1.000s per step, 2.0x" in messages[2]
+    assert messages[2].endswith("it runs on node2 (pid 4242)")
     row, _ = watch.update(slow)
     assert row["straggler_rank"] == 2 and row["slowest_rank"] == 2 and row["rank_wait_s_max"] == 0.5
     even = Verdict(False, False, 0.0, 0.0, work_s=[1.0] * 4, wait_s=[0.5] * 4)

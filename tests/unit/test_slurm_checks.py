@@ -21,7 +21,7 @@ big gpu:8,shard:16
 
 
 def launcher(**kw):
-    base = {"partition": None, "gpus_per_node": 0, "setup": [], "extra_sbatch": {}}
+    base = {"partition": None, "gpus_per_node": 0, "nodes": 1, "setup": [], "extra_sbatch": {}}
     return OmegaConf.create({**base, **kw})
 
 
@@ -36,6 +36,15 @@ def test_no_partition_on_a_cluster_without_a_default_is_refused_fake_sinfo():
         check_partition(launcher(), 4, parse_sinfo(FAKE_SINFO))
     check_partition(launcher(partition="cpu"), 4, parse_sinfo(FAKE_SINFO))  # named: fine
     check_partition(launcher(), 4, parse_sinfo("debug* (null)\n"))  # the default: fine
+
+
+def test_more_nodes_than_the_partition_has_are_refused_fake_sinfo():
+    parts = parse_sinfo("debug* (null) 1\ndebug* (null) 1\ncpu (null) 5\n")  # sinfo's lines per node state
+    assert [(p.name, p.nodes) for p in parts] == [("debug", 2), ("cpu", 5)]
+    with pytest.raises(ConfigError, match=r"launcher.nodes=3 but partition 'debug' has 2 node\(s\) \(valid: 1..2\)"):
+        check_partition(launcher(nodes=3), 2, parts)
+    check_partition(launcher(nodes=2), 2, parts)
+    check_partition(launcher(nodes=3, partition="cpu"), 2, parts)
 
 
 def test_an_unknown_partition_is_refused_with_the_valid_ones_fake_sinfo():
