@@ -68,7 +68,8 @@ class StepWatchdog:
         faulthandler.register(signal.SIGUSR1, file=self._stacks, all_threads=True, chain=False)
         rank_file(self.dir, rank, ".json").write_text(json.dumps(
             {"rank": rank, "world": world, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-             "parent": os.getppid()}))  # the launcher, its fork server, or srun's step daemon
+             "parent": os.getppid(),  # the launcher, its fork server, or srun's step daemon
+             "interface": os.environ.get("GLOO_SOCKET_IFNAME")}))  # set on a job of several nodes (launch.env)
         self._thread = threading.Thread(target=self._watch, name="trident-step-watchdog", daemon=True)
         self._thread.start()
 
@@ -200,7 +201,7 @@ def where(frames: list[list]) -> str:
     """'<our innermost frame> (innermost: <frame>)' from frames listed outermost first."""
     if not frames:
         return "no Python frames"
-    ours = [f for f in frames if f[0].startswith(_PROJECT) and "-packages" + os.sep not in f[0]]
+    ours = [f for f in frames if _ours(f[0])]
     inner = frames[-1]
     text = f"{_short(inner[0])}:{inner[1]} in {inner[2]}"
     if ours and ours[-1] is not inner:
@@ -208,9 +209,15 @@ def where(frames: list[list]) -> str:
     return text
 
 
+def _ours(path: str) -> bool:
+    return path.startswith(_PROJECT) and "-packages" + os.sep not in path
+
+
 def in_collective(frames: list[list]) -> bool:
-    """Blocked inside torch.distributed (a collective, a p2p wait, a barrier)."""
-    return any("torch/distributed/" in f for f, _, _ in frames[-4:])
+    """Blocked inside torch.distributed (a collective, a p2p wait, a barrier): a torch.distributed frame below
+    our innermost one, however deep the dispatcher, autograd and DTensor layers wrap its wait."""
+    last_ours = max((i for i, (f, _, _) in enumerate(frames) if _ours(f)), default=-1)
+    return any("torch/distributed/" in f for f, _, _ in frames[last_ours + 1:])
 
 
 def describe_hang(ranks_dir, world: int, reports: Optional[dict] = None, states: Optional[dict] = None) -> str:

@@ -480,7 +480,10 @@ def without_tp_comm(point: dict, fits: dict, spec: dict, cfg: DictConfig) -> dic
 
 
 def _num(x: float) -> str:
-    return f"{x:.4g}"
+    """4 significant digits, as a number YAML 1.1 readers (PyYAML, OmegaConf) take: "1e+06" would be a string."""
+    text = f"{x:.4g}"
+    mantissa, e, exponent = text.partition("e")
+    return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
 
 
 def cluster_yaml(cfg: DictConfig, raw: dict, spec: dict, world: int, local: int, backend: str,

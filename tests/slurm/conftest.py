@@ -1,4 +1,5 @@
-"""The slurm tier: a real slurmctld + slurmd (+ slurmdbd for sacct) on this machine, started once per session."""
+"""The slurm tier: a real 2-node SLURM cluster on this machine (slurmctld + slurmdbd for sacct on the host; node1
+and node2 each a network namespace with its own address, hostname and slurmd), started once per session."""
 
 import os
 import subprocess
@@ -14,6 +15,9 @@ CLUSTER_ENV = {
     "SLURM_PORT_BASE": os.environ.get("TRIDENT_TEST_SLURM_PORT_BASE", "6917"),
     "SLURM_DB_PORT": os.environ.get("TRIDENT_TEST_SLURM_DB_PORT", "13406"),
     "SLURM_CRED_EXPIRE": "10",
+    # A node whose slurmd is silent this long is DOWN: the lost-node test waits for it; under load a node
+    # answers within a second, so 30 s never takes a live node down.
+    "SLURM_SLURMD_TIMEOUT": "30",
     "SLURM_EXTRA_CONF": "SchedulerParameters=sched_interval=2,bf_interval=2",
 }
 
@@ -21,7 +25,7 @@ CLUSTER_ENV = {
 @pytest.fixture(scope="session")
 def slurm_cluster():
     env = {**os.environ, **CLUSTER_ENV}
-    start = subprocess.run(["bash", str(ROOT / "launch/cluster/start-cluster.sh")], env=env,
+    start = subprocess.run(["bash", str(ROOT / "launch/cluster/start-cluster.sh"), "--nodes", "2"], env=env,
                            capture_output=True, text=True, timeout=600)
     # die() writes its reason first, then the daemons' log tails: keep the reason whatever the length.
     reason = [line for line in start.stderr.splitlines() if "ERROR:" in line]
