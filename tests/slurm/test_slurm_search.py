@@ -15,11 +15,11 @@ pytestmark = pytest.mark.slurm
 def test_a_4_trial_search_2_at_once_submits_4_jobs_and_gets_4_results(slurm_cluster, tmp_path):
     search = ["-m", "hydra/sweeper=trident-optuna", *TINY, "parallel.dp=2", "launcher=slurm",
               "optim.lr=tag(log,interval(1e-3,1e-2))"]
-    # More trials at once than the partition runs (16 CPUs, 2 per job: 8) is refused before anything starts.
+    # More trials at once than the partition runs (2 nodes x 8 CPUs, 2 per job: 8) is refused before anything starts.
     over = run_train(*search, f"hydra.sweep.dir={tmp_path / 'over'}", "hydra.sweeper.n_jobs=9", timeout=120)
     assert over.returncode == 2, over.stderr[-2000:]
     assert ("trident: config error: hydra.sweeper.n_jobs=9: 9 trials of 2 rank(s) at once, but partition debug "
-            "has 1 node(s), 16 CPU(s) in all, and a job needs 1 node(s) x 2 CPU(s) (valid: 1..8)") in over.stderr
+            "has 2 node(s), 16 CPU(s) in all, and a job needs 1 node(s) x 2 CPU(s) (valid: 1..8)") in over.stderr
     assert not (tmp_path / "over").exists()
 
     sweep_dir = tmp_path / "sweep"
