@@ -40,8 +40,13 @@ def lost_nodes(nodelist: str) -> dict[str, str]:
         return {}
     out = subprocess.run(["sinfo", "-h", "-N", "-n", nodelist, "-o", "%N|%t|%E"], capture_output=True, text=True,
                          timeout=60).stdout
+    return parse_lost(out)
+
+
+def parse_lost(sinfo_out: str) -> dict[str, str]:
+    """`sinfo -h -N -o "%N|%t|%E"` lines -> the nodes down, failing, drained or not responding (a `*`)."""
     lost = {}
-    for line in out.splitlines():
+    for line in sinfo_out.splitlines():
         node, state, reason = (line.split("|") + ["", ""])[:3]
         if state.startswith(("down", "fail", "drain")) or state.endswith("*"):
             lost[node] = f"{state}: {reason}" if reason and reason != "none" else state

@@ -4,7 +4,9 @@ import os
 
 import pytest
 
-from launch.env import expand_hostlist, from_environ, slurm_port
+import socket
+
+from launch.env import RankEnv, bind_to_node_address, expand_hostlist, from_environ, interface_of, slurm_port
 from launch.local import cause
 
 
@@ -49,3 +51,45 @@ def test_the_launcher_names_the_rank_that_failed_first_not_its_echoes(tmp_path):
     assert cause([0, 1], {0: 1, 1: 1}, files) == 1
     assert cause([0, 1, 2], {0: 1, 1: 1, 2: 1}, files) == 2  # exited without an exception: it ended itself
     assert cause([0, 1, 2], {0: 1, 1: 1, 2: -9}, files) == 2  # a killed rank is the cause of the others
+
+
+def test_a_job_of_several_nodes_binds_gloo_and_nccl_to_the_interface_that_reaches_the_rendezvous_fake_env():
+    assert interface_of("127.0.0.1") == "lo" and interface_of("192.0.2.254") is None
+    env = RankEnv(0, 4, 0, 2, "127.0.0.1", 1234, "slurm", nodes=2)
+    one_node = RankEnv(0, 2, 0, 2, "127.0.0.1", 1234, "slurm", nodes=1)
+    environ: dict = {}
+    assert bind_to_node_address(one_node, environ) is None and environ == {}
+    assert bind_to_node_address(env, environ) is None and environ == {}  # loopback: nothing to name
+    # This machine's own non-loopback addresses, each reached through its own interface.
+    own = {}
+    for _, name in socket.if_nameindex():
+        for address in _ipv4_addresses(name):
+            if not address.startswith("127."):
+                own[address] = name
+    for address, name in own.items():
+        environ = {}
+        assert bind_to_node_address(RankEnv(0, 4, 0, 2, address, 1, "slurm", nodes=2), environ) == name
+        assert environ == {"GLOO_SOCKET_IFNAME": name, "NCCL_SOCKET_IFNAME": name}
+        environ = {"GLOO_SOCKET_IFNAME": "ib0"}  # the user's choice wins
+        bind_to_node_address(RankEnv(0, 4, 0, 2, address, 1, "slurm", nodes=2), environ)
+        assert environ == {"GLOO_SOCKET_IFNAME": "ib0", "NCCL_SOCKET_IFNAME": name}
+
+
+def _ipv4_addresses(name: str) -> list[str]:
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+        except OSError:
+            return []
+    return [socket.inet_ntoa(raw[20:24])]
+
+
+def test_the_node_count_comes_from_slurm_or_from_torchruns_local_world_fake_env():
+    base = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_TASKS_PER_NODE": "2(x2)"}
+    assert from_environ(base).nodes == 2  # from the node list
+    assert from_environ({**base, "SLURM_JOB_NUM_NODES": "3"}).nodes == 3
+    assert from_environ({"RANK": "0", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}).nodes == 2
+    assert from_environ({"RANK": "0", "WORLD_SIZE": "8"}).nodes == 1

@@ -17,7 +17,7 @@ from orchestrator import checkpoint
 from orchestrator.faults import SpikeGuard, StragglerWatch, Verdict
 from orchestrator.planner.auto import choose
 from orchestrator.planner.layouts import plan
-from orchestrator.validate import ConfigError
+from orchestrator.validate import ConfigError, validate
 from tests.conftest import make_cfg
 
 
@@ -247,3 +247,27 @@ def test_a_slurm_task_replans_an_auto_layout_for_the_tasks_its_requeued_job_got(
     assert again["train"]["global_batch"] == plain["train"]["global_batch"]
     manual = {**plain, "parallel": {**plain["parallel"], "layout": "manual"}}
     assert relayout(manual, 2, 2) == (manual, None)  # a manual layout is never changed behind the user's back
+
+
+def test_the_teardown_counts_a_node_down_or_not_responding_as_lost_fake_sinfo():
+    out = "node1|mix|none\nnode2|down*|Not responding\nnode3|idle*|none\nnode4|drain|maintenance\nnode5|alloc|none\n"
+    assert restart.parse_lost(out) == {"node2": "down*: Not responding", "node3": "idle*",
+                                       "node4": "drain: maintenance"}
+
+
+def test_a_parallel_auto_job_with_restarts_on_several_nodes_is_elastic_and_a_fixed_layout_is_not(tmp_path):
+    from launch.slurm import executor_params
+
+    shape = ["launcher=slurm", "launcher.nodes=2", "launcher.tasks_per_node=2", "launcher.max_restarts=1"]
+    elastic = executor_params(make_cfg(*shape, "parallel=auto", tmp=tmp_path))
+    assert "tasks_per_node" not in elastic and elastic["nodes"] == 2
+    assert elastic["slurm_additional_parameters"] == {"nodes": "1-2", "no_kill": True, "mincpus": 2}
+    assert elastic["slurm_srun_args"][-1] == "--ntasks-per-node=2"
+    least = executor_params(make_cfg(*shape, "parallel=auto", "launcher.min_nodes=2", tmp=tmp_path))
+    assert least["tasks_per_node"] == 2 and "slurm_additional_parameters" not in least
+    fixed = executor_params(make_cfg(*shape, "parallel.tp=2", "parallel.pp=1", "parallel.dp=2", tmp=tmp_path))
+    assert fixed["tasks_per_node"] == 2 and "slurm_additional_parameters" not in fixed
+    assert fixed["slurm_srun_args"] == ["--kill-on-bad-exit=1", "--distribution=block"]
+    with pytest.raises(ConfigError, match=r"launcher.min_nodes=1 < launcher.nodes=2 needs parallel=auto"):
+        validate(make_cfg(*shape, "parallel.tp=2", "parallel.pp=1", "parallel.dp=2", "launcher.min_nodes=1",
+                          tmp=tmp_path))
