@@ -93,6 +93,12 @@ if [ "${SLURM_SKIP_INSTALL:-0}" != 1 ]; then
   fi
 fi
 
+need="munged slurmctld slurmd sinfo sbatch srun"
+[ "$ACCT" = 1 ] && need="$need slurmdbd mariadbd"
+for cmd in $need; do
+  command -v "$cmd" >/dev/null || { echo "start-cluster.sh: $cmd is not installed (Debian: apt-get install slurmctld slurmd slurm-client munge$([ "$ACCT" = 1 ] && echo ' slurmdbd mariadb-server'); or unset SLURM_SKIP_INSTALL)" >&2; exit 1; }
+done
+
 # ---------------------------------------------------------------- 2. fresh state
 if [ -f "$S/pids" ]; then log "previous cluster found, stopping it"; "$HERE/stop-cluster.sh" || true; fi
 # What a killed run of this port base left behind: its nodes' namespaces (and their processes), its bridge.
