@@ -89,6 +89,7 @@ class DataConfig:
     eos_token: Optional[str] = MISSING
     mask_across_documents: bool = MISSING
     tokenize_workers: Optional[int] = MISSING
+    sources: Any = None  # {name: {path, weight, ...}} (Any: Hydra cannot merge into a typed dict left null)
 
 
 @dataclass

@@ -13,6 +13,14 @@ generator seeded with (seed, s), the same on every rank; dp rank r takes its
 contiguous share. So the data a step sees, and the position to resume from
 (the step itself), do not depend on the TP x PP x DP layout.
 
+A mixture (`data.sources`: named sources, each with a path and a weight)
+draws each sequence of the global batch from a source chosen by weight, as
+a pure function of (seed, step, index in the batch); within a source the
+sequences are its non-overlapping windows in an order that a new epoch
+shuffles anew (`MixtureBatches`). The source's draw count, and so its epoch,
+follows from the steps before: a run resumed at another layout continues on
+the same sequences.
+
 With `data.mask_across_documents=true` each micro-batch also carries the
 document index of every input token: the model lets a token attend only
 within its document, and a target that belongs to another document than its
@@ -74,6 +82,16 @@ class Corpus:
     max_token: int  # the largest token id present; the model's vocabulary must exceed it
     num_docs: Optional[int] = None  # None: a pre-tokenized .bin, whose documents are unknown
     stats: Optional[dict] = None  # how the token file was made: cached, seconds, tokens_per_s, mb_per_s
+    sources: tuple = ()  # a mixture: its Sources (then train/eval above are the first source's)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source of a mixture: its name (metrics say tokens/<name>, eval_loss/<name>), weight and corpus."""
+
+    name: str
+    weight: float
+    corpus: Corpus
 
 
 def stdlib_dir() -> Path:
@@ -119,8 +137,10 @@ def prepare(data_cfg, init_from: Optional[str] = None, workers: Optional[int] = 
     """Find or build the token files of the configured corpus (in the launcher, once, before ranks start).
 
     init_from: model.init_from, for data.tokenizer=init_from. workers: tokenizing processes
-    (None: data.tokenize_workers, or every core).
+    (None: data.tokenize_workers, or every core). With data.sources, every source (a mixture).
     """
+    if data_cfg.get("sources"):
+        return mixture(data_cfg, init_from, workers, progress)
     root = Path(data_cfg.path).expanduser() if data_cfg.path else stdlib_dir()
     if resolve_format(root, data_cfg.format) == "bin":
         return _bin_corpus(root, data_cfg.bin_dtype, data_cfg.eval_fraction)
@@ -132,6 +152,63 @@ def prepare(data_cfg, init_from: Optional[str] = None, workers: Optional[int] = 
     workers = workers or data_cfg.get("tokenize_workers")
     tf = _corpus.tokenize_cached(files, tok, data_cfg.get("text_key", "text"), cache_dir, str(root), workers, progress)
     return document_corpus(tf, data_cfg.eval_fraction, str(root))
+
+
+SOURCE_KEYS = ("path", "weight", "format", "text_key", "pattern")
+
+
+def source_configs(data_cfg) -> list[tuple[str, float, dict]]:
+    """(name, weight, the data config of that source alone) per source of data.sources, checked."""
+    out = []
+    for name, spec in data_cfg.sources.items():
+        spec = dict(spec or {})
+        unknown = sorted(set(spec) - set(SOURCE_KEYS))
+        if unknown:
+            raise _corpus.CorpusError(f"data.sources.{name}: unknown key(s) {', '.join(unknown)} "
+                                      f"(valid: {', '.join(SOURCE_KEYS)})")
+        if not spec.get("path"):
+            raise _corpus.CorpusError(f"data.sources.{name}.path is not set: a source needs a path (anything "
+                                      "data.path takes: text, folder, JSONL, Parquet, .bin)")
+        weight = spec.pop("weight", 1.0)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0 or weight != weight:
+            raise _corpus.CorpusError(f"data.sources.{name}.weight={weight!r}: a weight is a number >= 0")
+        path = Path(str(spec["path"])).expanduser()
+        if not path.exists():
+            raise _corpus.CorpusError(f"data.sources.{name}.path={spec['path']!r} does not exist")
+        one = {k: v for k, v in _plain(data_cfg).items() if k != "sources"}
+        one.update(spec)
+        out.append((str(name), float(weight), one))
+    if not out or sum(w for _, w, _ in out) <= 0:
+        raise _corpus.CorpusError("data.sources: every weight is 0: at least one source must have a weight > 0")
+    return out
+
+
+def _plain(cfg) -> dict:
+    from omegaconf import OmegaConf  # a DictConfig from Hydra, or a plain dict in tests and ranks
+
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+class _Cfg(dict):
+    """A plain dict read like a config (attribute access), for one source's data settings."""
+
+    __getattr__ = dict.__getitem__
+
+
+def mixture(data_cfg, init_from: Optional[str], workers: Optional[int], progress: bool) -> Corpus:
+    """Every source of data.sources prepared as its own corpus (its own cache entry); the first stands in for
+    the mixture where one split is asked for (validation's vocabulary check takes max_token over all)."""
+    sources = []
+    for name, weight, one in source_configs(data_cfg):
+        corpus = prepare(_Cfg(one), init_from, workers, progress)
+        if corpus.train.num_tokens <= 1 or corpus.eval.num_tokens <= 1:
+            raise _corpus.CorpusError(f"data.sources.{name}: {corpus.source} is empty (no tokens to train on)")
+        sources.append(Source(name, weight, corpus))
+    first = sources[0].corpus
+    return Corpus(train=first.train, eval=first.eval, source=" + ".join(f"{s.name}={s.corpus.source}" for s in sources),
+                  max_token=max(s.corpus.max_token for s in sources),
+                  num_docs=sum(s.corpus.num_docs or 0 for s in sources) or None,
+                  stats={"sources": {s.name: s.corpus.stats for s in sources}}, sources=tuple(sources))
 
 
 def eval_cut(doc_starts: np.ndarray, num_tokens: int, eval_fraction: float) -> int:
@@ -247,6 +324,115 @@ class Batches:
             windows(self.tokens, mine[i : i + self.micro_batch], self.seq_len, self.doc_starts)
             for i in range(0, self.per_rank, self.micro_batch)
         ]
+
+
+class MixtureBatches:
+    """The micro-batches of each step for one dp rank, each sequence drawn from a source chosen by weight.
+
+    Sequence i of step s comes from the source whose cumulative weight first exceeds u, u the i-th of
+    `global_batch` uniform draws seeded with (seed, s): the same on every rank and at every layout. Each
+    source is read as non-overlapping windows of seq_len + 1 tokens (one token shared with the next), in an
+    order seeded with (seed, source name, epoch); the j-th sequence a source gives is window j of that
+    order, epoch j // windows. j counts the source's draws in the steps before: kept as the steps go and
+    counted again from step 1 when the loop starts elsewhere (a resume).
+    """
+
+    def __init__(self, sources: tuple, seq_len: int, global_batch: int, micro_batch: int, seed: int, dp_rank: int,
+                 dp_size: int, mask_documents: bool = False):
+        self.names = [s.name for s in sources]
+        weights = np.array([s.weight for s in sources], dtype=np.float64)
+        self.cumulative = np.cumsum(weights / weights.sum())
+        self.tokens = [s.corpus.train.tokens() for s in sources]
+        self.doc_starts = [s.corpus.train.doc_starts() if mask_documents else None for s in sources]
+        self.windows = np.array([(len(t) - 1) // seq_len for t in self.tokens], dtype=np.int64)
+        for name, n in zip(self.names, self.windows):
+            if n < 1:
+                raise ValueError(f"data.sources.{name}: fewer training tokens than train.seq_len + 1")
+        self.seq_len, self.global_batch, self.micro_batch, self.seed = seq_len, global_batch, micro_batch, seed
+        self.per_rank = global_batch // dp_size
+        self.first = dp_rank * self.per_rank
+        self._counted = (1, np.zeros(len(sources), dtype=np.int64))  # (step, draws of each source before it)
+        self._orders: dict = {}
+        self._choices: tuple = (None, None)  # (step, its choices): a step's are asked for twice
+
+    def choices(self, step: int) -> np.ndarray:
+        """The source of each sequence of step `step`'s global batch."""
+        if self._choices[0] != step:
+            u = np.random.default_rng([self.seed, step, 0x5EED]).random(self.global_batch)
+            self._choices = (step, np.minimum(np.searchsorted(self.cumulative, u, side="right"), len(self.names) - 1))
+        return self._choices[1]
+
+    def drawn_before(self, step: int) -> np.ndarray:
+        """How many sequences each source gave in steps 1 .. step-1."""
+        at, counts = self._counted
+        if step < at:
+            at, counts = 1, np.zeros_like(counts)
+        counts = counts.copy()
+        for s in range(at, step):
+            counts += np.bincount(self.choices(s), minlength=len(self.names))
+        self._counted = (step, counts)
+        return counts
+
+    def epochs(self, step: int) -> dict[str, float]:
+        """Each source's epochs after step `step` (draws / windows)."""
+        counts = self.drawn_before(step + 1)
+        return {n: float(c / w) for n, c, w in zip(self.names, counts, self.windows)}
+
+    def tokens_seen(self, step: int) -> dict[str, int]:
+        """The training tokens each source has given after step `step`."""
+        counts = self.drawn_before(step + 1)
+        return {n: int(c) * self.seq_len for n, c in zip(self.names, counts)}
+
+    def _order(self, k: int, epoch: int) -> np.ndarray:
+        key = (k, epoch)
+        if key not in self._orders:
+            if len(self._orders) > 8:
+                self._orders.clear()
+            seed = [self.seed, zlib.crc32(self.names[k].encode()), epoch]
+            self._orders[key] = np.random.default_rng(seed).permutation(int(self.windows[k]))
+        return self._orders[key]
+
+    def sources_and_offsets(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, token offset) of each sequence of the global batch of step `step`, as two arrays."""
+        choice = self.choices(step)
+        before = self.drawn_before(step)
+        offsets = np.empty(self.global_batch, dtype=np.int64)
+        for k in np.unique(choice):
+            where = np.flatnonzero(choice == k)
+            draws = before[k] + np.arange(len(where))  # the source's j-th sequence, in batch order
+            epochs, places = np.divmod(draws, self.windows[k])
+            for epoch in np.unique(epochs):
+                now = epochs == epoch
+                offsets[where[now]] = self._order(int(k), int(epoch))[places[now]] * self.seq_len
+        return choice, offsets
+
+    def offsets(self, step: int) -> list[tuple[int, int]]:
+        """(source, token offset) of each sequence of the global batch of step `step`."""
+        return list(zip(*(a.tolist() for a in self.sources_and_offsets(step))))
+
+    def step(self, step: int) -> list[tuple[torch.Tensor, ...]]:
+        choice, offsets = self.sources_and_offsets(step)
+        mine = slice(self.first, self.first + self.per_rank)
+        choice, offsets = choice[mine], offsets[mine]
+        out = None
+        for k in np.unique(choice):  # one windows() per source for the rank's share, rows put back in order
+            rows = np.flatnonzero(choice == k)
+            parts = windows(self.tokens[k], offsets[rows], self.seq_len, self.doc_starts[k])
+            if out is None:
+                out = [torch.empty((len(choice), *p.shape[1:]), dtype=p.dtype) for p in parts]
+            index = torch.from_numpy(rows)
+            for o, p in zip(out, parts):
+                o[index] = p
+        return [tuple(o[i : i + self.micro_batch] for o in out) for i in range(0, self.per_rank, self.micro_batch)]
+
+
+def batches_for(corpus: Corpus, seq_len: int, global_batch: int, micro_batch: int, seed: int, dp_rank: int,
+                dp_size: int, mask_documents: bool = False):
+    """The training batches of a corpus: a mixture's, or one split's."""
+    if corpus.sources:
+        return MixtureBatches(corpus.sources, seq_len, global_batch, micro_batch, seed, dp_rank, dp_size,
+                              mask_documents)
+    return Batches(corpus.train, seq_len, global_batch, micro_batch, seed, dp_rank, dp_size, mask_documents)
 
 
 def eval_batches(split: Split, seq_len: int, n_sequences: int, micro_batch: int, dp_rank: int, dp_size: int,

@@ -36,7 +36,7 @@ from models.llama import token_loss
 from orchestrator import checkpoint
 from orchestrator.faults import FaultStop, SpikeGuard, StepAgreement, StragglerWatch
 from orchestrator.build import build_model
-from orchestrator.data import IGNORE, Batches, Corpus, eval_batches
+from orchestrator.data import IGNORE, Corpus, MixtureBatches, batches_for, eval_batches
 from orchestrator.flops import flops_per_token, mfu, run_peak
 from orchestrator.metrics import MetricsLogger, NullLogger, console, fmt_count, fmt_duration, progress_line
 from orchestrator.optim import build_adamw, resolve_implementation
@@ -100,9 +100,14 @@ class Trainer:
         # One optimizer per model part, as checkpointing helpers take one module per optimizer.
         self.optimizers = [build_adamw(m, o, self.optim_implementation, self.dp.owns) for m in self.modules]
         mask = cfg.data.mask_across_documents  # micro-batches then carry doc_ids (orchestrator/data.py)
-        self.batches = Batches(corpus.train, t.seq_len, t.global_batch, t.micro_batch, t.seed, dp_rank, par.dp, mask)
-        self.eval_data = [self._cp_share(b) for b in
-                          eval_batches(corpus.eval, t.seq_len, t.eval_sequences, t.micro_batch, dp_rank, par.dp, mask)]
+        self.batches = batches_for(corpus, t.seq_len, t.global_batch, t.micro_batch, t.seed, dp_rank, par.dp, mask)
+        # The held-out batches: one set, or one per source of a mixture (weighed by the sources' weights).
+        held_out = {s.name: (s.weight, s.corpus.eval) for s in corpus.sources} or {None: (1.0, corpus.eval)}
+        total_weight = sum(w for w, _ in held_out.values())
+        self.eval_data = {name: (w / total_weight, [self._cp_share(b) for b in eval_batches(
+            split, t.seq_len, t.eval_sequences, t.micro_batch, dp_rank, par.dp, mask)])
+            for name, (w, split) in held_out.items()}
+        self.eval_by_source: dict[str, float] = {}  # the last evaluation's loss per source (a mixture)
         self.num_targets: Optional[float] = None  # the loss's divisor while a step runs (_weigh_tokens)
         self.pipeline = None
         if par.pp > 1:
@@ -314,6 +319,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """The held-out loss; for a mixture, the sources' losses weighed by their weights (each in
+        self.eval_by_source)."""
+        losses = {name: (weight, self._evaluate(batches)) for name, (weight, batches) in self.eval_data.items()}
+        self.eval_by_source = {name: loss for name, (_, loss) in losses.items() if name is not None}
+        return sum(weight * loss for weight, loss in losses.values())
+
+    def _evaluate(self, batches: list) -> float:
         for part in self.parts:
             part.eval()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -322,7 +334,7 @@ class Trainer:
         # loss is its sum (divided by 1); else every sequence weighs the same (the mean of batch means).
         by_token = self.cfg.data.mask_across_documents
         self.num_targets = 1.0 if by_token else None
-        for batch in self.eval_data:  # (inputs, targets[, doc_ids])
+        for batch in batches:  # (inputs, targets[, doc_ids])
             with loss_context(self.dims.tp):
                 loss = self._eval_loss(*batch)
             weight = (batch[1] != IGNORE).sum().item() if by_token else batch[0].shape[0]
@@ -425,7 +437,7 @@ class Trainer:
         first_eval = None
         if self.resumed_from is None:
             first_eval = self.evaluate()
-            self.logger.log({"step": self.step, "eval_loss": first_eval})
+            self.logger.log({"step": self.step, "eval_loss": first_eval, **self._by_source()})
         if self.is_logger:
             console(self._banner(first_eval))
         start = time.perf_counter()
@@ -451,6 +463,10 @@ class Trainer:
                 mem_peak_gb=peak_memory_gb(self.device),
                 step_time_s=dt,
             )
+            if isinstance(self.batches, MixtureBatches):  # what each source gave so far, and its epochs
+                position = self.step + self.data_offset
+                row.update({f"tokens/{n}": v for n, v in self.batches.tokens_seen(position).items()})
+                row.update({f"epochs/{n}": v for n, v in self.batches.epochs(position).items()})
             if "pp_wait_s" in row:
                 # The measured bubble: time blocked on pipeline p2p against the step.
                 row["pp_bubble"] = row["pp_wait_s"] / max(dt, self._slowest_step_s)
@@ -471,6 +487,7 @@ class Trainer:
             if (t.eval_every and self.step % t.eval_every == 0) or last:
                 self._arm(f"evaluation after step {self.step}", slow=True)
                 row["eval_loss"] = self.evaluate()
+                row.update(self._by_source())
             ckpt = self.cfg.checkpoint
             if ((ckpt.every and self.step % ckpt.every == 0) or (last and ckpt.at_end)) and self._can_save(row):
                 self._arm(f"the checkpoint of step {self.step}", slow=True)
@@ -535,6 +552,9 @@ class Trainer:
             "layout": {"tp": d.tp, "pp": d.pp, "dp": d.dp, "cp": d.cp, "schedule": self.cfg.parallel.schedule},
             "config": OmegaConf.to_container(self.cfg),
         }
+
+    def _by_source(self) -> dict:
+        return {f"eval_loss/{name}": loss for name, loss in self.eval_by_source.items()}
 
     def _banner(self, first_eval: Optional[float]) -> str:
         d = self.dims

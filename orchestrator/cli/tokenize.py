@@ -5,7 +5,7 @@
 Takes the same overrides as trident-train (the data.* keys, and model.init_from for
 data.tokenizer=init_from), builds the same cached token file that trident-train would
 (a later run finds it and starts at once), and prints the documents, tokens and
-tokens per second.
+tokens per second; with data.sources (a mixture), each source's.
 """
 
 import argparse
@@ -41,10 +41,28 @@ def main(argv=None) -> int:
     except (ConfigError, CorpusError, TokenizerError, FileNotFoundError) as e:
         print(f"trident-tokenize: config error: {e}", file=sys.stderr)
         return 2
+    if corpus.sources:  # a mixture: every source, each its own token file
+        results = [describe(s.corpus, cfg.data.tokenizer) | {"name": s.name, "weight": s.weight}
+                   for s in corpus.sources]
+        if ns.json:
+            print(json.dumps({"sources": results}, indent=1))
+            return 0
+        for out in results:
+            show(out, f"source {out['name']} (weight {out['weight']:g}): ")
+        return 0
+    out = describe(corpus, cfg.data.tokenizer)
+    if ns.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    show(out)
+    return 0
+
+
+def describe(corpus, tokenizer: str) -> dict:
     stats = corpus.stats or {}
-    out = {
+    return {
         "source": corpus.source,
-        "tokenizer": cfg.data.tokenizer,
+        "tokenizer": tokenizer,
         "documents": corpus.num_docs,
         "tokens": corpus.train.num_tokens + corpus.eval.num_tokens,
         "train_tokens": corpus.train.num_tokens,
@@ -56,10 +74,10 @@ def main(argv=None) -> int:
         "tokens_per_s": stats.get("tokens_per_s"),
         "mb_per_s": stats.get("mb_per_s"),
     }
-    if ns.json:
-        print(json.dumps(out, indent=1))
-        return 0
-    print(f"trident-tokenize: {out['source']} with data.tokenizer={out['tokenizer']}")
+
+
+def show(out: dict, what: str = "") -> None:
+    print(f"trident-tokenize: {what}{out['source']} with data.tokenizer={out['tokenizer']}")
     print(f"  documents   {out['documents']:,}" if out["documents"] is not None else "  documents   (unknown)")
     print(f"  tokens      {out['tokens']:,} ({out['dtype']}): train {out['train_tokens']:,} | eval {out['eval_tokens']:,}")
     if out["cached"]:
@@ -68,7 +86,6 @@ def main(argv=None) -> int:
         print(f"  speed       {fmt_rate(out['tokens_per_s'])} tokens/s, {out['mb_per_s']:.2f} MB/s of text, "
               f"{out['seconds']:.1f} s")
     print(f"  token file  {Path(out['token_file'])}")
-    return 0
 
 
 if __name__ == "__main__":
