@@ -39,6 +39,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from orchestrator import corpus as _corpus
 from orchestrator import tokenizer as _tokenizer
@@ -184,8 +185,7 @@ def source_configs(data_cfg) -> list[tuple[str, float, dict]]:
 
 
 def _plain(cfg) -> dict:
-    from omegaconf import OmegaConf  # a DictConfig from Hydra, or a plain dict in tests and ranks
-
+    """A DictConfig from Hydra, or already a plain dict (one source's settings), as a plain dict."""
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
 
 
