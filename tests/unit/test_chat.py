@@ -1,0 +1,106 @@
+"""Chat records rendered with the Llama 3 chat template (tests/data), against transformers' apply_chat_template.
+
+The token ids must equal transformers' `apply_chat_template(tokenize=True)`. The learned-token mask must
+equal transformers' `return_assistant_tokens_mask`, taken from the same template with `{% generation %}`
+around each assistant turn's content and end-of-turn token. That template renders the same text; the Llama 3
+template itself has no generation tags.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+from tokenizers import AddedToken, Tokenizer
+
+from orchestrator.chat import ChatError, ChatRenderer, check_messages, encode, find_template
+from tests.textdata import BOS
+
+TEMPLATE = (Path(__file__).resolve().parent.parent / "data" / "llama3-chat-template.jinja").read_text()
+# The same text, each assistant turn's content and end of turn inside {% generation %} (for transformers' mask).
+GENERATION = (
+    "{% for message in messages %}{% if loop.index0 == 0 %}{{ bos_token }}{% endif %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim + '<|eot_id|>' }}"
+    "{% endgeneration %}{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}"
+)
+EOT = "<|eot_id|>"
+CONVERSATIONS = [
+    [{"role": "user", "content": "What does len() return?"},
+     {"role": "assistant", "content": "The number of items in a container."}],
+    [{"role": "system", "content": "You answer in Python.\n"},
+     {"role": "user", "content": "  Sum a list.  "},
+     {"role": "assistant", "content": "def total(xs):\n    return sum(xs)\n"},
+     {"role": "user", "content": "And the mean?"},
+     {"role": "assistant", "content": " sum(xs) / len(xs)"}],
+    [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}, {"role": "user", "content": "y"},
+     {"role": "assistant", "content": "z"}],
+]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tmp_path_factory, bpe_json) -> Path:
+    """The tests' BPE with Llama 3's chat tokens added, saved with a tokenizer_config.json holding the template."""
+    folder = tmp_path_factory.mktemp("chat-tok")
+    tok = Tokenizer.from_file(str(bpe_json))
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<|start_header_id|>", "<|end_header_id|>", EOT)])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": BOS, "eos_token": EOT, "chat_template": TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return folder
+
+
+def transformers_encode(folder: Path, messages: list, template: str) -> dict:
+    import transformers
+
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), bos_token=BOS,
+                                               eos_token=EOT)
+    out = tok.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask="generation" in template)
+    return {k: list(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
+def test_ids_equal_transformers_apply_chat_template_and_the_mask_its_assistant_tokens_mask(chat_tokenizer, index):
+    messages = CONVERSATIONS[index]
+    template = find_template(chat_tokenizer, None)
+    assert template == TEMPLATE
+    ids, mask = encode(Tokenizer.from_file(str(chat_tokenizer / "tokenizer.json")), ChatRenderer(template, BOS, EOT),
+                       messages, "assistant", f"conversation {index}")
+    ref = transformers_encode(chat_tokenizer, messages, TEMPLATE)
+    assert ids == ref["input_ids"]
+    tagged = transformers_encode(chat_tokenizer, messages, GENERATION)
+    assert tagged["input_ids"] == ids  # the tagged template renders the same text
+    assert mask == tagged["assistant_masks"]
+    assert sum(mask) >= sum(m["role"] == "assistant" for m in messages)  # each turn's end of turn, at least
+    all_ids, all_mask = encode(Tokenizer.from_file(str(chat_tokenizer / "tokenizer.json")),
+                               ChatRenderer(template, BOS, EOT), messages, "all", "x")
+    assert all_ids == ids and all_mask == [1] * len(ids)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"text": "not a conversation"}, r"line 3: no 'messages' list \(data.messages_key='messages'; its keys: text\)"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, r"line 3: message 0 has role 'robot' \(valid: system, "),
+    ({"messages": [{"role": "user", "content": ["a", "b"]}]}, r"line 3: message 0 \(user\) has content of type list"),
+    ({"messages": []}, r"line 3: 'messages' is not a non-empty list"),
+])
+def test_a_record_that_is_not_a_conversation_is_refused_naming_the_record(record, message):
+    with pytest.raises(ChatError, match=message):
+        check_messages(record, "messages", "chat.jsonl, line 3")
+
+
+def test_a_tokenizer_without_a_chat_template_and_no_data_chat_template_is_refused(tmp_path, bpe_json, chat_tokenizer):
+    with pytest.raises(ChatError, match=r"needs a chat template: .*tokenizer_config.json has none \(set "
+                                        r"data.chat_template"):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": BOS}))
+        find_template(tmp_path, None)
+    with pytest.raises(ChatError, match=r"data.chat_template='.*missing.jinja' is not a file"):
+        find_template(tmp_path, str(tmp_path / "missing.jinja"))
+    (tmp_path / "t.jinja").write_text(TEMPLATE)
+    assert find_template(tmp_path, str(tmp_path / "t.jinja")) == TEMPLATE
+
+
+def test_train_on_assistant_with_no_assistant_turn_is_refused(chat_tokenizer):
+    tok = Tokenizer.from_file(str(chat_tokenizer / "tokenizer.json"))
+    only_user = [{"role": "user", "content": "hello"}]
+    with pytest.raises(ChatError, match=r"chat.jsonl, line 9: no assistant message, and data.train_on=assistant"):
+        encode(tok, ChatRenderer(TEMPLATE, BOS, EOT), only_user, "assistant", "chat.jsonl, line 9")
