@@ -89,6 +89,9 @@ class DataConfig:
     eos_token: Optional[str] = MISSING
     mask_across_documents: bool = MISSING
     tokenize_workers: Optional[int] = MISSING
+    chat_template: Optional[str] = None
+    train_on: Optional[str] = None
+    messages_key: str = "messages"
     sources: Any = None  # {name: {path, weight, ...}} (Any: Hydra cannot merge into a typed dict left null)
 
 

@@ -39,6 +39,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 from tokenizers import Tokenizer
 
+from orchestrator import chat as _chat
 from orchestrator.tokenizer import ByteTokenizer
 
 KINDS = ("text", "jsonl", "parquet")
@@ -180,6 +181,28 @@ def _records(data: bytes, text_key: str, where: str) -> list[str]:
     return docs
 
 
+def _chat_records(unit: Unit) -> list[tuple[object, str]]:
+    """A chat unit's records (parsed JSON) and where each is, for its errors."""
+    if unit.kind == "records":
+        data, base = unit.data, f"{unit.path} (from byte {unit.start} uncompressed)"
+    elif unit.kind == "jsonl":
+        with open(unit.path, "rb") as f:
+            f.seek(unit.start)
+            data = f.read(unit.end - unit.start)
+        base = f"{unit.path} (from byte {unit.start})"
+    else:
+        raise CorpusError(f"{unit.path}: data.format=chat reads JSONL records (a .jsonl or .jsonl.gz file)")
+    out = []
+    for n, line in enumerate(data.splitlines()):
+        if line.strip():
+            where = f"{base}, record {n + 1} of this range"
+            try:
+                out.append((json.loads(line), where))
+            except ValueError as e:
+                raise CorpusError(f"{where}: not JSON ({e})") from None
+    return out
+
+
 def read_unit(unit: Unit, text_key: str) -> list[str]:
     """The documents (or, for a text piece, the one piece) of a unit."""
     if unit.kind == "text":
@@ -205,11 +228,28 @@ _WORKER: dict = {}
 
 
 def _init_worker(tokenizer_json: Optional[str], bos: Optional[int], eos: Optional[int], text_key: str,
-                 in_pool: bool) -> None:
+                 chat: Optional[dict], in_pool: bool) -> None:
     if in_pool:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
     tok = Tokenizer.from_str(tokenizer_json) if tokenizer_json is not None else None
-    _WORKER.update(tok=tok, bos=bos, eos=eos, text_key=text_key)
+    renderer = _chat.ChatRenderer(chat["template"], chat["bos_token"], chat["eos_token"]) if chat else None
+    _WORKER.update(tok=tok, bos=bos, eos=eos, text_key=text_key, chat=chat, renderer=renderer)
+
+
+def encode_chat_unit(unit: Unit) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """(tokens, where conversations start, the unit's weight, the learned-token mask as uint8): each record one
+    conversation rendered by its chat template (which frames it itself: no BOS/EOS added here)."""
+    chat, tok = _WORKER["chat"], _WORKER["tok"]
+    ids, masks = [], []
+    for record, where in _chat_records(unit):
+        messages = _chat.check_messages(record, chat["messages_key"], where)
+        x, m = _chat.encode(tok, _WORKER["renderer"], messages, chat["train_on"], where)
+        ids.append(x)
+        masks.append(m)
+    lengths = [len(x) for x in ids]
+    tokens = np.fromiter((t for x in ids for t in x), dtype=np.uint32, count=sum(lengths))
+    mask = np.fromiter((t for m in masks for t in m), dtype=np.uint8, count=sum(lengths))
+    return tokens, np.cumsum([0] + lengths[:-1], dtype=np.int64) if ids else np.zeros(0, np.int64), unit.weight, mask
 
 
 def encode_unit(unit: Unit) -> tuple[np.ndarray, np.ndarray, int]:
@@ -328,6 +368,7 @@ class TokenFile:
     source_bytes: int
     seconds: float  # spent tokenizing (0 when read from the cache)
     cached: bool
+    mask: Optional[str] = None  # chat: path of mask.bin, uint8 per token, 1 where its prediction is learned
 
     def doc_starts(self) -> np.ndarray:
         return np.fromfile(self.docs, dtype=np.int64)
@@ -359,11 +400,13 @@ def _fingerprints(files: list[Path], cache_dir: Path) -> list[str]:
     return out
 
 
-def cache_key(files: list[tuple[Path, str]], tokenizer, text_key: str, cache_dir: Path) -> str:
+def cache_key(files: list[tuple[Path, str]], tokenizer, text_key: str, cache_dir: Path,
+              chat: Optional[dict] = None) -> str:
     content = _fingerprints([p for p, _ in files], cache_dir)
     kinds = [k for _, k in files]
     text_key = text_key if any(k != "text" for k in kinds) else None
-    blob = json.dumps([_VERSION, tokenizer.hash, text_key, list(zip(kinds, content))])
+    blob = json.dumps([_VERSION, tokenizer.hash, text_key, list(zip(kinds, content))] + ([chat] if chat else []),
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -373,7 +416,8 @@ def _read_meta(out: Path) -> Optional[TokenFile]:
         return None
     m = json.loads(meta.read_text())
     return TokenFile(str(out / "tokens.bin"), str(out / "docs.bin"), m["dtype"], m["num_tokens"], m["num_docs"],
-                     m["max_token"], m["source_bytes"], 0.0, True)
+                     m["max_token"], m["source_bytes"], 0.0, True,
+                     str(out / "mask.bin") if m.get("mask") else None)
 
 
 def _lock(lock: Path) -> bool:
@@ -401,10 +445,13 @@ def _stale(lock: Path) -> bool:
 
 
 def tokenize_cached(files: list[tuple[Path, str]], tokenizer, text_key: str, cache_dir: Path, label: str,
-                    workers: Optional[int] = None, progress: bool = True, chunk_bytes: int = CHUNK_BYTES) -> TokenFile:
-    """The corpus's token file: from the cache, or tokenized now (by this process, or another one we wait for)."""
+                    workers: Optional[int] = None, progress: bool = True, chunk_bytes: int = CHUNK_BYTES,
+                    chat: Optional[dict] = None) -> TokenFile:
+    """The corpus's token file: from the cache, or tokenized now (by this process, or another one we wait for).
+
+    chat: conversations (data.format=chat): {template, bos_token, eos_token, messages_key, train_on}."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    out = cache_dir / cache_key(files, tokenizer, text_key, cache_dir)
+    out = cache_dir / cache_key(files, tokenizer, text_key, cache_dir, chat)
     lock = out.with_name(out.name + ".lock")
     told = False
     while True:
@@ -413,7 +460,8 @@ def tokenize_cached(files: list[tuple[Path, str]], tokenizer, text_key: str, cac
             return found
         if _lock(lock):
             try:
-                return _read_meta(out) or tokenize(files, tokenizer, text_key, out, label, workers, progress, chunk_bytes)
+                return _read_meta(out) or tokenize(files, tokenizer, text_key, out, label, workers, progress, chunk_bytes,
+                                                   chat)
             finally:
                 lock.unlink(missing_ok=True)
         if _stale(lock):
@@ -433,7 +481,8 @@ def default_workers() -> int:
 
 
 def tokenize(files: list[tuple[Path, str]], tokenizer, text_key: str, out: Path, label: str,
-             workers: Optional[int] = None, progress: bool = True, chunk_bytes: int = CHUNK_BYTES) -> TokenFile:
+             workers: Optional[int] = None, progress: bool = True, chunk_bytes: int = CHUNK_BYTES,
+             chat: Optional[dict] = None) -> TokenFile:
     """Tokenize the files into the folder `out` (built under a temporary name, then renamed)."""
     dtype = np.dtype(token_dtype(tokenizer.vocab_size))
     total = sum(p.stat().st_size for p, _ in files)
@@ -443,13 +492,17 @@ def tokenize(files: list[tuple[Path, str]], tokenizer, text_key: str, out: Path,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     hf = not isinstance(tokenizer, ByteTokenizer)
-    initargs = (tokenizer.json if hf else None, tokenizer.bos_id, tokenizer.eos_id, text_key)
+    initargs = (tokenizer.json if hf else None, tokenizer.bos_id, tokenizer.eos_id, text_key, chat)
     bar = Progress(total, label, enabled=progress)
     n_tokens = n_docs = max_token = 0
     start = time.perf_counter()
     try:
-        with open(tmp / "tokens.bin", "wb") as ftok, open(tmp / "docs.bin", "wb") as fdoc:
-            for tokens, starts, weight in _ordered_map(encode_unit, units(files, chunk_bytes), workers, initargs):
+        with open(tmp / "tokens.bin", "wb") as ftok, open(tmp / "docs.bin", "wb") as fdoc, \
+                open(tmp / "mask.bin", "wb") as fmask:
+            encode = encode_chat_unit if chat else encode_unit
+            for tokens, starts, weight, *mask in _ordered_map(encode, units(files, chunk_bytes), workers, initargs):
+                if mask:
+                    fmask.write(mask[0].tobytes())
                 ftok.write(tokens.astype(dtype).tobytes())
                 fdoc.write((starts + n_tokens).tobytes())
                 n_tokens, n_docs = n_tokens + len(tokens), n_docs + len(starts)
@@ -459,7 +512,7 @@ def tokenize(files: list[tuple[Path, str]], tokenizer, text_key: str, out: Path,
         meta = {"dtype": dtype.name, "num_tokens": n_tokens, "num_docs": n_docs, "max_token": max_token,
                 "source_bytes": total, "tokenizer": tokenizer.name, "bos_id": tokenizer.bos_id,
                 "eos_id": tokenizer.eos_id, "text_key": text_key, "files": [str(p) for p, _ in files],
-                "seconds": seconds}
+                "seconds": seconds, "mask": bool(chat), "chat": chat}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         bar.close()
         try:

@@ -41,12 +41,14 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from orchestrator import chat as _chat
 from orchestrator import corpus as _corpus
 from orchestrator import tokenizer as _tokenizer
 from orchestrator.tokenizer import BYTE_VOCAB, ByteTokenizer  # noqa: F401 - ByteTokenizer is part of this API
 
 BIN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-FORMATS = ("auto", "text", "jsonl", "parquet", "bin")
+FORMATS = ("auto", "text", "jsonl", "parquet", "bin", "chat")
+TRAIN_ON = ("assistant", "all")
 IGNORE = -100  # a target the loss skips (F.cross_entropy's ignore_index)
 _CACHE_VERSION = "2"
 
@@ -60,6 +62,7 @@ class Split:
     start: int
     end: int
     docs: Optional[str] = None  # int64 offsets (in the file at `path`) where documents start; None: unknown
+    mask: Optional[str] = None  # chat: uint8 per token of the file at `path`, 1 where predicting it is learned
 
     @property
     def num_tokens(self) -> int:
@@ -67,6 +70,9 @@ class Split:
 
     def tokens(self) -> np.ndarray:
         return np.memmap(self.path, dtype=np.dtype(self.dtype), mode="r")[self.start : self.end]
+
+    def loss_mask(self) -> Optional[np.ndarray]:
+        return np.memmap(self.mask, dtype=np.uint8, mode="r")[self.start : self.end] if self.mask else None
 
     def doc_starts(self) -> np.ndarray:
         """Where this split's documents start, relative to the split; always starts with 0."""
@@ -151,11 +157,24 @@ def prepare(data_cfg, init_from: Optional[str] = None, workers: Optional[int] = 
     if isinstance(tok, ByteTokenizer) and all(kind == "text" for _, kind in files):
         return _text_corpus(root, [f for f, _ in files], data_cfg.eval_fraction, cache_dir)
     workers = workers or data_cfg.get("tokenize_workers")
-    tf = _corpus.tokenize_cached(files, tok, data_cfg.get("text_key", "text"), cache_dir, str(root), workers, progress)
+    chat = chat_settings(data_cfg, tok) if data_cfg.get("format") == "chat" else None
+    tf = _corpus.tokenize_cached(files, tok, data_cfg.get("text_key", "text"), cache_dir, str(root), workers, progress,
+                                 chat=chat)
     return document_corpus(tf, data_cfg.eval_fraction, str(root))
 
 
-SOURCE_KEYS = ("path", "weight", "format", "text_key", "pattern")
+def chat_settings(data_cfg, tok) -> dict:
+    """What the tokenizing workers need for data.format=chat: the template, its special tokens, the keys."""
+    folder = None if isinstance(tok, ByteTokenizer) else tok.path.parent
+    template = _chat.find_template(folder, data_cfg.get("chat_template"))
+    train_on = data_cfg.get("train_on") or "assistant"
+    if train_on not in TRAIN_ON:
+        raise _chat.ChatError(f"data.train_on={train_on!r} (valid: {', '.join(TRAIN_ON)})")
+    return {"template": template, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+            "messages_key": data_cfg.get("messages_key") or "messages", "train_on": train_on}
+
+
+SOURCE_KEYS = ("path", "weight", "format", "text_key", "pattern", "chat_template", "train_on", "messages_key")
 
 
 def source_configs(data_cfg) -> list[tuple[str, float, dict]]:
@@ -227,8 +246,8 @@ def eval_cut(doc_starts: np.ndarray, num_tokens: int, eval_fraction: float) -> i
 def document_corpus(tf: "_corpus.TokenFile", eval_fraction: float, source: str) -> Corpus:
     cut = eval_cut(tf.doc_starts(), tf.num_tokens, eval_fraction)
     return Corpus(
-        train=Split(tf.tokens, tf.dtype, 0, cut, tf.docs),
-        eval=Split(tf.tokens, tf.dtype, cut, tf.num_tokens, tf.docs),
+        train=Split(tf.tokens, tf.dtype, 0, cut, tf.docs, tf.mask),
+        eval=Split(tf.tokens, tf.dtype, cut, tf.num_tokens, tf.docs, tf.mask),
         source=source,
         max_token=tf.max_token,
         num_docs=tf.num_docs,
@@ -308,6 +327,7 @@ class Batches:
                  dp_size: int, mask_documents: bool = False):
         self.tokens = split.tokens()
         self.doc_starts = split.doc_starts() if mask_documents else None
+        self.learned = split.loss_mask()
         self.seq_len = seq_len
         self.global_batch = global_batch
         self.micro_batch = micro_batch
@@ -321,7 +341,7 @@ class Batches:
         offsets = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.global_batch)
         mine = offsets[self.first : self.first + self.per_rank]
         return [
-            windows(self.tokens, mine[i : i + self.micro_batch], self.seq_len, self.doc_starts)
+            windows(self.tokens, mine[i : i + self.micro_batch], self.seq_len, self.doc_starts, self.learned)
             for i in range(0, self.per_rank, self.micro_batch)
         ]
 
@@ -344,6 +364,7 @@ class MixtureBatches:
         self.cumulative = np.cumsum(weights / weights.sum())
         self.tokens = [s.corpus.train.tokens() for s in sources]
         self.doc_starts = [s.corpus.train.doc_starts() if mask_documents else None for s in sources]
+        self.learned = [s.corpus.train.loss_mask() for s in sources]
         self.windows = np.array([(len(t) - 1) // seq_len for t in self.tokens], dtype=np.int64)
         for name, n in zip(self.names, self.windows):
             if n < 1:
@@ -417,7 +438,7 @@ class MixtureBatches:
         out = None
         for k in np.unique(choice):  # one windows() per source for the rank's share, rows put back in order
             rows = np.flatnonzero(choice == k)
-            parts = windows(self.tokens[k], offsets[rows], self.seq_len, self.doc_starts[k])
+            parts = windows(self.tokens[k], offsets[rows], self.seq_len, self.doc_starts[k], self.learned[k])
             if out is None:
                 out = [torch.empty((len(choice), *p.shape[1:]), dtype=p.dtype) for p in parts]
             index = torch.from_numpy(rows)
@@ -440,14 +461,18 @@ def eval_batches(split: Split, seq_len: int, n_sequences: int, micro_batch: int,
     """This rank's share of a fixed set of evenly spaced held-out windows."""
     tokens = split.tokens()
     starts = split.doc_starts() if mask_documents else None
+    learned = split.loss_mask()
     span = len(tokens) - seq_len - 1
     offsets = np.array([i * span // n_sequences for i in range(n_sequences)])
     mine = np.array_split(offsets, dp_size)[dp_rank]
-    return [windows(tokens, mine[i : i + micro_batch], seq_len, starts) for i in range(0, len(mine), micro_batch)]
+    return [windows(tokens, mine[i : i + micro_batch], seq_len, starts, learned)
+            for i in range(0, len(mine), micro_batch)]
 
 
-def windows(tokens: np.ndarray, offsets: np.ndarray, seq_len: int, doc_starts: Optional[np.ndarray] = None):
-    """(inputs, targets) of the windows at offsets; with doc_starts also doc_ids, and crossing targets IGNORE."""
+def windows(tokens: np.ndarray, offsets: np.ndarray, seq_len: int, doc_starts: Optional[np.ndarray] = None,
+            learned: Optional[np.ndarray] = None):
+    """(inputs, targets) of the windows at offsets; with doc_starts also doc_ids, and crossing targets IGNORE;
+    with learned (chat's mask, a 0/1 per token) the targets that are not learned IGNORE too."""
     rows = np.stack([np.asarray(tokens[o : o + seq_len + 1], dtype=np.int64) for o in offsets])
     seqs = torch.from_numpy(rows)
     if doc_starts is None:
@@ -456,4 +481,7 @@ def windows(tokens: np.ndarray, offsets: np.ndarray, seq_len: int, doc_starts: O
     docs = torch.from_numpy(np.searchsorted(doc_starts, positions, side="right") - 1)
     targets = seqs[:, 1:].clone()
     targets[docs[:, 1:] != docs[:, :-1]] = IGNORE
+    if learned is not None:
+        keep = np.stack([np.asarray(learned[o + 1 : o + seq_len + 1]) for o in offsets])
+        targets[torch.from_numpy(keep == 0)] = IGNORE
     return seqs[:, :-1], targets, docs[:, :-1]

@@ -18,8 +18,9 @@ from models.hf import args_from_hf, rope_type
 from models.llama import ModelArgs
 from models.plans import pipeline_cuts
 from orchestrator.config import CONF_DIR
-from orchestrator.corpus import CorpusError, check_source, file_kind
-from orchestrator.data import BIN_DTYPES, FORMATS, resolve_format, text_files
+from orchestrator.chat import ChatError, check_messages
+from orchestrator.corpus import CorpusError, check_source, file_kind, first_records
+from orchestrator.data import BIN_DTYPES, FORMATS, TRAIN_ON, resolve_format, text_files
 from orchestrator.levers import AC_MODES, COMPILE_BACKENDS, DTYPES
 from orchestrator.tokenizer import TokenizerError
 from orchestrator.tokenizer import load_tokenizer
@@ -358,10 +359,26 @@ def check_data(cfg: DictConfig, against_model: bool = True) -> None:
             raise ConfigError(f"data.mask_across_documents=true with data.path={d.path!r}: a pre-tokenized .bin "
                               "holds no document boundaries (valid: false, or a text, JSONL or Parquet corpus)")
         return
+    if root is not None and d.format == "chat":
+        _check_chat_records(root, d)
+        return
     if root is not None:
         try:
             _check_sources(str(root), d.pattern, d.format, d.text_key, root.stat().st_mtime_ns)
         except CorpusError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _check_chat_records(root: Path, d) -> None:
+    """data.format=chat: the first records of each file are conversations (every record is checked as it is
+    tokenized, still before any rank starts), and data.train_on is known."""
+    if d.train_on not in (None, *TRAIN_ON):
+        raise ConfigError(f"data.train_on={d.train_on!r} (valid: {', '.join(TRAIN_ON)})")
+    for path in text_files(root, d.pattern) if root.is_dir() else [root]:
+        try:
+            for n, record in enumerate(first_records(path)):
+                check_messages(record, d.messages_key, f"{path}, record {n + 1}")
+        except (CorpusError, ChatError) as e:
             raise ConfigError(str(e)) from None
 
 

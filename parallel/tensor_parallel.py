@@ -75,7 +75,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, str], sequen
             styles[name] = style
     parallelize_module(model, tp_mesh, styles)
     args = model.args
-    if args.vocab_rows > args.vocab_size:
+    if args.vocab_rows > args.vocab_size and model.output is not None:  # a pipeline's last stage has the output
         model.output.register_forward_hook(_mask_vocab_padding(args.vocab_size))
     return model
 

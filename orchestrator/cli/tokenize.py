@@ -16,6 +16,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from orchestrator.config import CONF_DIR, register
+from orchestrator.chat import ChatError
 from orchestrator.corpus import CorpusError, fmt_rate
 from orchestrator.data import prepare
 from orchestrator.tokenizer import TokenizerError
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     try:
         check_data(cfg, against_model=cfg.model.init_from is not None)
         corpus = prepare(cfg.data, cfg.model.init_from, workers=ns.workers)
-    except (ConfigError, CorpusError, TokenizerError, FileNotFoundError) as e:
+    except (ConfigError, CorpusError, TokenizerError, ChatError, FileNotFoundError) as e:
         print(f"trident-tokenize: config error: {e}", file=sys.stderr)
         return 2
     if corpus.sources:  # a mixture: every source, each its own token file

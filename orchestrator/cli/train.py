@@ -15,7 +15,7 @@ from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from launch.env import from_environ
 from launch.local import RankFailed, spawn, thread_count
@@ -23,6 +23,7 @@ from launch.rank import pick_backend, run_rank
 from launch.slurm import SlurmRun, submit, sweep_point, tasks_per_node
 from orchestrator.checkpoint import CheckpointError, check_compatible, find_resume
 from orchestrator.config import CONF_DIR, register
+from orchestrator.chat import ChatError
 from orchestrator.corpus import CorpusError
 from orchestrator.data import prepare
 from orchestrator.planner.auto import choose, relayout
@@ -140,6 +141,10 @@ def spawn_with_restarts(cfg: DictConfig, plain: dict, run_dir: str, corpus, resu
 def run(cfg: DictConfig, run_dir: str) -> None:
     """Check, prepare, launch. Raises ConfigError before anything starts if the config cannot work."""
     env = rank_env(cfg)
+    if cfg.data.format == "chat" and not cfg.data.mask_across_documents:
+        # Conversations are packed into sequences: each stays a document of its own (attention and loss).
+        with open_dict(cfg):
+            cfg.data.mask_across_documents = True
     cfg = auto_layout(cfg, env)
     for warning in validate(cfg, env):
         if env is None or env.rank == 0:
@@ -153,7 +158,7 @@ def run(cfg: DictConfig, run_dir: str) -> None:
         corpus = prepare(cfg.data, cfg.model.init_from)
     except FileNotFoundError as e:
         raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
-    except (CorpusError, TokenizerError) as e:
+    except (CorpusError, TokenizerError, ChatError) as e:
         raise ConfigError(str(e)) from None
     check_corpus(cfg, corpus)
     resume = resume_path(cfg, env)
