@@ -1,16 +1,22 @@
-"""The data path of a mixture against one source: sequences per second of the batches the loop takes.
+"""The data path of a mixture against one source, and chat tokenizing against plain JSONL of the same text.
 
-    .venv/bin/python bench/data_mixture.py [--steps 200] [--global-batch 64] [--seq-len 512]
+    .venv/bin/python bench/data_mixture.py [--steps 200] [--global-batch 64] [--seq-len 512] [--chats 2000]
 
 Three sources (parts of this Python's standard library, byte-tokenized: Lib/*.py, Lib/test, the rest of Lib)
 weighted 0.5 / 0.3 / 0.2, against the same standard library as one source (data.path, today's Batches).
 Both build `--steps` steps of micro-batches for one rank of dp=1, with document masking on, after one
 warm-up step, from token files already in the cache. One JSON line per path, then the ratio
 (mixture / one source; target >= 0.95).
+
+Chat: `--chats` conversations (2-6 turns of standard-library lines) rendered with the Llama 3 chat template of
+tests/data and tokenized with their learned-token mask (orchestrator/chat.py, in one process, as each of
+the corpus's workers does), against the same messages' text encoded as plain documents: characters per
+second of each, and the ratio (target >= 0.8).
 """
 
 import argparse
 import json
+import random
 import sys
 import tempfile
 import time
@@ -21,7 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from orchestrator.config import CONF_DIR, register  # noqa: E402
+from orchestrator import chat  # noqa: E402
 from orchestrator.data import batches_for, prepare, stdlib_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def config(*overrides: str):
@@ -39,12 +48,53 @@ def rate(corpus, args) -> float:
     return args.steps * args.global_batch * args.seq_len / (time.perf_counter() - t0)
 
 
+def chat_rates(n: int) -> dict:
+    """Characters per second: conversations rendered and tokenized with their mask, and the same text plain."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+
+    texts = [f.read_text(errors="replace") for f in sorted(stdlib_dir().glob("*.py"))[:60]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4096, show_progress=False,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens([AddedToken(t, special=True) for t in
+                            ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")])
+    rng = random.Random(0)
+    lines = [line for t in texts for line in t.splitlines() if line.strip()]
+    conversations = []
+    for _ in range(n):
+        turns = []
+        for i in range(rng.randint(2, 6)):
+            start = rng.randrange(len(lines) - 8)
+            turns.append({"role": ("user", "assistant")[i % 2], "content": "\n".join(lines[start:start + 6])})
+        conversations.append(turns)
+    renderer = chat.ChatRenderer((ROOT / "tests/data/llama3-chat-template.jinja").read_text(), "<|begin_of_text|>",
+                                 "<|eot_id|>")
+    chars = sum(len(m["content"]) for c in conversations for m in c)
+    # As the corpus's workers do, a unit of 200 records at a time: chat (checked, rendered, encoded with
+    # offsets for the mask) against plain documents (encode_batch_fast, no offsets).
+    units = [conversations[i : i + 200] for i in range(0, n, 200)]
+    t0 = time.perf_counter()
+    for unit in units:
+        chat.encode_many(tok, renderer, [(chat.check_messages({"messages": c}, "messages", "bench"), "bench")
+                                         for c in unit], "assistant")
+    chat_s = time.perf_counter() - t0
+    plain = [["\n\n".join(m["content"] for m in c) for c in unit] for unit in units]
+    t0 = time.perf_counter()
+    for texts in plain:
+        tok.encode_batch_fast(texts, add_special_tokens=False)
+    plain_s = time.perf_counter() - t0
+    return {"chat_chars_per_s": round(chars / chat_s), "plain_chars_per_s": round(chars / plain_s),
+            "chat_over_plain": round(plain_s / chat_s, 3), "target": 0.8, "conversations": n}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--global-batch", type=int, default=64)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--chats", type=int, default=2000)
     args = parser.parse_args()
     lib = stdlib_dir()
     cache = tempfile.mkdtemp(prefix="trident-mix-")
@@ -59,6 +109,7 @@ def main() -> None:
     print(json.dumps({"mixture_over_one_source": round(results["three_sources"] / results["one_source"], 3),
                       "target": 0.95, "steps": args.steps, "global_batch": args.global_batch,
                       "seq_len": args.seq_len}))
+    print(json.dumps(chat_rates(args.chats)))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ renders in: sandboxed, trim_blocks and lstrip_blocks, `raise_exception`, `strfti
 filter. The variables are messages, bos_token, eos_token and add_generation_prompt=false.
 
 The rendered text is tokenized whole, with no special tokens added, as
-`apply_chat_template(tokenize=True)` does. To find where each message lies, the conversation's prefixes are
-rendered: message i is what rendering messages[:i+1] adds to messages[:i]. A template whose prefixes do not
-render as prefixes of the whole is refused. An assistant message's tokens to learn are those from its
+`apply_chat_template(tokenize=True)` does. To find where each assistant turn lies, the conversation up to it
+is rendered (its end) and once more with a stand-in content (where its content starts). A template whose
+prefixes do not render as prefixes of the whole is refused. An assistant message's tokens to learn are those from its
 content to the end of its turn (the end-of-turn token included, so the model learns to stop); the content
 starts where the turn, rendered with a stand-in content, first differs. Its role header and every other
 message's tokens are not learned: their targets are ignored.
@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -98,23 +99,27 @@ class ChatRenderer:
         return self.template.render(messages=messages, add_generation_prompt=False, **self.special)
 
     def spans(self, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
-        """(the rendered conversation, [start, end) of each assistant turn's learned characters)."""
+        """(the rendered conversation, [start, end) of each assistant turn's learned characters).
+
+        Rendered: the whole, and for each assistant turn the conversation up to it (its end) and once more
+        with a stand-in content (where its content starts). Each must be a prefix of the whole.
+        """
         try:
             whole = self.render(messages)
-            learned, before = [], ""
+            learned, before = [], 0
             for i, m in enumerate(messages):
+                if m["role"] != "assistant":
+                    continue
                 upto = whole if i == len(messages) - 1 else self.render(messages[: i + 1])
-                if not upto.startswith(before) or not whole.startswith(upto):
+                probe = self.render([*messages[:i], {**m, "content": _PROBE}])
+                if not whole.startswith(upto) or len(upto) < before:
                     raise ChatError(f"{where}: the chat template renders message {i} differently once later "
                                     "messages follow, so its tokens cannot be told apart")
-                if m["role"] == "assistant":
-                    # Where the content starts: where this turn rendered with a stand-in content first differs.
-                    probe = self.render([*messages[:i], {**m, "content": _PROBE}])
-                    start = len(before)
-                    while start < min(len(upto), len(probe)) and upto[start] == probe[start]:
-                        start += 1
-                    learned.append((start, len(upto)))
-                before = upto
+                start = before  # where this turn, rendered with a stand-in content, first differs
+                while start < min(len(upto), len(probe)) and upto[start] == probe[start]:
+                    start += 1
+                learned.append((start, len(upto)))
+                before = len(upto)
         except TemplateError as e:
             raise ChatError(f"{where}: the chat template refused it: {e}") from None
         return whole, learned
@@ -125,16 +130,29 @@ def encode(tokenizer, renderer: ChatRenderer, messages: list[dict], train_on: st
 
     tokenizer: a `tokenizers.Tokenizer`. train_on: "assistant" (the assistant turns' tokens) or "all".
     """
-    text, learned = renderer.spans(messages, where)
-    enc = tokenizer.encode(text, add_special_tokens=False)
-    if train_on == "all":
-        return enc.ids, [1] * len(enc.ids)
-    if not learned:
-        raise ChatError(f"{where}: no assistant message, and data.train_on=assistant learns only those "
-                        "(valid: data.train_on=all, or records with an assistant turn)")
-    mask, j = [], 0
-    for start, end in enc.offsets:
-        while j < len(learned) and learned[j][1] <= start:
-            j += 1
-        mask.append(int(j < len(learned) and start >= learned[j][0] and end <= learned[j][1] and end > start))
-    return enc.ids, mask
+    [(ids, mask)] = encode_many(tokenizer, renderer, [(messages, where)], train_on)
+    return ids, mask.tolist()
+
+
+def encode_many(tokenizer, renderer: ChatRenderer, conversations: list[tuple[list[dict], str]], train_on: str):
+    """[(token ids, learned mask as a uint8 array)] of many conversations ((messages, where) each), tokenized in
+    one batch."""
+    rendered = [renderer.spans(messages, where) for messages, where in conversations]
+    if train_on != "all":
+        for (_, learned), (_, where) in zip(rendered, conversations):
+            if not learned:
+                raise ChatError(f"{where}: no assistant message, and data.train_on=assistant learns only those "
+                                "(valid: data.train_on=all, or records with an assistant turn)")
+    out = []
+    for enc, (_, learned) in zip(tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False),
+                                 rendered):
+        if train_on == "all":
+            out.append((enc.ids, np.ones(len(enc.ids), dtype=np.uint8)))
+            continue
+        offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+        start, end = offsets[:, 0], offsets[:, 1]
+        mask = np.zeros(len(enc.ids), dtype=bool)
+        for a, b in learned:  # a token is learned when its characters lie inside an assistant span
+            mask |= (start >= a) & (end <= b) & (end > start)
+        out.append((enc.ids, mask.astype(np.uint8)))
+    return out

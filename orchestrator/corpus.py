@@ -239,17 +239,16 @@ def _init_worker(tokenizer_json: Optional[str], bos: Optional[int], eos: Optiona
 def encode_chat_unit(unit: Unit) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
     """(tokens, where conversations start, the unit's weight, the learned-token mask as uint8): each record one
     conversation rendered by its chat template (which frames it itself: no BOS/EOS added here)."""
-    chat, tok = _WORKER["chat"], _WORKER["tok"]
-    ids, masks = [], []
-    for record, where in _chat_records(unit):
-        messages = _chat.check_messages(record, chat["messages_key"], where)
-        x, m = _chat.encode(tok, _WORKER["renderer"], messages, chat["train_on"], where)
-        ids.append(x)
-        masks.append(m)
-    lengths = [len(x) for x in ids]
-    tokens = np.fromiter((t for x in ids for t in x), dtype=np.uint32, count=sum(lengths))
-    mask = np.fromiter((t for m in masks for t in m), dtype=np.uint8, count=sum(lengths))
-    return tokens, np.cumsum([0] + lengths[:-1], dtype=np.int64) if ids else np.zeros(0, np.int64), unit.weight, mask
+    chat = _WORKER["chat"]
+    conversations = [(_chat.check_messages(record, chat["messages_key"], where), where)
+                     for record, where in _chat_records(unit)]
+    encoded = _chat.encode_many(_WORKER["tok"], _WORKER["renderer"], conversations, chat["train_on"])
+    if not encoded:
+        return np.zeros(0, np.uint32), np.zeros(0, np.int64), unit.weight, np.zeros(0, np.uint8)
+    lengths = [len(ids) for ids, _ in encoded]
+    tokens = np.concatenate([np.asarray(ids, dtype=np.uint32) for ids, _ in encoded])
+    mask = np.concatenate([m for _, m in encoded])
+    return tokens, np.cumsum([0] + lengths[:-1], dtype=np.int64), unit.weight, mask
 
 
 def encode_unit(unit: Unit) -> tuple[np.ndarray, np.ndarray, int]:

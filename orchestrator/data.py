@@ -439,12 +439,12 @@ class MixtureBatches:
         for k in np.unique(choice):  # one windows() per source for the rank's share, rows put back in order
             rows = np.flatnonzero(choice == k)
             parts = windows(self.tokens[k], offsets[rows], self.seq_len, self.doc_starts[k], self.learned[k])
-            if out is None:
-                out = [torch.empty((len(choice), *p.shape[1:]), dtype=p.dtype) for p in parts]
-            index = torch.from_numpy(rows)
+            if out is None:  # numpy's row assignment: torch's index_put costs ms here (its threads)
+                out = [np.empty((len(choice), *p.shape[1:]), dtype=np.int64) for p in parts]
             for o, p in zip(out, parts):
-                o[index] = p
-        return [tuple(o[i : i + self.micro_batch] for o in out) for i in range(0, self.per_rank, self.micro_batch)]
+                o[rows] = p.numpy()
+        full = [torch.from_numpy(o) for o in out]
+        return [tuple(o[i : i + self.micro_batch] for o in full) for i in range(0, self.per_rank, self.micro_batch)]
 
 
 def batches_for(corpus: Corpus, seq_len: int, global_batch: int, micro_batch: int, seed: int, dp_rank: int,
