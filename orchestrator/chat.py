@@ -115,9 +115,13 @@ class ChatRenderer:
                 if not whole.startswith(upto) or len(upto) < before:
                     raise ChatError(f"{where}: the chat template renders message {i} differently once later "
                                     "messages follow, so its tokens cannot be told apart")
-                start = before  # where this turn, rendered with a stand-in content, first differs
-                while start < min(len(upto), len(probe)) and upto[start] == probe[start]:
-                    start += 1
+                # Where this turn, rendered with a stand-in content, first differs: where the stand-in is
+                # (the template printed the content as it is), else found character by character.
+                start = probe.find(_PROBE, before)
+                if start < 0 or upto[before:start] != probe[before:start]:
+                    start = before
+                    while start < min(len(upto), len(probe)) and upto[start] == probe[start]:
+                        start += 1
                 learned.append((start, len(upto)))
                 before = len(upto)
         except TemplateError as e:
