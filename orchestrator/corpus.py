@@ -181,8 +181,11 @@ def _records(data: bytes, text_key: str, where: str) -> list[str]:
     return docs
 
 
-def _chat_records(unit: Unit) -> list[tuple[object, str]]:
-    """A chat unit's records (parsed JSON) and where each is, for its errors."""
+def _chat_records(unit: Unit, key: str) -> list[tuple[object, str]]:
+    """A chat unit's records (parsed JSON, or a Parquet row's `key` column) and where each is, for its errors."""
+    if unit.kind == "parquet":
+        rows = _parquet_file(Path(unit.path)).read_row_group(unit.start, columns=[key]).column(0).to_pylist()
+        return [({key: r}, f"{unit.path}, row group {unit.start}, row {n + 1}") for n, r in enumerate(rows)]
     if unit.kind == "records":
         data, base = unit.data, f"{unit.path} (from byte {unit.start} uncompressed)"
     elif unit.kind == "jsonl":
@@ -191,7 +194,7 @@ def _chat_records(unit: Unit) -> list[tuple[object, str]]:
             data = f.read(unit.end - unit.start)
         base = f"{unit.path} (from byte {unit.start})"
     else:
-        raise CorpusError(f"{unit.path}: data.format=chat reads JSONL records (a .jsonl or .jsonl.gz file)")
+        raise CorpusError(f"{unit.path}: data.format=chat reads records: a .jsonl, .jsonl.gz or .parquet file")
     out = []
     for n, line in enumerate(data.splitlines()):
         if line.strip():
@@ -241,7 +244,7 @@ def encode_chat_unit(unit: Unit) -> tuple[np.ndarray, np.ndarray, int, np.ndarra
     conversation rendered by its chat template (which frames it itself: no BOS/EOS added here)."""
     chat = _WORKER["chat"]
     conversations = [(_chat.check_messages(record, chat["messages_key"], where), where)
-                     for record, where in _chat_records(unit)]
+                     for record, where in _chat_records(unit, chat["messages_key"])]
     encoded = _chat.encode_many(_WORKER["tok"], _WORKER["renderer"], conversations, chat["train_on"])
     if not encoded:
         return np.zeros(0, np.uint32), np.zeros(0, np.int64), unit.weight, np.zeros(0, np.uint8)
@@ -525,6 +528,18 @@ def tokenize(files: list[tuple[Path, str]], tokenizer, text_key: str, out: Path,
 
 
 # --- checks before launch ----------------------------------------------------------------------
+
+def first_chat_records(path: Path, key: str, n: int = 8) -> list:
+    """The first records of a chat file: JSONL objects, or {key: value} of a Parquet file's first rows."""
+    if file_kind(path, "auto") != "parquet":
+        return first_records(path, n)
+    pf = _parquet_file(path)
+    if key not in pf.schema_arrow.names:
+        raise CorpusError(f"{path}: no column {key!r} (data.messages_key={key!r}; its columns: "
+                          f"{', '.join(pf.schema_arrow.names)})")
+    rows = pf.read_row_group(0, columns=[key]).column(0).to_pylist()[:n] if pf.metadata.num_row_groups else []
+    return [{key: r} for r in rows]
+
 
 def first_records(path: Path, n: int = 8) -> list:
     opener = gzip.open if path.name.lower().endswith(".gz") else open

@@ -19,7 +19,7 @@ from models.llama import ModelArgs
 from models.plans import pipeline_cuts
 from orchestrator.config import CONF_DIR
 from orchestrator.chat import ChatError, check_messages
-from orchestrator.corpus import CorpusError, check_source, file_kind, first_records
+from orchestrator.corpus import CorpusError, check_source, file_kind, first_chat_records
 from orchestrator.data import BIN_DTYPES, FORMATS, TRAIN_ON, resolve_format, text_files
 from orchestrator.levers import AC_MODES, COMPILE_BACKENDS, DTYPES
 from orchestrator.tokenizer import TokenizerError
@@ -376,7 +376,7 @@ def _check_chat_records(root: Path, d) -> None:
         raise ConfigError(f"data.train_on={d.train_on!r} (valid: {', '.join(TRAIN_ON)})")
     for path in text_files(root, d.pattern) if root.is_dir() else [root]:
         try:
-            for n, record in enumerate(first_records(path)):
+            for n, record in enumerate(first_chat_records(path, d.messages_key)):
                 check_messages(record, d.messages_key, f"{path}, record {n + 1}")
         except (CorpusError, ChatError) as e:
             raise ConfigError(str(e)) from None

@@ -104,3 +104,28 @@ def test_train_on_assistant_with_no_assistant_turn_is_refused(chat_tokenizer):
     only_user = [{"role": "user", "content": "hello"}]
     with pytest.raises(ChatError, match=r"chat.jsonl, line 9: no assistant message, and data.train_on=assistant"):
         encode(tok, ChatRenderer(TEMPLATE, BOS, EOT), only_user, "assistant", "chat.jsonl, line 9")
+
+
+def test_jsonl_and_parquet_conversations_give_the_same_tokens_and_learned_mask(chat_tokenizer, tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.data import prepare
+    from tests.conftest import make_cfg
+
+    records = [{"messages": c} for c in CONVERSATIONS * 4]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "c.parquet", row_group_size=5)
+    got = {}
+    for name in ("c.jsonl", "c.parquet"):
+        cfg = make_cfg(f"data.path={tmp_path / name}", "data.format=chat", f"data.tokenizer={chat_tokenizer}",
+                       f"data.cache_dir={tmp_path / 'cache'}", "data.mask_across_documents=true", tmp=tmp_path)
+        corpus = prepare(cfg.data, progress=False)
+        tokens = np.concatenate([corpus.train.tokens(), corpus.eval.tokens()])
+        mask = np.concatenate([corpus.train.loss_mask(), corpus.eval.loss_mask()])
+        got[name] = (tokens.tolist(), mask.tolist())
+    assert got["c.jsonl"] == got["c.parquet"]
+    tok = Tokenizer.from_file(str(chat_tokenizer / "tokenizer.json"))
+    first_ids, first_mask = encode(tok, ChatRenderer(TEMPLATE, BOS, EOT), CONVERSATIONS[0], "assistant", "x")
+    assert got["c.jsonl"][0][: len(first_ids)] == first_ids and got["c.jsonl"][1][: len(first_mask)] == first_mask
