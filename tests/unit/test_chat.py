@@ -129,3 +129,26 @@ def test_jsonl_and_parquet_conversations_give_the_same_tokens_and_learned_mask(c
     tok = Tokenizer.from_file(str(chat_tokenizer / "tokenizer.json"))
     first_ids, first_mask = encode(tok, ChatRenderer(TEMPLATE, BOS, EOT), CONVERSATIONS[0], "assistant", "x")
     assert got["c.jsonl"][0][: len(first_ids)] == first_ids and got["c.jsonl"][1][: len(first_mask)] == first_mask
+
+
+def test_a_mixture_of_a_chat_source_and_a_text_source_ignores_only_the_chat_sources_unlearned_targets(
+        chat_tokenizer, tmp_path):
+    from orchestrator.data import IGNORE, MixtureBatches, prepare
+    from tests.conftest import make_cfg
+
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS * 20))
+    (tmp_path / "t.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+    cfg = make_cfg(f"data.sources={{chat:{{path:{tmp_path / 'c.jsonl'},format:chat,weight:1}},"
+                   f"code:{{path:{tmp_path / 't.txt'},weight:1}}}}", f"data.tokenizer={chat_tokenizer}",
+                   f"data.cache_dir={tmp_path / 'cache'}", tmp=tmp_path)
+    corpus = prepare(cfg.data, progress=False)
+    chat, code = (s.corpus.train for s in corpus.sources)
+    assert chat.mask is not None and code.mask is None
+    batches = MixtureBatches(corpus.sources, 16, 16, 16, seed=0, dp_rank=0, dp_size=1, mask_documents=True)
+    (_, targets, _), = batches.step(1)
+    ignored = (targets == IGNORE).sum(dim=1)
+    kinds = batches.choices(1)
+    assert 0 in kinds and 1 in kinds
+    # A chat window ignores its non-assistant targets; a code window only a target across a document boundary.
+    assert all(ignored[i] > 1 for i in range(16) if kinds[i] == 0)
+    assert all(ignored[i] <= 1 for i in range(16) if kinds[i] == 1)
