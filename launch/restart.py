@@ -53,12 +53,18 @@ def parse_lost(sinfo_out: str) -> dict[str, str]:
     return lost
 
 
+def run_info(folder: Path, job_id: str) -> dict:
+    """What rank 0 wrote of the run at the job's start (launch/slurm.py): run_dir, relayout, tasks_per_node."""
+    info = folder / f"trident-run-{job_id}.json"
+    return json.loads(info.read_text()) if info.exists() else {}
+
+
 def decide(max_restarts: int, status: int, job_id: str, folder: Path, started: float) -> tuple[bool, str]:
     """(requeue?, why) and, when requeueing, the restart counted."""
     if status == 0:
         return False, "srun succeeded"
-    info = folder / f"trident-run-{job_id}.json"
-    run_dir = Path(json.loads(info.read_text())["run_dir"]) if info.exists() else None
+    run = run_info(folder, job_id)
+    run_dir = Path(run["run_dir"]) if run else None
     fault = run_dir / "fault.json" if run_dir else None
     if fault is not None and fault.exists() and fault.stat().st_mtime >= started - 1:
         if not json.loads(fault.read_text()).get("restart", True):
@@ -93,8 +99,7 @@ def main(argv: list[str]) -> int:
     counter.write_text(json.dumps({"restarts": len(history), "history": history}))
     print(f"trident: srun ended with status {status}; requeueing job {job_id} ({why}); it resumes from its newest "
           "checkpoint", file=sys.stderr, flush=True)
-    info = folder / f"trident-run-{job_id}.json"
-    run = json.loads(info.read_text()) if info.exists() else {}
+    run = run_info(folder, job_id)
     left = [n for n in job_nodes if n not in lost]
     if lost and left and run.get("relayout"):
         tasks = int(run["tasks_per_node"])

@@ -65,6 +65,11 @@ def tasks_per_node(launcher, world: int) -> int:
     return launcher.tasks_per_node or world // launcher.nodes
 
 
+def world_size(par) -> int:
+    """tp * pp * dp * cp (launch imports nothing of ours: parallel.mesh.ParallelDims says the same)."""
+    return par.tp * par.pp * par.dp * par.get("cp", 1)
+
+
 def min_nodes(launcher, par) -> int:
     """The fewest nodes a requeued job may run on: launcher.min_nodes; unset, 1 for parallel=auto (it plans for
     whatever ranks it gets) and all of launcher.nodes for a fixed layout."""
@@ -144,7 +149,7 @@ def executor_params(cfg) -> dict[str, Any]:
     params = {
         "name": f"trident-{cfg.model.name}",
         "nodes": launcher.nodes,
-        "tasks_per_node": tasks_per_node(launcher, par.tp * par.pp * par.dp * par.get("cp", 1)),
+        "tasks_per_node": tasks_per_node(launcher, world_size(par)),
         "cpus_per_task": launcher.cpus_per_task,
         "timeout_min": time_minutes(launcher.time),
         "gpus_per_node": launcher.gpus_per_node or None,
@@ -196,11 +201,10 @@ def submit(run: SlurmRun, cfg) -> Any:
     executor.update_parameters(**params)
     job = executor.submit(run)
     record(job, run_dir)
-    world = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp * cfg.parallel.get("cp", 1)
     least = min_nodes(launcher, cfg.parallel)
     nodes = f"{least}-{launcher.nodes}" if least < launcher.nodes else launcher.nodes
-    print(f"trident: submitted SLURM job {job.job_id} ({nodes} node(s) x {tasks_per_node(launcher, world)} task(s))",
-          flush=True)
+    print(f"trident: submitted SLURM job {job.job_id} ({nodes} node(s) x "
+          f"{tasks_per_node(launcher, world_size(cfg.parallel))} task(s))", flush=True)
     print(f"  rank 0 log  {job.paths.stdout}", flush=True)
     print(f"  errors      {job.paths.stderr}", flush=True)
     print(f"  run dir     {run_dir}", flush=True)

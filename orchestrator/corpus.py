@@ -19,6 +19,7 @@ exclusive lock file); any other process asking for the same key, another
 rank or a second run, waits for it and reuses it.
 """
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -164,18 +165,30 @@ def _parquet_file(path: Path):
     return pq.ParquetFile(path)
 
 
-def _records(data: bytes, text_key: str, where: str) -> list[str]:
-    docs = []
+def _json_records(unit: Unit) -> Iterator[tuple[object, str]]:
+    """A JSONL unit's records, parsed, each with where it is (for its errors)."""
+    if unit.kind == "records":
+        data, base = unit.data, f"{unit.path} (from byte {unit.start} uncompressed)"
+    else:
+        with open(unit.path, "rb") as f:
+            f.seek(unit.start)
+            data = f.read(unit.end - unit.start)
+        base = f"{unit.path} (from byte {unit.start})"
     for n, line in enumerate(data.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise CorpusError(f"{where}, record {n + 1} of this range: not JSON ({e})") from None
+        if line.strip():
+            where = f"{base}, record {n + 1} of this range"
+            try:
+                yield json.loads(line), where
+            except ValueError as e:
+                raise CorpusError(f"{where}: not JSON ({e})") from None
+
+
+def _records(unit: Unit, text_key: str) -> list[str]:
+    docs = []
+    for record, where in _json_records(unit):
         if not isinstance(record, dict) or text_key not in record:
             keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-            raise CorpusError(f"{where}, record {n + 1} of this range: no data.text_key={text_key!r} (its keys: {keys})")
+            raise CorpusError(f"{where}: no data.text_key={text_key!r} (its keys: {keys})")
         text = record[text_key]
         docs.append(text if isinstance(text, str) else "" if text is None else str(text))
     return docs
@@ -186,24 +199,9 @@ def _chat_records(unit: Unit, key: str) -> list[tuple[object, str]]:
     if unit.kind == "parquet":
         rows = _parquet_file(Path(unit.path)).read_row_group(unit.start, columns=[key]).column(0).to_pylist()
         return [({key: r}, f"{unit.path}, row group {unit.start}, row {n + 1}") for n, r in enumerate(rows)]
-    if unit.kind == "records":
-        data, base = unit.data, f"{unit.path} (from byte {unit.start} uncompressed)"
-    elif unit.kind == "jsonl":
-        with open(unit.path, "rb") as f:
-            f.seek(unit.start)
-            data = f.read(unit.end - unit.start)
-        base = f"{unit.path} (from byte {unit.start})"
-    else:
+    if unit.kind not in ("records", "jsonl"):
         raise CorpusError(f"{unit.path}: data.format=chat reads records: a .jsonl, .jsonl.gz or .parquet file")
-    out = []
-    for n, line in enumerate(data.splitlines()):
-        if line.strip():
-            where = f"{base}, record {n + 1} of this range"
-            try:
-                out.append((json.loads(line), where))
-            except ValueError as e:
-                raise CorpusError(f"{where}: not JSON ({e})") from None
-    return out
+    return list(_json_records(unit))
 
 
 def read_unit(unit: Unit, text_key: str) -> list[str]:
@@ -214,13 +212,8 @@ def read_unit(unit: Unit, text_key: str) -> list[str]:
             return [f.read(unit.end - unit.start).decode("utf-8", errors="replace")]
     if unit.kind == "texts":
         return [Path(p).read_bytes().decode("utf-8", errors="replace") for p in unit.paths]
-    if unit.kind == "records":
-        return _records(unit.data, text_key, f"{unit.path} (from byte {unit.start} uncompressed)")
-    if unit.kind == "jsonl":
-        with open(unit.path, "rb") as f:
-            f.seek(unit.start)
-            data = f.read(unit.end - unit.start)
-        return _records(data, text_key, f"{unit.path} (from byte {unit.start})")
+    if unit.kind in ("records", "jsonl"):
+        return _records(unit, text_key)
     table = _parquet_file(Path(unit.path)).read_row_group(unit.start, columns=[text_key])
     return ["" if t is None else str(t) for t in table.column(0).to_pylist()]
 
@@ -499,11 +492,12 @@ def tokenize(files: list[tuple[Path, str]], tokenizer, text_key: str, out: Path,
     n_tokens = n_docs = max_token = 0
     start = time.perf_counter()
     try:
-        with open(tmp / "tokens.bin", "wb") as ftok, open(tmp / "docs.bin", "wb") as fdoc, \
-                open(tmp / "mask.bin", "wb") as fmask:
+        with contextlib.ExitStack() as files_open:
+            ftok, fdoc = (files_open.enter_context(open(tmp / name, "wb")) for name in ("tokens.bin", "docs.bin"))
+            fmask = files_open.enter_context(open(tmp / "mask.bin", "wb")) if chat else None  # chat only
             encode = encode_chat_unit if chat else encode_unit
             for tokens, starts, weight, *mask in _ordered_map(encode, units(files, chunk_bytes), workers, initargs):
-                if mask:
+                if fmask is not None:
                     fmask.write(mask[0].tobytes())
                 ftok.write(tokens.astype(dtype).tobytes())
                 fdoc.write((starts + n_tokens).tobytes())

@@ -204,14 +204,8 @@ def source_configs(data_cfg) -> list[tuple[str, float, dict]]:
 
 
 def _plain(cfg) -> dict:
-    """A DictConfig from Hydra, or already a plain dict (one source's settings), as a plain dict."""
+    """A DictConfig from Hydra, or already a plain dict, as a plain dict."""
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-
-
-class _Cfg(dict):
-    """A plain dict read like a config (attribute access), for one source's data settings."""
-
-    __getattr__ = dict.__getitem__
 
 
 def mixture(data_cfg, init_from: Optional[str], workers: Optional[int], progress: bool) -> Corpus:
@@ -219,7 +213,7 @@ def mixture(data_cfg, init_from: Optional[str], workers: Optional[int], progress
     the mixture where one split is asked for (validation's vocabulary check takes max_token over all)."""
     sources = []
     for name, weight, one in source_configs(data_cfg):
-        corpus = prepare(_Cfg(one), init_from, workers, progress)
+        corpus = prepare(OmegaConf.create(one), init_from, workers, progress)
         if corpus.train.num_tokens <= 1 or corpus.eval.num_tokens <= 1:
             raise _corpus.CorpusError(f"data.sources.{name}: {corpus.source} is empty (no tokens to train on)")
         sources.append(Source(name, weight, corpus))
