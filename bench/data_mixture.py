@@ -11,12 +11,15 @@ warm-up step, from token files already in the cache. One JSON line per path, the
 Chat: `--chats` conversations (2-6 turns of standard-library lines) rendered with the Llama 3 chat template of
 tests/data and tokenized with their learned-token mask (orchestrator/chat.py, in one process, as each of
 the corpus's workers does), against the same messages' text encoded as plain documents: characters per
-second of each, and the ratio (target >= 0.8).
+second of each, and the ratio chat_over_plain (target >= 0.8). Then the whole data path, as trident-tokenize
+runs it: four copies of them as a chat JSONL file and as a plain JSONL file ({"text": the contents}) of the
+same text, read, encoded by the worker pool and written to the cache (tokenize_chat_over_plain).
 """
 
 import argparse
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -68,24 +71,51 @@ def chat_rates(n: int) -> dict:
             start = rng.randrange(len(lines) - 8)
             turns.append({"role": ("user", "assistant")[i % 2], "content": "\n".join(lines[start:start + 6])})
         conversations.append(turns)
-    renderer = chat.ChatRenderer((ROOT / "tests/data/llama3-chat-template.jinja").read_text(), "<|begin_of_text|>",
-                                 "<|eot_id|>")
+    template = (ROOT / "tests/data/llama3-chat-template.jinja").read_text()
+    renderer = chat.ChatRenderer(template, "<|begin_of_text|>", "<|eot_id|>")
     chars = sum(len(m["content"]) for c in conversations for m in c)
-    # As the corpus's workers do, a unit of 200 records at a time: chat (checked, rendered, encoded with
-    # offsets for the mask) against plain documents (encode_batch_fast, no offsets).
+    # In one process, as each of the corpus's workers does, a unit of 200 records at a time: chat (checked,
+    # rendered, encoded with the learned mask) against plain documents (encode_batch_fast).
     units = [conversations[i : i + 200] for i in range(0, n, 200)]
-    t0 = time.perf_counter()
-    for unit in units:
-        chat.encode_many(tok, renderer, [(chat.check_messages({"messages": c}, "messages", "bench"), "bench")
-                                         for c in unit], "assistant")
-    chat_s = time.perf_counter() - t0
+    encoder = chat.ChatEncoder(tok, renderer, "assistant")  # once per worker, as the corpus does
     plain = [["\n\n".join(m["content"] for m in c) for c in unit] for unit in units]
-    t0 = time.perf_counter()
-    for texts in plain:
-        tok.encode_batch_fast(texts, add_special_tokens=False)
-    plain_s = time.perf_counter() - t0
+    chat_s = best(lambda: [encoder.encode_many([(chat.check_messages({"messages": c}, "messages", "bench"), "bench")
+                                                for c in unit]) for unit in units])
+    plain_s = best(lambda: [[e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+                            for texts in plain])
+    # The whole data path (trident-tokenize's): a chat JSONL file and a plain JSONL file of the same text
+    # (four copies of the conversations), read, encoded by the worker pool and written to a new cache.
+    folder = Path(tempfile.mkdtemp(prefix="trident-chat-"))
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": template}))
+    with open(folder / "chat.jsonl", "w") as fc, open(folder / "plain.jsonl", "w") as fp:
+        for _ in range(4):
+            for c in conversations:
+                fc.write(json.dumps({"messages": c}) + "\n")
+                fp.write(json.dumps({"text": "\n\n".join(m["content"] for m in c)}) + "\n")
+    seconds, caches = {}, iter(range(100))
+    for name, extra in (("plain", ()), ("chat", ("data.format=chat",))):
+        seconds[name] = best(lambda: prepare(config(
+            f"data.path={folder / (name + '.jsonl')}", f"data.tokenizer={folder}",
+            f"data.cache_dir={folder / f'cache{next(caches)}'}", *extra).data, progress=False))
+    shutil.rmtree(folder)
     return {"chat_chars_per_s": round(chars / chat_s), "plain_chars_per_s": round(chars / plain_s),
-            "chat_over_plain": round(plain_s / chat_s, 3), "target": 0.8, "conversations": n}
+            "chat_over_plain": round(plain_s / chat_s, 3),
+            "tokenize_chat_over_plain": round(seconds["plain"] / seconds["chat"], 3),
+            "tokenize_chars_per_s": {k: round(4 * chars / v) for k, v in seconds.items()},
+            "target": 0.8, "conversations": n}
+
+
+def best(run, repeats: int = 3) -> float:
+    """The fastest of `repeats` runs after one warm-up, in seconds (this machine's timing varies by ~30%)."""
+    run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def main() -> None:

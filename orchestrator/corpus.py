@@ -228,8 +228,9 @@ def _init_worker(tokenizer_json: Optional[str], bos: Optional[int], eos: Optiona
     if in_pool:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
     tok = Tokenizer.from_str(tokenizer_json) if tokenizer_json is not None else None
-    renderer = _chat.ChatRenderer(chat["template"], chat["bos_token"], chat["eos_token"]) if chat else None
-    _WORKER.update(tok=tok, bos=bos, eos=eos, text_key=text_key, chat=chat, renderer=renderer)
+    encoder = _chat.ChatEncoder(tok, _chat.ChatRenderer(chat["template"], chat["bos_token"], chat["eos_token"]),
+                                chat["train_on"]) if chat else None
+    _WORKER.update(tok=tok, bos=bos, eos=eos, text_key=text_key, chat=chat, chat_encoder=encoder)
 
 
 def encode_chat_unit(unit: Unit) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
@@ -238,11 +239,11 @@ def encode_chat_unit(unit: Unit) -> tuple[np.ndarray, np.ndarray, int, np.ndarra
     chat = _WORKER["chat"]
     conversations = [(_chat.check_messages(record, chat["messages_key"], where), where)
                      for record, where in _chat_records(unit, chat["messages_key"])]
-    encoded = _chat.encode_many(_WORKER["tok"], _WORKER["renderer"], conversations, chat["train_on"])
+    encoded = _WORKER["chat_encoder"].encode_many(conversations)
     if not encoded:
         return np.zeros(0, np.uint32), np.zeros(0, np.int64), unit.weight, np.zeros(0, np.uint8)
     lengths = [len(ids) for ids, _ in encoded]
-    tokens = np.concatenate([np.asarray(ids, dtype=np.uint32) for ids, _ in encoded])
+    tokens = np.concatenate([ids for ids, _ in encoded]).astype(np.uint32)
     mask = np.concatenate([m for _, m in encoded])
     return tokens, np.cumsum([0] + lengths[:-1], dtype=np.int64), unit.weight, mask
 

@@ -152,3 +152,49 @@ def test_a_mixture_of_a_chat_source_and_a_text_source_ignores_only_the_chat_sour
     # A chat window ignores its non-assistant targets; a code window only a target across a document boundary.
     assert all(ignored[i] > 1 for i in range(16) if kinds[i] == 0)
     assert all(ignored[i] <= 1 for i in range(16) if kinds[i] == 1)
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}")
+SHOUTING = ("{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+            "message['content'] | upper + '<|eot_id|>' }}{% endfor %}")
+UNICODE = [[{"role": "user", "content": "Écris « naïve » en Python 🐍"},
+            {"role": "assistant", "content": "  s = 'naïve café'  # ✓\n"},
+            {"role": "user", "content": "中文呢？"}, {"role": "assistant", "content": "s = '中文' 🐍"}]]
+
+
+@pytest.mark.parametrize("template, one_render", [(TEMPLATE, True), (CHATML, True), (SHOUTING, False)])
+@pytest.mark.parametrize("tokenizer", ["byte-level", "normalizer", "prefix-space"])
+def test_one_render_and_token_byte_lengths_find_what_prefix_renders_and_character_offsets_find(
+        chat_tokenizer, template, one_render, tokenizer):
+    """The fast paths (one render per conversation filled into its roles' skeleton; the mask from the tokens'
+    byte lengths) against the reference (a render per prefix and stand-in; the mask from character offsets),
+    on ASCII and non-ASCII text, with a template that prints contents trimmed (Llama 3), as they are
+    (ChatML), and changed (upper-cased: no skeleton fits, the prefixes are used). A tokenizer with a
+    normalizer has no byte lengths; one that adds a space before the text has tokens that do not add up to
+    it (each conversation falls back to the offsets)."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    from orchestrator.chat import ChatEncoder, _mask_by_offsets, _masks_by_bytes
+
+    tok = Tokenizer.from_file(str(chat_tokenizer / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])
+    if tokenizer == "normalizer":
+        tok.normalizer = normalizers.NFD()
+    elif tokenizer == "prefix-space":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    renderer = ChatRenderer(template, BOS, EOT)
+    encoder = ChatEncoder(tok, renderer, "assistant")
+    assert (encoder.token_bytes is None) == (tokenizer == "normalizer")
+    conversations = CONVERSATIONS + UNICODE
+    got = encoder.encode_many([(c, f"conversation {i}") for i, c in enumerate(conversations)])
+    for messages, (ids, mask) in zip(conversations, got):
+        text, learned = renderer._spans_by_prefixes(messages, "x")
+        assert renderer._spans_by_skeleton(messages) == ((text, learned) if one_render else None)
+        [enc] = tok.encode_batch([text], add_special_tokens=False)
+        assert ids.tolist() == enc.ids
+        assert mask.tolist() == _mask_by_offsets(enc, learned).tolist()
+        if tokenizer != "normalizer":
+            [by_bytes] = _masks_by_bytes(encoder.token_bytes, [ids], [(text, learned)])
+            assert (by_bytes is None) == (tokenizer == "prefix-space")
+        assert 0 < mask.sum() < len(mask)
