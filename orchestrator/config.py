@@ -99,7 +99,8 @@ class DataConfig:
 class OptimConfig:
     name: str = MISSING
     lr: float = MISSING
-    min_lr: float = MISSING
+    min_lr: Optional[float] = None
+    min_lr_ratio: Optional[float] = None
     warmup_steps: int = MISSING
     schedule: str = MISSING
     weight_decay: float = MISSING

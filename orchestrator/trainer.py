@@ -47,6 +47,21 @@ from parallel.pipeline_parallel import build_pipeline
 from parallel.tensor_parallel import loss_context
 
 
+DEFAULT_MIN_LR_RATIO = 0.1  # the floor, as a fraction of optim.lr, when neither optim.min_lr nor min_lr_ratio is set
+
+
+def min_lr_of(o: DictConfig) -> float:
+    """The learning rate at the end of the decay: optim.min_lr (absolute), else optim.min_lr_ratio x optim.lr.
+
+    A ratio follows optim.lr, so a sweep over lr never gives a trial whose floor is above its peak.
+    validate() refuses both set at once; here an absolute min_lr would win.
+    """
+    if o.get("min_lr") is not None:
+        return o.min_lr
+    ratio = o.get("min_lr_ratio")
+    return o.lr * (DEFAULT_MIN_LR_RATIO if ratio is None else ratio)
+
+
 def lr_at(step: int, o: DictConfig, steps: int) -> float:
     """Learning rate of optimizer step `step` (1-based)."""
     if step <= o.warmup_steps:
@@ -54,9 +69,10 @@ def lr_at(step: int, o: DictConfig, steps: int) -> float:
     if o.schedule == "constant":
         return o.lr
     progress = (step - o.warmup_steps) / max(1, steps - o.warmup_steps)
+    floor = min_lr_of(o)
     if o.schedule == "linear":
-        return o.lr + (o.min_lr - o.lr) * progress
-    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
+        return o.lr + (floor - o.lr) * progress
+    return floor + 0.5 * (o.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 def _value(t: torch.Tensor) -> torch.Tensor:

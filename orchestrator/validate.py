@@ -417,7 +417,13 @@ def _check_optim_logging(cfg: DictConfig) -> None:
     _choice("optim.schedule", o.schedule, LR_SCHEDULES)
     if o.lr <= 0:
         raise ConfigError(f"optim.lr={o.lr} must be positive")
-    if not 0 <= o.min_lr <= o.lr:
+    if o.min_lr is not None and o.min_lr_ratio is not None:
+        raise ConfigError(f"optim.min_lr={o.min_lr} and optim.min_lr_ratio={o.min_lr_ratio} are both set: set one "
+                          "(an absolute floor: optim.min_lr=... optim.min_lr_ratio=null; a fraction of optim.lr: "
+                          "optim.min_lr_ratio=... optim.min_lr=null)")
+    if o.min_lr_ratio is not None and not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be between 0 and 1 (a fraction of optim.lr)")
+    if o.min_lr is not None and not 0 <= o.min_lr <= o.lr:
         raise ConfigError(f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")
     _at_least("optim.warmup_steps", o.warmup_steps, 0)
     _at_least("optim.grad_clip", o.grad_clip, 0)

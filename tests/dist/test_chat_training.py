@@ -56,7 +56,7 @@ def test_sft_at_tp2_pp2_dp2_equals_one_process_with_the_loss_on_assistant_tokens
     common = ["+experiment=sft-llama", f"model.init_from={chat_model}", f"data.path={chats}",
               f"data.cache_dir={tmp_path / 'cache'}", "train.seq_len=64", "train.global_batch=8", "train.steps=3",
               "train.eval_every=3", "train.eval_sequences=8", "train.dtype=fp32", "optim.warmup_steps=1",
-              "optim.lr=1e-3", "optim.min_lr=1e-3", "logging.wandb.mode=disabled", "logging.every=1",
+              "optim.lr=1e-3", "optim.min_lr_ratio=1.0", "logging.wandb.mode=disabled", "logging.every=1",
               "parallel.timeout_s=60", "launcher.backend=gloo", "checkpoint.every=0", "checkpoint.at_end=false"]
     # The windows of step 1 hold different numbers of learned tokens (else any mean would agree).
     cfg = make_cfg(*common[:4], "train.seq_len=64", tmp=tmp_path)

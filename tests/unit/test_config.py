@@ -5,6 +5,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 import orchestrator.cli.train as train_app
+from orchestrator.trainer import lr_at, min_lr_of
 from orchestrator.validate import ConfigError
 from tests.conftest import compose_as_shipped, make_cfg, run_train
 
@@ -41,6 +42,31 @@ def test_levers_default_off_and_compile_takes_only_a_bool():
     with pytest.raises(ConfigCompositionException) as e:
         make_cfg("train.compile=maybe")
     assert "train.compile" in str(e.value.__cause__)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_min_lr_ratio_floor_follows_lr_so_a_sweep_over_lr_ends_each_trial_at_a_tenth(schedule):
+    for lr in (1e-3, 2e-2):
+        o = make_cfg(f"optim.lr={lr}", "optim.min_lr_ratio=0.1", f"optim.schedule={schedule}").optim
+        assert lr_at(100, o, 100) == pytest.approx(0.1 * lr)
+        assert lr_at(2, o, 100) == pytest.approx(lr)  # the peak, at the end of the warmup
+
+
+def test_floor_defaults_to_a_tenth_of_lr_as_documented():
+    o = compose_as_shipped().optim
+    assert o.min_lr is None and o.min_lr_ratio is None
+    assert min_lr_of(o) == pytest.approx(3e-4)  # the shipped floor before min_lr_ratio existed
+    o = make_cfg("optim.lr=1e-2").optim
+    assert min_lr_of(o) == pytest.approx(1e-3) and lr_at(100, o, 100) == pytest.approx(1e-3)
+    assert min_lr_of(make_cfg("optim.min_lr=1e-5").optim) == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("preset", ["finetune-llama", "sft-llama"])
+def test_presets_keep_a_ratio_that_yields_to_an_absolute_floor_when_cleared(preset):
+    o = compose_as_shipped(f"+experiment={preset}", "optim.lr=1e-3").optim
+    assert o.min_lr is None and min_lr_of(o) == pytest.approx(1e-3)
+    o = compose_as_shipped(f"+experiment={preset}", "optim.min_lr=1e-6", "optim.min_lr_ratio=null").optim
+    assert min_lr_of(o) == pytest.approx(1e-6)
 
 
 def test_wrong_type_fails_at_composition():
@@ -112,6 +138,11 @@ def test_unknown_model_fails_naming_the_group():
         (["parallel.cp=2", "train.compile=true"], ["train.compile=true with parallel.cp=2", "valid: train.compile=false"]),
         (["parallel.cp=2", "train.seq_len=4096"], ["train.seq_len=4096", "model.max_seq_len=2048"]),
         (["optim.schedule=step"], ["optim.schedule='step'", "cosine, linear, constant"]),
+        (["optim.min_lr=1e-5", "optim.min_lr_ratio=0.1"],
+         ["optim.min_lr=1e-05 and optim.min_lr_ratio=0.1 are both set", "optim.min_lr_ratio=null"]),
+        (["optim.min_lr_ratio=1.5"], ["optim.min_lr_ratio=1.5 must be between 0 and 1"]),
+        (["optim.min_lr_ratio=-0.1"], ["optim.min_lr_ratio=-0.1 must be between 0 and 1"]),
+        (["optim.min_lr=0.1"], ["optim.min_lr=0.1 must be between 0 and optim.lr=0.003"]),
         (["logging.wandb.mode=cloud"], ["logging.wandb.mode='cloud'", "offline, online, disabled"]),
         (["model.vocab_size=100"], ["model.vocab_size=100", "vocab_size >= 256"]),
         (["optim.implementation=apex"], ["optim.implementation='apex'", "auto, fused, foreach"]),
