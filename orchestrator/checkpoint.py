@@ -45,6 +45,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 MARKER = "trident.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# The model settings that shape the saved weights: a model that differs in one cannot load them.
+SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier")
 
 
 class CheckpointError(RuntimeError):
@@ -109,6 +111,28 @@ def complete_checkpoints(directory: str) -> list[Path]:
 
 def read_marker(path: Path) -> dict:
     return json.loads((Path(path) / MARKER).read_text())
+
+
+def open_run(spec: str) -> tuple[Path, dict]:
+    """A checkpoint (a step-N folder, or a dir whose newest complete step is taken) and the resolved config of
+    the run that saved it, whose model and tokenizer trident-export and trident-generate take as they are."""
+    if not Path(spec).exists():
+        raise CheckpointError(f"{spec!r} does not exist (valid: a step-N checkpoint folder, or a checkpoint dir "
+                              "whose newest complete step is taken)")
+    found = [Path(spec)] if is_complete(Path(spec)) else complete_checkpoints(spec)
+    if not found:
+        raise CheckpointError(f"{spec!r} holds no complete checkpoint (a step-N folder with {MARKER}, or a dir "
+                              "of them)")
+    config = read_marker(found[-1]).get("config", {})
+    if not config.get("model"):
+        raise CheckpointError(f"{str(found[-1])!r} holds no model config in its {MARKER} (not saved by trident-train)")
+    return found[-1], config
+
+
+def saved_tokenizer(config: dict) -> tuple[str, Optional[str], Optional[str]]:
+    """The tokenizer of a saved run, as `load_tokenizer` takes it: (data.tokenizer, model.init_from, data.eos_token)."""
+    data, model = config.get("data", {}), config.get("model", {})
+    return data.get("tokenizer", "bytes"), model.get("init_from"), data.get("eos_token")
 
 
 def _state(modules: list, optimizers: list) -> dict:
@@ -198,8 +222,7 @@ def check_compatible(path: Path, model_cfg) -> dict:
     """The marker of `path`, after checking the model it holds has this run's shapes."""
     meta = read_marker(path)
     saved = meta.get("config", {}).get("model", {})
-    shape_keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier")
-    diffs = [f"{k}={saved.get(k)!r} there, {model_cfg[k]!r} here" for k in shape_keys if saved.get(k) != model_cfg[k]]
+    diffs = [f"{k}={saved.get(k)!r} there, {model_cfg[k]!r} here" for k in SHAPE_KEYS if saved.get(k) != model_cfg[k]]
     if diffs:
         raise CheckpointError(f"checkpoint {path} holds a different model ({saved.get('name')}): " + "; ".join(diffs))
     return meta

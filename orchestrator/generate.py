@@ -1,11 +1,14 @@
 """`trident-generate`'s work around the ranks: checks and prompts before launch, decoding and text out in them.
 
 Before anything starts (in the launching process, or in every rank under
-launcher=external) the config is checked: the sampling settings, the
-tensor-parallel-only layout and the model's split (trident-train's own
-validation), where the weights come from and that they hold this model, the
-tokenizer, and each prompt's length against the context. Prompts are read
-and tokenized there, once: tokenizing is data preparation, ranks never do it.
+launcher=external) the config is settled and checked. With generate.checkpoint,
+the model and the tokenizer are the ones its run trained with, read from the
+checkpoint's marker (`run_config`; trident-export reads them the same way);
+then the sampling settings, the tensor-parallel-only layout and the model's
+split (trident-train's checks of the model, and only those: train.*, optim and
+data.path are not generation's), where the weights come from, the tokenizer,
+and each prompt's length against the context. Prompts are read and tokenized
+there, once: tokenizing is data preparation, ranks never do it.
 
 Each rank then builds its shard of the model (orchestrator/generator.py),
 decodes the prompts batch by batch, and rank 0 writes each prompt's text to
@@ -18,17 +21,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import Optional, Sequence, TextIO
 
 from omegaconf import DictConfig, OmegaConf
 
 from launch.env import from_environ
 from launch.rank import pick_backend, run_rank
 from launch.slurm import executor_params, follow
-from orchestrator.checkpoint import MARKER, CheckpointError, check_compatible, complete_checkpoints, find_resume
+from orchestrator.checkpoint import SHAPE_KEYS, CheckpointError, open_run, read_marker, saved_tokenizer
 from orchestrator.generator import Generator, Sampling, build_model, load_weights, resolve_dtype
-from orchestrator.tokenizer import TokenizerError, load_tokenizer
-from orchestrator.validate import ConfigError, validate
+from orchestrator.tokenizer import INIT_FROM, TokenizerError, load_tokenizer
+from orchestrator.validate import ConfigError, validate_model
 from parallel.mesh import ParallelDims, build_mesh
 from parallel.tensor_parallel import padded_vocab
 
@@ -41,7 +44,67 @@ class Plan:
 
     prompts: list[dict]  # {"prompt": text, "ids": token ids}
     checkpoint: Optional[str]  # a complete step-N folder, or None (model.init_from, or random weights)
+    config: DictConfig  # what the ranks run: with a checkpoint, its run's model and tokenizer (run_config)
     warnings: list[str] = field(default_factory=list)
+
+
+def restated(overrides: Sequence[str]) -> dict[str, str]:
+    """What the command line sets, key to value: `model=llama3-8b` gives {"model": "llama3-8b"}, `model.dim=64`
+    {"model.dim": "64"}; a deletion (~key) sets nothing."""
+    pairs = (o.lstrip("+").split("=", 1) for o in overrides if not o.startswith("~"))
+    return {p[0]: p[1] if len(p) > 1 else "" for p in pairs}
+
+
+def _same_folder(a: Optional[str], b: Optional[str]) -> bool:
+    return a is not None and b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def run_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[DictConfig, Optional[str]]:
+    """The config generation runs with, and the checkpoint it loads (None without generate.checkpoint).
+
+    A checkpoint's marker holds its run's resolved config. Its model settings, data.tokenizer and
+    data.eos_token replace the config tree's (defaults and presets: a fine-tune preset's ${hf:...} shape
+    need not resolve, its train.seq_len is not generation's). The command line (`overrides`) may restate
+    the model: a shape (SHAPE_KEYS) from `model=NAME` or `model.KEY=V` that is not the checkpoint's is
+    refused, naming the setting; another `model.KEY=V` (max_seq_len, rope_theta, ...) wins, as do
+    `data.tokenizer=` and `data.eos_token=` (trident-export's --tokenizer). The weights are the
+    checkpoint's: model.init_from becomes null (a folder other than the run's own is refused), and a
+    tokenizer `init_from` names the run's folder.
+    """
+    g, m = cfg.generate, cfg.model
+    if g.checkpoint is None:
+        return cfg, None
+    try:
+        path, saved = open_run(str(g.checkpoint))
+    except CheckpointError as e:
+        raise ConfigError(f"generate.checkpoint={e}") from None
+    given, model = restated(overrides), saved["model"]
+    spec, run_init, eos_token = saved_tokenizer(saved)
+    init_from = None if OmegaConf.is_missing(m, "init_from") else m.init_from
+    if init_from is not None and not _same_folder(init_from, run_init):
+        raise ConfigError(f"generate.checkpoint={g.checkpoint!r} and model.init_from={init_from!r} are both set: "
+                          "give one source of weights" + (f" (the checkpoint's run started from {run_init!r})"
+                                                          if run_init else ""))
+    wrong = []  # (the setting on the command line, the shape key it contradicts)
+    for key in SHAPE_KEYS:
+        setting = (f"model.{key}={given[f'model.{key}']}" if f"model.{key}" in given
+                   else f"model={given['model']}" if "model" in given else None)
+        if setting and key in model and m[key] != model[key]:
+            wrong.append((setting, key))
+    if wrong:
+        settings = ", ".join(dict.fromkeys(s for s, _ in wrong))
+        theirs = ", ".join(f"{k}={model[k]!r}" for _, k in wrong)
+        preset = ", ".join(f"{k}={m[k]!r}" for s, k in wrong if s.startswith("model="))  # what model=NAME says
+        raise ConfigError(
+            f"{settings}{f' ({preset})' if preset else ''} contradicts generate.checkpoint={str(path)!r}, whose model "
+            f"({model.get('name')}) has {theirs}: the model's shape is the checkpoint's (drop {settings}, or give a "
+            "checkpoint of that model)")
+    keep = {k for k in m if f"model.{k}" in given} - set(SHAPE_KEYS) - {"init_from"}
+    values = {**{k: v for k, v in model.items() if k in m and k not in keep}, "init_from": None}
+    data = {key: value for key, value in (("tokenizer", spec), ("eos_token", eos_token)) if f"data.{key}" not in given}
+    if data.get("tokenizer", cfg.data.tokenizer) == INIT_FROM and run_init:
+        data["tokenizer"] = run_init  # the folder itself: model.init_from is null from here on
+    return OmegaConf.merge(cfg, {"model": values, "data": data}), str(path)
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -82,8 +145,8 @@ def check_layout(cfg: DictConfig, env=None) -> list[str]:
     if par.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel=true: a decode step holds one token, which cannot be split "
                           "over tp (valid: false)")
-    # Generation writes no checkpoint: trident-train's check that checkpoint.dir is writable does not apply.
-    return validate(OmegaConf.merge(cfg, {"checkpoint": {"every": 0, "at_end": False}}), env)
+    # Only what generation uses: train.*, optim, checkpoint.dir and data.path are trident-train's.
+    return validate_model(cfg, env)
 
 
 def context_length(cfg: DictConfig) -> int:
@@ -98,32 +161,16 @@ def saved_rows(marker: dict) -> int:
     return padded_vocab(vocab, tp) if vocab % tp else vocab
 
 
-def check_weights(cfg: DictConfig) -> Optional[str]:
-    """The checkpoint to load (None: model.init_from or random weights), checked against the model."""
-    g, m = cfg.generate, cfg.model
-    if g.checkpoint is None:
-        return None
-    if m.init_from is not None:
-        raise ConfigError(f"generate.checkpoint={g.checkpoint!r} and model.init_from={m.init_from!r} are both set: "
-                          "give one source of weights")
-    if not Path(g.checkpoint).exists():
-        raise ConfigError(f"generate.checkpoint={g.checkpoint!r} does not exist (valid: a step-N checkpoint "
-                          "folder, or a checkpoint dir whose newest complete step is taken)")
-    if not (Path(g.checkpoint) / MARKER).is_file() and not complete_checkpoints(str(g.checkpoint)):
-        raise ConfigError(f"generate.checkpoint={g.checkpoint!r} holds no complete checkpoint (a step-N folder "
-                          f"with {MARKER}, or a dir of them)")
-    try:
-        path = find_resume(str(g.checkpoint), "")
-        marker = check_compatible(path, m)
-    except CheckpointError as e:
-        raise ConfigError(f"generate.checkpoint: {e} (set model=... to the model it was trained as)") from None
-    tp, rows = cfg.parallel.tp, saved_rows(marker)
+def check_weights(cfg: DictConfig, checkpoint: Optional[str]) -> None:
+    """The checkpoint's embedding (its vocabulary, padded for the tp it was saved at) splits over this tp."""
+    if checkpoint is None:
+        return
+    m, tp, rows = cfg.model, cfg.parallel.tp, saved_rows(read_marker(Path(checkpoint)))
     ours = padded_vocab(m.vocab_size, tp) if m.vocab_size % tp else m.vocab_size
     if rows != ours:
         raise ConfigError(
-            f"generate.checkpoint={str(path)!r} holds a vocabulary padded to {rows} rows (its tp); parallel.tp={tp} "
+            f"generate.checkpoint={checkpoint!r} holds a vocabulary padded to {rows} rows (its tp); parallel.tp={tp} "
             f"needs {ours}: choose a tp that divides model.vocab_size={m.vocab_size}, or the one it was trained at")
-    return str(path)
 
 
 def read_prompts(g, stdin: Optional[TextIO] = None) -> list[str]:
@@ -190,7 +237,7 @@ def encode_prompts(cfg: DictConfig, texts: list[str], tokenizer) -> tuple[list[d
 
 def tokenizer_of(cfg: DictConfig):
     try:
-        tok = load_tokenizer(cfg.data.tokenizer, cfg.model.init_from)
+        tok = load_tokenizer(cfg.data.tokenizer, cfg.model.init_from, cfg.data.eos_token)
     except TokenizerError as e:
         raise ConfigError(str(e)) from None
     if tok.vocab_size > cfg.model.vocab_size:
@@ -199,19 +246,21 @@ def tokenizer_of(cfg: DictConfig):
     return tok
 
 
-def prepare(cfg: DictConfig, env=None, stdin: Optional[TextIO] = None) -> Plan:
-    """Every check, in the order a user's mistake is cheapest to find; then the prompts, tokenized."""
+def prepare(cfg: DictConfig, env=None, stdin: Optional[TextIO] = None, overrides: Sequence[str] = ()) -> Plan:
+    """The config settled (`run_config`; overrides: the command line's), every check in the order a user's
+    mistake is cheapest to find, then the prompts, tokenized."""
+    cfg, checkpoint = run_config(cfg, overrides)
     check_settings(cfg)
     warnings = check_layout(cfg, env)
     if cfg.generate.prompt is None and cfg.generate.prompts_file is None and cfg.launcher.name != "local":
         raise ConfigError(f"launcher={cfg.launcher.name} reads no stdin: give generate.prompt or generate.prompts_file")
-    checkpoint = check_weights(cfg)
+    check_weights(cfg, checkpoint)
     if checkpoint is None and cfg.model.init_from is None:
         warnings.append("neither generate.checkpoint nor model.init_from is set: random weights from train.seed, "
                         "the text will be noise")
     tokenizer = tokenizer_of(cfg)
     prompts, more = encode_prompts(cfg, read_prompts(cfg.generate, stdin), tokenizer)
-    return Plan(prompts, checkpoint, warnings + more)
+    return Plan(prompts, checkpoint, cfg, warnings + more)
 
 
 # ---- in every rank ----
@@ -229,7 +278,7 @@ def generate_worker(env, device, cfg_dict: dict, prompts: list[dict], checkpoint
     rank0 = env.rank == 0
     gen = Generator(model, tp_mesh, device, dtype, batch=min(g.batch_size, len(prompts)),
                     max_len=context_length(cfg), compile=g.compile, cuda_graphs=g.cuda_graphs, rank0=rank0)
-    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.init_from)  # decoding only
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.init_from, cfg.data.eos_token)  # decoding only
     sampling = Sampling.from_config(g, tokenizer.eos_ids)
     writer = Writer(g, tokenizer) if rank0 else None
     ready = time.perf_counter()

@@ -60,14 +60,22 @@ def validate(cfg: DictConfig, env=None) -> list[str]:
 
     Returns warnings: settings that work but are probably not what the user wants.
     """
-    _check_model(cfg)
-    warnings = _check_parallel(cfg, env)
+    warnings = validate_model(cfg, env)
+    if cfg.train.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     _check_batch(cfg)
     _check_pp(cfg)
     check_data(cfg)
     _check_optim_logging(cfg)
     _check_levers(cfg)
     return warnings + _check_faults(cfg)
+
+
+def validate_model(cfg: DictConfig, env=None) -> list[str]:
+    """The model, where its weights come from, and its split over the ranks: all that a program that only
+    runs the model (trident-generate, trident-plan --serve) needs checked. Returns warnings."""
+    _check_model(cfg)
+    return _check_parallel(cfg, env)
 
 
 def _check_parallel(cfg: DictConfig, env) -> list[str]:
@@ -216,8 +224,6 @@ def _check_model(cfg: DictConfig) -> None:
         )
     if m.init_from is not None:
         _check_init_from(m)
-    if cfg.train.seq_len > m.max_seq_len:
-        raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
 
 
 def _check_init_from(m) -> None:

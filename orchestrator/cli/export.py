@@ -18,14 +18,14 @@ import torch.distributed.checkpoint as dcp
 
 from models.hf import export
 from models.llama import ModelArgs, Transformer
-from orchestrator.checkpoint import CheckpointError, SafePlanner, SafeReader, find_resume, read_marker
+from orchestrator.checkpoint import CheckpointError, SafePlanner, SafeReader, open_run, saved_tokenizer
 from orchestrator.tokenizer import TokenizerError, copy_tokenizer
 from orchestrator.tokenizer import load_tokenizer
 
 
 def load_full_model(path: Path) -> tuple[dict, ModelArgs]:
     """The whole model's weights from a checkpoint, as plain tensors (one process, no process group)."""
-    args = ModelArgs.from_config(read_marker(path)["config"]["model"])
+    args = ModelArgs.from_config(open_run(str(path))[1]["model"])
     with torch.device("meta"):
         shapes = Transformer(args).state_dict()
     state = {"model": {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items() if k != "rope"}}
@@ -43,23 +43,20 @@ def main(argv=None) -> int:
                          "(default: the run's data.tokenizer; 'bytes' copies none)")
     ns = ap.parse_args(argv)
     try:
-        path = find_resume(ns.checkpoint, "") if Path(ns.checkpoint).exists() else None
-        if path is None:
-            raise CheckpointError(f"{ns.checkpoint} is not a trident checkpoint")
+        path, config = open_run(ns.checkpoint)
         state, args = load_full_model(path)
-        config = read_marker(path).get("config", {})
     except CheckpointError as e:
-        print(f"trident-export: {e}", file=sys.stderr)
+        print(f"trident-export: checkpoint {e}", file=sys.stderr)
         return 2
-    data, model = config.get("data", {}), config.get("model", {})
-    spec = ns.tokenizer or data.get("tokenizer", "bytes")
+    spec, init_from, eos_token = saved_tokenizer(config)
+    spec = ns.tokenizer or spec
     try:
-        load_tokenizer(spec, model.get("init_from"), data.get("eos_token"))  # before writing anything
+        load_tokenizer(spec, init_from, eos_token)  # before writing anything
     except TokenizerError as e:
         print(f"trident-export: {e} (pass --tokenizer PATH, or --tokenizer bytes for none)", file=sys.stderr)
         return 2
     export(state, args, ns.out, getattr(torch, ns.dtype))
-    files = copy_tokenizer(spec, model.get("init_from"), Path(ns.out), data.get("eos_token"))
+    files = copy_tokenizer(spec, init_from, Path(ns.out), eos_token)
     print(f"trident-export: {path} -> {ns.out} ({', '.join(['config.json', 'model.safetensors', *files])})")
     return 0
 

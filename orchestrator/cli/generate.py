@@ -6,7 +6,9 @@
 
 A Hydra app over the same config tree as trident-train (conf/generate.yaml =
 train.yaml + the `generate` group), so `model=`, `parallel.tp=` and
-`launcher=local|external|slurm` mean what they mean there. Everything is
+`launcher=local|external|slurm` mean what they mean there; with
+generate.checkpoint, the model and the tokenizer are its run's, and the
+command line may restate the model but not change its shape. Everything is
 checked and the prompts tokenized before a rank starts
 (orchestrator/generate.py); then `local` spawns tp processes here,
 `external` is one of the ranks torchrun or srun started, `slurm` submits a
@@ -14,8 +16,10 @@ job of tp tasks.
 """
 
 import sys
+from typing import Sequence
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from launch.env import from_environ
@@ -27,14 +31,16 @@ from orchestrator.slurm_checks import check_cluster
 from orchestrator.validate import ConfigError
 
 
-def run(cfg: DictConfig) -> None:
+def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
+    """overrides: the command line's, which may restate a checkpoint's model (orchestrator.generate.run_config)."""
     env = None
     if cfg.launcher.name == "external":
         try:
             env = from_environ()
         except RuntimeError as e:
             raise ConfigError(str(e)) from None
-    plan = prepare(cfg, env)
+    plan = prepare(cfg, env, overrides=overrides)
+    cfg = plan.config
     if env is None or env.rank == 0:
         for warning in plan.warnings:
             print(f"trident-generate: warning: {warning}", file=sys.stderr, flush=True)
@@ -55,7 +61,7 @@ def run(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
-        run(cfg)
+        run(cfg, HydraConfig.get().overrides.task)
     except ConfigError as e:
         print(f"trident-generate: config error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -6,25 +6,32 @@ every pipeline schedule (with and without sequence parallelism) and once without
 trains, checkpoints and computes logits on a probe. In this process transformers computes the same
 batch's loss from the same HF folder: per document for the masked runs (each document alone, the
 target across a boundary skipped), on whole windows for the unmasked one. Then trident-export's
-folder loads with AutoModelForCausalLM and AutoTokenizer and gives the parallel model's logits.
+folder loads with AutoModelForCausalLM and AutoTokenizer and gives the parallel model's logits, and
+trident-generate from the checkpoint, with no model setting, writes the tokens generation from the
+export gives.
 """
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from launch.local import spawn
 from orchestrator import checkpoint
 from orchestrator.cli.export import main as export_main
+from orchestrator.config import CONF_DIR, register
 from orchestrator.data import IGNORE, Batches, prepare
+from orchestrator.generate import context_length, prepare as prepare_generation
+from orchestrator.generator import Generator, Sampling, build_model
 from orchestrator.tokenizer import load_tokenizer
 from orchestrator.trainer import Trainer
 from orchestrator.validate import validate
-from tests.conftest import compose_as_shipped
+from tests.conftest import compose_as_shipped, run_cmd
 from tests.textdata import short_documents, write_jsonl
 
 pytestmark = pytest.mark.dist
@@ -47,7 +54,7 @@ def finetune_cfg(hf_dir: Path, data: Path, tmp: Path, *overrides: str):
         "+experiment=finetune-llama", f"model.init_from={hf_dir}", f"data.path={data}",
         "parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.timeout_s=90",
         "train.seq_len=32", "train.global_batch=8", "train.micro_batch=1", "train.steps=3", "train.eval_every=0",
-        "train.eval_sequences=8", "train.dtype=fp32", "optim.warmup_steps=1", "optim.lr=1e-3", "optim.min_lr=1e-3",
+        "train.eval_sequences=8", "train.dtype=fp32", "optim.warmup_steps=1", "optim.lr=1e-3", "optim.min_lr_ratio=1.0",
         "checkpoint.every=0", "checkpoint.at_end=true", f"checkpoint.dir={tmp / 'checkpoints'}",
         f"data.cache_dir={tmp / 'cache'}", "logging.wandb.mode=disabled", "logging.console_every=100", *overrides,
     )
@@ -174,3 +181,32 @@ def test_the_export_loads_in_transformers_with_its_tokenizer_and_gives_the_paral
     before = transformers.AutoModelForCausalLM.from_pretrained(str(hf_llama_dir), dtype=torch.float32)
     with torch.no_grad():
         assert (before(finetuned["probe"]).logits - ours).abs().max().item() > 1e-2
+
+
+def test_generating_from_the_checkpoint_with_no_model_setting_gives_the_tokens_of_its_export(finetuned, tmp_path):
+    """trident-generate generate.checkpoint=RUN/checkpoints, and nothing of the model or the tokenizer: shape,
+    tokenizer and EOS come from the checkpoint. Generation from the export (in this process, under the preset as a
+    user runs it, whose train.seq_len=2048 is beyond this model's 256 positions: not generation's) agrees."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("def add(a, b):", "class Point:\n    x")))
+    out = tmp_path / "out.jsonl"
+    run = finetuned["tmp"] / "checkpoints"
+    res = run_cmd([sys.executable, "-m", "orchestrator.cli.generate", f"generate.checkpoint={run}",
+                   f"generate.prompts_file={prompts}", f"generate.output={out}", "generate.max_new_tokens=12"],
+                  timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    line = ["+experiment=finetune-llama", f"model.init_from={finetuned['out']}", f"generate.prompts_file={prompts}",
+            "generate.max_new_tokens=12"]
+    register()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        plan = prepare_generation(compose(config_name="generate", overrides=line), overrides=line)
+    cfg, cpu = plan.config, torch.device("cpu")
+    assert cfg.train.seq_len == 2048 and cfg.model.max_seq_len == 256
+    gen = Generator(build_model(cfg.model, None, cpu, cfg.train.seed), None, cpu, torch.float32,
+                    batch=len(plan.prompts), max_len=context_length(cfg))
+    tok = load_tokenizer(cfg.data.tokenizer, cfg.model.init_from, cfg.data.eos_token)
+    with torch.no_grad():
+        outs = gen.generate([p["ids"] for p in plan.prompts], [0, 1], Sampling.from_config(cfg.generate, tok.eos_ids))
+    assert [r["tokens"] for r in rows] == [o.tokens for o in outs]
+    assert [r["text"] for r in rows] == [tok.decode(o.tokens) for o in outs]

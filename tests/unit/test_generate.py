@@ -17,18 +17,26 @@ from orchestrator.generate import prepare, read_prompts
 from orchestrator.generator import Generator, Sampling, build_model, resolve_dtype
 from orchestrator.sampling import filter_logits, prompt_generator, sample
 from orchestrator.tokenizer import load_tokenizer
-from orchestrator.validate import ConfigError
+from orchestrator.validate import ConfigError, validate
 from tests.conftest import TINY, run_cmd
 from tests.unit.test_checkpoint_checks import fake_checkpoint
 
 CPU = torch.device("cpu")
 
 
-def gen_cfg(tmp_path, *overrides):
+def gen_overrides(tmp_path, *overrides) -> list[str]:
+    """The command line of a tiny model's generation."""
+    return [*TINY, f"checkpoint.dir={tmp_path}/ck", f"data.cache_dir={tmp_path}/cache", *overrides]
+
+
+def compose_generate(overrides: list[str]):
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="generate", overrides=[*TINY, f"checkpoint.dir={tmp_path}/ck",
-                                                          f"data.cache_dir={tmp_path}/cache", *overrides])
+        return compose(config_name="generate", overrides=overrides)
+
+
+def gen_cfg(tmp_path, *overrides):
+    return compose_generate(gen_overrides(tmp_path, *overrides))
 
 
 def tiny_model(tmp_path, seed=0):
@@ -159,12 +167,12 @@ def test_a_tokenizer_json_encodes_decodes_and_names_its_eos(tmp_path):
 
 # ---- refused before launch ----
 
-def refused(cfg, monkeypatch, stdin=None) -> str:
+def refused(cfg, monkeypatch, stdin=None, overrides=()) -> str:
     spawned = []
     monkeypatch.setattr(generate_app, "spawn", lambda *a, **k: spawned.append(a))
     monkeypatch.setattr(sys, "stdin", stdin or io.StringIO(""))
     with pytest.raises(ConfigError) as e:
-        generate_app.run(cfg)
+        generate_app.run(cfg, overrides)
     assert spawned == []
     msg = str(e.value)
     assert "\n" not in msg
@@ -199,11 +207,65 @@ def test_bad_input_is_one_line_naming_the_setting_before_launch(tmp_path, monkey
         assert name in msg, (name, msg)
 
 
-def test_a_checkpoint_of_another_model_shape_is_refused(tmp_path, monkeypatch):
-    cfg = gen_cfg(tmp_path, f"generate.checkpoint={tmp_path / 'run'}", "generate.prompt=x")
+def test_a_model_shape_on_the_command_line_that_contradicts_the_checkpoint_is_refused_naming_it(tmp_path,
+                                                                                                  monkeypatch):
+    line = gen_overrides(tmp_path, f"generate.checkpoint={tmp_path / 'run'}", "generate.prompt=x")
+    cfg = compose_generate(line)
     fake_checkpoint(tmp_path / "run", 7, model={**dict(cfg.model), "dim": 64, "name": "bigger"})
-    msg = refused(cfg, monkeypatch)
-    assert "generate.checkpoint" in msg and "dim=64 there, 32 here" in msg and "model=" in msg
+    msg = refused(cfg, monkeypatch, overrides=line)
+    assert msg.startswith("model.dim=32 contradicts generate.checkpoint=") and "(bigger) has dim=64:" in msg
+    assert "drop model.dim=32" in msg
+    preset = ["model=llama3-8b", f"generate.checkpoint={tmp_path / 'run'}", "generate.prompt=x"]
+    msg = refused(compose_generate(preset), monkeypatch, overrides=preset)
+    assert msg.startswith("model=llama3-8b (dim=4096, n_layers=32, ") and "has dim=64, n_layers=2, " in msg
+    # Without the shape on the command line the checkpoint's is taken, whatever the config tree's defaults.
+    bare = [f"generate.checkpoint={tmp_path / 'run'}", "generate.prompt=x"]
+    assert prepare(compose_generate(bare), overrides=bare).config.model.dim == 64
+
+
+def saved_run(root, step: int, config: dict):
+    """A checkpoint whose marker holds a whole run's config (the DCP files are empty: nothing loads them)."""
+    path = fake_checkpoint(root, step, model=config["model"])
+    (path / "trident.json").write_text(json.dumps({"step": step, "config": config}))
+    return path
+
+
+def test_a_finetune_runs_checkpoint_gives_its_model_and_tokenizer_and_no_training_setting_is_checked(
+        tmp_path, monkeypatch):
+    """The story of issue 25: `+experiment=finetune-llama` with the run's checkpoint and no model settings. The
+    preset's train.seq_len=2048 is beyond the model's 256 positions, its data.path does not exist here: neither
+    is generation's, so neither refuses it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    hf = tmp_path / "hf"  # the run's model.init_from: only its tokenizer is read
+    hf.mkdir()
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(40)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(hf / "tokenizer.json"))
+    (hf / "tokenizer_config.json").write_text(json.dumps({"bos_token": "w1", "eos_token": "w2"}))
+    model = {"name": "finetune-llama", "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 40,
+             "multiple_of": 96, "ffn_dim_multiplier": None, "norm_eps": 1e-5, "rope_theta": 10000.0,
+             "rope_scaling": None, "max_seq_len": 256, "tie_embeddings": False, "init_from": str(hf)}
+    step = saved_run(tmp_path / "ck", 3, {"model": model, "data": {"tokenizer": "init_from", "eos_token": "w3"},
+                                          "parallel": {"tp": 2}, "train": {"seq_len": 32}})
+    line = ["+experiment=finetune-llama", f"generate.checkpoint={tmp_path / 'ck'}", "generate.prompt=w5 w6 w7",
+            f"data.path={tmp_path / 'absent.jsonl'}"]
+    cfg = compose_generate(line)
+    assert cfg.train.seq_len == 2048
+    plan = prepare(cfg, overrides=line)
+    assert plan.checkpoint == str(step)
+    assert dict(plan.config.model) == {**model, "init_from": None}  # the weights are the checkpoint's
+    assert plan.config.data.tokenizer == str(hf) and plan.config.data.eos_token == "w3"
+    assert plan.prompts == [{"prompt": "w5 w6 w7", "ids": [5, 6, 7]}] and plan.warnings == []
+    with pytest.raises(ConfigError, match="train.seq_len=2048 exceeds model.max_seq_len=256"):
+        validate(plan.config)  # what trident-train would refuse
+    # Restating the run's own shape and init_from is accepted; a setting that shapes no weight wins.
+    again = [*line, "model.dim=32", "model.n_layers=2", f"model.init_from={hf}", "model.max_seq_len=128"]
+    plan = prepare(compose_generate(again), overrides=again)
+    assert plan.config.model.max_seq_len == 128 and plan.config.model.init_from is None
+    other = [*line, f"model.init_from={tmp_path}"]
+    assert "are both set: give one source of weights" in refused(compose_generate(other), monkeypatch,
+                                                                   overrides=other)
 
 
 def test_a_checkpoint_dir_gives_its_newest_complete_step_and_both_weight_sources_are_refused(tmp_path, monkeypatch):
