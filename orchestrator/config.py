@@ -119,6 +119,7 @@ class WandbConfig:
     name: Optional[str] = MISSING
     group: Optional[str] = MISSING
     tags: list[str] = MISSING
+    plan: bool = MISSING
 
 
 @dataclass

@@ -17,15 +17,15 @@ result, identical everywhere:
                       (pipeline p2p, the gradient all-reduce of ZeRO-1 / replicate-with-TP,
                       the gradient norm's reductions)
 
-The per-rank slots make straggler statistics free: the vector is 2 x world
-floats (16 KiB at 1024 ranks), and it replaces the loss's and the pipeline
-wait's own all-reduces.
+The per-rank slots make straggler and memory statistics free: the vector is
+3 x world floats (each rank's step time, wait and peak memory: 24 KiB at 1024
+ranks), and it replaces the loss's and the pipeline wait's own all-reduces.
 """
 
 import math
 import statistics
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -49,6 +49,7 @@ class Verdict:
     pp_wait_s: float
     work_s: list[float]  # per rank
     wait_s: list[float]  # per rank
+    mem_gb: list[float] = field(default_factory=list)  # per rank: peak allocated (GPU) or RSS (CPU)
 
     @property
     def busy_s(self) -> list[float]:
@@ -62,12 +63,13 @@ class StepAgreement:
         self.world, self.rank, self.device = world, rank, device
 
     def agree(self, *, stop: float, loss_sum: torch.Tensor, grad_norm: torch.Tensor, owns_loss: bool,
-              pp_wait_s: Optional[float], owns_pp_wait: bool, work_s: float, wait_s: float) -> Verdict:
+              pp_wait_s: Optional[float], owns_pp_wait: bool, work_s: float, wait_s: float,
+              mem_gb: float = 0.0) -> Verdict:
         w = self.world
-        host = torch.zeros(HEAD + 2 * w, dtype=torch.float64)  # what this rank knows on the CPU
+        host = torch.zeros(HEAD + 3 * w, dtype=torch.float64)  # what this rank knows on the CPU
         host[0] = float(stop)
         host[3] = (pp_wait_s or 0.0) if owns_pp_wait else 0.0
-        host[HEAD + self.rank], host[HEAD + w + self.rank] = work_s, wait_s
+        host[HEAD + self.rank], host[HEAD + w + self.rank], host[HEAD + 2 * w + self.rank] = work_s, wait_s, mem_gb
         vec = host.to(self.device)
         # What lives on the device joins without a host sync.
         vec[1] += (~torch.isfinite(loss_sum.detach())).to(torch.float64) + \
@@ -78,7 +80,8 @@ class StepAgreement:
             dist.all_reduce(vec)
         v = vec.tolist()
         return Verdict(stop=v[0], nonfinite=v[1] > 0 or not math.isfinite(v[2]), loss_sum=v[2],
-                       pp_wait_s=v[3], work_s=v[HEAD:HEAD + w], wait_s=v[HEAD + w:])
+                       pp_wait_s=v[3], work_s=v[HEAD:HEAD + w], wait_s=v[HEAD + w:HEAD + 2 * w],
+                       mem_gb=v[HEAD + 2 * w:])
 
 
 class SpikeGuard:
@@ -117,6 +120,9 @@ class StragglerWatch:
             "rank_wait_s_min": min(wait), "rank_wait_s_median": statistics.median(wait), "rank_wait_s_max": max(wait),
             "slowest_rank": slowest, "slowest_rank_busy_s": busy[slowest], "rank_busy_s_median": med,
         }
+        if verdict.mem_gb:
+            mem = verdict.mem_gb
+            row.update(rank_mem_gb_min=min(mem), rank_mem_gb_median=statistics.median(mem), rank_mem_gb_max=max(mem))
         if self.factor is None or len(busy) < 2:
             return row, None
         slow = busy[slowest] > self.factor * med and busy[slowest] > 0

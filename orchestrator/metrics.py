@@ -5,56 +5,55 @@ Only the rank that holds the loss logs; the others get a logger that does nothin
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
+from orchestrator.dashboard import WandbRun
+
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, wandb_cfg, run_config: dict, default_name: str, default_group: str):
+    """metrics.jsonl, and the run's W&B run (orchestrator/dashboard.py) unless logging.wandb.mode=disabled."""
+
+    def __init__(self, run_dir: str, wandb_cfg, run_config: dict, default_name: str, default_group: str,
+                 first_step: int = 0, kept_id: Optional[str] = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a")
-        self.wandb_run = None
-        self.wandb_dir: Optional[str] = None
-        if wandb_cfg.mode != "disabled":
-            self._start_wandb(run_dir, wandb_cfg, run_config, default_name, default_group)
+        self.wandb = None if wandb_cfg.mode == "disabled" else \
+            WandbRun(run_dir, wandb_cfg, run_config, default_name, default_group, first_step, kept_id)
 
-    def _start_wandb(self, run_dir, wandb_cfg, run_config, default_name, default_group) -> None:
-        os.environ.setdefault("WANDB_SILENT", "true")
-        import wandb  # imported here: a disabled run never pays for it
-
-        self.wandb_run = wandb.init(
-            mode=wandb_cfg.mode,
-            dir=run_dir,
-            project=wandb_cfg.project,
-            entity=wandb_cfg.entity,
-            name=wandb_cfg.name or default_name,
-            group=wandb_cfg.group or default_group,
-            tags=list(wandb_cfg.tags),
-            config=run_config,
-        )
-        # .../wandb/offline-run-<time>-<id>/files -> the run's own folder
-        self.wandb_dir = str(Path(self.wandb_run.dir).parent)
+    @property
+    def wandb_id(self) -> Optional[str]:
+        return self.wandb.id if self.wandb is not None else None
 
     def log(self, row: dict) -> None:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        if self.wandb is not None:
+            self.wandb.log(row)
+
+    def rewind(self, first_step: int) -> None:
+        """A rollback: the steps from first_step on are logged again (metrics.jsonl keeps both)."""
+        if self.wandb is not None:
+            self.wandb.rewind(first_step)
 
     def finish(self) -> None:
         self._file.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 class NullLogger:
-    wandb_dir = None
+    """The logger of the ranks that do not log."""
+    wandb = None
+    wandb_id = None
     path = None
 
     def log(self, row: dict) -> None:
+        pass
+
+    def rewind(self, first_step: int) -> None:
         pass
 
     def finish(self) -> None:

@@ -38,6 +38,7 @@ from orchestrator.faults import FaultStop, SpikeGuard, StepAgreement, StragglerW
 from orchestrator.build import build_model
 from orchestrator.data import IGNORE, Corpus, MixtureBatches, batches_for, eval_batches
 from orchestrator.flops import flops_per_token, mfu, run_peak
+from orchestrator.dashboard import describe_run
 from orchestrator.metrics import MetricsLogger, NullLogger, console, fmt_count, fmt_duration, progress_line
 from orchestrator.optim import build_adamw, resolve_implementation
 from parallel.context_parallel import shard_sequence
@@ -145,6 +146,7 @@ class Trainer:
         if resume:
             self.step = checkpoint.load(self.modules, self.optimizers, Path(resume))
             meta = checkpoint.read_marker(Path(resume))
+            self.kept_wandb_id = meta.get("wandb_id")
             self.data_offset = meta.get("data_offset", 0)
             self.skipped_steps, self.rollbacks = meta.get("skipped_steps", 0), meta.get("rollbacks", 0)
         self.agreement = StepAgreement(self.dims.world_size, env.rank, device)
@@ -164,6 +166,8 @@ class Trainer:
         self.stop_requested = 0.0  # the agreed stop flag of the last step (_STOP_BY_*)
         self.is_logger = env.rank == 0
         self.logger = self._make_logger() if self.is_logger else NullLogger()
+        if self.logger.wandb is not None:
+            describe_run(self.logger.wandb, cfg, self.dims.world_size, env.local_world_size)
 
     def _make_logger(self):
         d = self.dims
@@ -172,7 +176,10 @@ class Trainer:
         sweep = self.cfg.get("sweep")  # a -m sweep's point: its runs share a group and differ by a suffix
         if sweep is not None:
             name, group = f"{name}-{sweep.num}", sweep.id
-        return MetricsLogger(self.run_dir, self.cfg.logging.wandb, OmegaConf.to_container(self.cfg), name, group)
+        # A resumed run logs from the step after its checkpoint's: the steps after it are logged again.
+        return MetricsLogger(self.run_dir, self.cfg.logging.wandb, OmegaConf.to_container(self.cfg), name, group,
+                             first_step=self.step + 1 if self.resumed_from else 0,
+                             kept_id=getattr(self, "kept_wandb_id", None))
 
     def _dp_mean(self, total: torch.Tensor, count: torch.Tensor) -> float:
         both = torch.stack([total, count]).to(torch.float64)
@@ -282,7 +289,8 @@ class Trainer:
         v = self.agreement.agree(
             stop=self._stop_flag(), loss_sum=loss_sum, grad_norm=grad_norm,
             owns_loss=self.owns_loss, pp_wait_s=pp_wait, owns_pp_wait=self.owns_pp_wait,
-            work_s=arrived - start, wait_s=arrived - waited + (pp_wait or 0.0))
+            work_s=arrived - start, wait_s=arrived - waited + (pp_wait or 0.0),
+            mem_gb=peak_memory_gb(self.device))
         self._phase(f"the optimizer step of step {self.step}")
         self.stop_requested = v.stop
         loss = v.loss_sum / (self.dims.dp * self.dims.cp * len(micro))
@@ -440,6 +448,7 @@ class Trainer:
         self.logger.log(row)
         self._arm(f"rolling back to {before[-1]}", slow=True)
         back_to = checkpoint.load(self.modules, self.optimizers, before[-1])
+        self.logger.rewind(back_to + 1)  # the steps after it are logged again, W&B's rows replaced
         skip = max(sp.skip_batches, spiked - back_to)  # the batches since the checkpoint, at least
         self.data_offset += skip
         self.step = back_to
@@ -545,6 +554,10 @@ class Trainer:
             "rollbacks": self.rollbacks,
         }
         summary["mfu"] = mfu(self.flops_per_token, summary["tokens_per_s"], self.peak, self.dims.world_size)
+        if self.logger.wandb is not None:  # beside the planner's planner/* fields
+            self.logger.wandb.summary({"measured/step_s": train_time / max(steps_run, 1), "measured/mfu": summary["mfu"],
+                                       "measured/tokens_per_s": summary["tokens_per_s"],
+                                       "measured/mem_gb_max": row.get("rank_mem_gb_max")})
         if self.is_logger:
             console(self._summary(summary))
         self.logger.finish()
@@ -567,6 +580,7 @@ class Trainer:
             "rollbacks": self.rollbacks,
             "layout": {"tp": d.tp, "pp": d.pp, "dp": d.dp, "cp": d.cp, "schedule": self.cfg.parallel.schedule},
             "config": OmegaConf.to_container(self.cfg),
+            "wandb_id": self.logger.wandb_id,  # rank 0's: it writes this marker
         }
 
     def _by_source(self) -> dict:
@@ -610,10 +624,11 @@ class Trainer:
         if s["skipped_steps"] or s["rollbacks"]:
             lines.append(f"  faults      {s['skipped_steps']} step(s) skipped (non-finite), "
                          f"{s['rollbacks']} rollback(s) after loss spikes")
-        if self.logger.wandb_dir:
-            mode = self.cfg.logging.wandb.mode
-            hint = f" (offline: `wandb sync {self.logger.wandb_dir}`)" if mode == "offline" else ""
-            lines.append(f"  W&B run     {self.logger.wandb_dir}{hint}")
+        if self.logger.wandb is not None:
+            w = self.logger.wandb
+            hint = f" (offline: `wandb sync {w.folder}/offline-run-*-{w.id}*`)" \
+                if self.cfg.logging.wandb.mode == "offline" else ""
+            lines.append(f"  W&B run     {w.id} in {w.folder}{hint}")
         return "\n".join(lines)
 
 

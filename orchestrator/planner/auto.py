@@ -80,6 +80,22 @@ def best_layout(cfg: DictConfig, world: int, local_world: int) -> tuple[Optional
     return (fitting[0] if fitting else None), info
 
 
+def predict(plain: dict, world: int, local_world: int) -> Optional[dict]:
+    """The planner's prediction for the config's own layout on this machine (as parallel=auto plans), or None
+    where the planner does not take that layout. Run it in a process of its own (it builds models in a fake
+    world), as the dashboard does (orchestrator/dashboard.py)."""
+    cfg = OmegaConf.create(plain)
+    par = cfg.parallel
+    layout = (par.tp, par.pp, par.dp, cfg.train.micro_batch, par.schedule, par.cp)
+    rows, _ = plan(_plan_cfg(cfg, world, min(local_world, world)), only=layout)
+    if not rows:
+        return None
+    r = rows[0]
+    return {"tp": r.tp, "pp": r.pp, "dp": r.dp, "cp": r.cp, "micro_batch": r.micro_batch, "schedule": r.schedule,
+            "mem_gb": r.worst.total / 2**30, "fits": r.fits, "step_s": r.step_s, "mfu": r.mfu, "bubble": r.bubble,
+            "comm_share": r.comm_share, "why": r.why}
+
+
 def choose(cfg: DictConfig, world: int, local_world: Optional[int] = None,
            isolated: bool = False) -> tuple[DictConfig, str]:
     """cfg with the best layout for `world` ranks applied, and a line saying what was chosen.

@@ -11,6 +11,7 @@ fitting one's.
 import re
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -98,8 +99,9 @@ def why(by_kind: dict, step_s: float, mb: int) -> str:
     return f"{dim} {NAMES[kind]} {100 * secs / step_s:.0f}% of the step at micro-batch {mb}"
 
 
-def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
-    """Every valid layout, best first (fitting ones first, then by predicted step time)."""
+def plan(cfg: DictConfig, only: Optional[tuple] = None) -> tuple[list[Layout], dict]:
+    """Every valid layout, best first (fitting ones first, then by predicted step time). only: just this
+    candidate, (tp, pp, dp, micro_batch, schedule, cp) as `candidates` yields it."""
     started = time.perf_counter()
     cl = cfg.cluster
     check_cluster(cl)
@@ -114,6 +116,8 @@ def plan(cfg: DictConfig) -> tuple[list[Layout], dict]:
     rejected: dict[str, int] = {}
     valid = []
     for layout in candidates(cfg):
+        if only is not None and layout != only:
+            continue
         set_layout(work, *layout)
         try:
             validate(work)

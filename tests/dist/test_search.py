@@ -16,7 +16,7 @@ import optuna
 import pytest
 
 from tests.conftest import ROOT, TINY, crash_rank_env, run_cmd, run_train
-from tests.wandb_history import read_run
+from orchestrator.wandb_files import read_run
 
 pytestmark = pytest.mark.dist
 

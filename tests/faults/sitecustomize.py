@@ -15,12 +15,15 @@ TRIDENT_TEST_SPIKE=s1,s2        before step s1, and again before s2 (each once),
 TRIDENT_TEST_SLOW=r:seconds     rank r sleeps that long in every step before its forward: a straggler.
 TRIDENT_TEST_CRASH_IN_SAVE=r:s  rank r writes half a shard of step s's checkpoint, then its process is gone (once per
                                 run: a restarted run saves step s normally).
+TRIDENT_TEST_KILL_AFTER=r:s     once step s is done (logged, checkpointed), rank r kills itself with SIGKILL as the next
+                                step starts (once per run: a restarted run goes on).
 """
 
 import importlib.abc
 import importlib.util
 import math
 import os
+import signal
 import sys
 import time
 
@@ -51,6 +54,7 @@ _NAN_GRAD = _rank_steps("TRIDENT_TEST_NAN_GRAD")
 _NAN_WEIGHT = _rank_steps("TRIDENT_TEST_NAN_WEIGHT")
 _SLOW = _rank_steps("TRIDENT_TEST_SLOW")
 _CRASH_SAVE = _rank_steps("TRIDENT_TEST_CRASH_IN_SAVE")
+_KILL_AFTER = _rank_steps("TRIDENT_TEST_KILL_AFTER")
 _SPIKE = [int(s) for s in os.environ.get("TRIDENT_TEST_SPIKE", "").split(",") if s]
 _fired: set = set()
 
@@ -74,6 +78,10 @@ def _patch_trainer(module) -> None:
 
     def forward_backward(self, micro):
         rank, step = dist.get_rank(), self.step
+        once = os.path.join(self.run_dir, ".test-killed")
+        if _KILL_AFTER[0] == rank and step == _KILL_AFTER[1][0] + 1 and not os.path.exists(once):
+            open(once, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
         params = [(n, p) for m in self.modules for n, p in m.named_parameters()]
         with torch.no_grad():
             if _NAN_WEIGHT[0] == rank and step in _NAN_WEIGHT[1] and _once(("weight", step)):
@@ -139,5 +147,5 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
 
 
 if _NAN_GRAD[0] is not None or _NAN_WEIGHT[0] is not None or _SLOW[0] is not None or _SPIKE or \
-        _CRASH_SAVE[0] is not None:
+        _CRASH_SAVE[0] is not None or _KILL_AFTER[0] is not None:
     sys.meta_path.insert(0, _PatchAfterImport())

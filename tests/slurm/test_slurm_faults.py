@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.checkpoint import complete_checkpoints, read_marker
+from orchestrator.wandb_files import attempts, read_history
 from tests.conftest import ROOT, TINY, run_train
 from tests.slurm.jobs import job_state, wait_for
 
@@ -24,7 +25,7 @@ def rows(run_dir: Path) -> list[dict]:
 def test_a_killed_srun_task_requeues_the_job_which_resumes_from_its_checkpoint_by_itself(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
     layout = [*TINY, "parallel.dp=2", "train.steps=60", "train.eval_every=0", "checkpoint.every=10",
-              "launcher=slurm", "launcher.max_restarts=1"]
+              "launcher=slurm", "launcher.max_restarts=1", "logging.wandb.mode=offline", "logging.wandb.plan=false"]
     out = run_train(f"hydra.run.dir={run_dir}", *layout, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     job_id = json.loads((run_dir / "slurm_job.json").read_text())["job_id"]
@@ -51,6 +52,14 @@ def test_a_killed_srun_task_requeues_the_job_which_resumes_from_its_checkpoint_b
     assert len(first_run) > resumed_at >= 10  # the kill came after a step past the checkpoint (past_a_checkpoint)
     for again in second_run[: len(first_run) - resumed_at]:
         assert again["loss"] == first_run[again["step"] - 1]["loss"], again["step"]
+    # One W&B run through the requeue: every step once, in order, the resumed job's rows for the repeated ones.
+    state = json.loads((run_dir / "wandb.json").read_text())
+    assert state["attempts"] == 2 and {a["id"] for a in attempts(str(run_dir / "wandb"))} == {state["id"]}
+    history = read_history(str(run_dir / "wandb"))
+    assert [h["_step"] for h in history] == list(range(61))
+    last = {r["step"]: r for r in logged}
+    assert all(h["loss"] == last[h["_step"]]["loss"] for h in history[1:])
+    assert all(h["_attempt"] == 2 for h in history[resumed_at + 1:])
 
 
 def past_a_checkpoint(run_dir: Path) -> bool:
