@@ -236,6 +236,18 @@ class GenerateSettings:
     echo: bool = MISSING
 
 
+@dataclass
+class EvalSettings:
+    checkpoint: Optional[str] = MISSING
+    tasks: list[str] = MISSING
+    limit: Optional[int] = MISSING
+    num_fewshot: Optional[int] = MISSING
+    batch_size: int = MISSING
+    dtype: str = MISSING
+    output: Optional[str] = MISSING
+    samples: Optional[str] = MISSING
+
+
 # A schema that extends TrainConfig is merged after train.yaml's groups: MISSING leaves what they set, where
 # LauncherConfig's own None defaults (for its slurm-only keys) would cover the launcher group's values.
 _KEEP = MISSING
@@ -247,6 +259,13 @@ class GenerateConfig(TrainConfig):
 
     launcher: Any = _KEEP
     generate: GenerateSettings = field(default_factory=GenerateSettings)
+
+
+@dataclass
+class EvalConfig(GenerateConfig):
+    """`trident-eval`: generate's config (the model from a checkpoint, tp) plus `eval`."""
+
+    eval: EvalSettings = field(default_factory=EvalSettings)
 
 
 @dataclass
@@ -275,3 +294,4 @@ def register() -> None:
     ConfigStore.instance().store(name="trident_schema", node=TrainConfig)
     ConfigStore.instance().store(name="trident_plan_schema", node=PlanConfig)
     ConfigStore.instance().store(name="trident_generate_schema", node=GenerateConfig)
+    ConfigStore.instance().store(name="trident_eval_schema", node=EvalConfig)

@@ -38,6 +38,10 @@ pytestmark = pytest.mark.dist
 
 PROBE = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n"
 TOL = 1e-5  # fp32 sums in another order (TP shards, pipeline stages, dp averaging)
+# A choice's log-likelihood: an fp32 sum of 20-40 tokens' log-probabilities (-90 to -190 nats here), each from
+# logits summed in another order (transformers' matmuls, tp shards). Seen: 2.7e-7 relative (2 ULPs of the
+# sum, 1.2e-7 each); allowed: 8 ULPs.
+LL_REL = 1e-6
 # (name, overrides): every schedule takes one masked step; 1f1b (the preset's) is the run that trains.
 CHECKS = [
     ("gpipe-no-sp", ["parallel.schedule=gpipe", "parallel.sequence_parallel=false"]),
@@ -210,3 +214,46 @@ def test_generating_from_the_checkpoint_with_no_model_setting_gives_the_tokens_o
         outs = gen.generate([p["ids"] for p in plan.prompts], [0, 1], Sampling.from_config(cfg.generate, tok.eos_ids))
     assert [r["tokens"] for r in rows] == [o.tokens for o in outs]
     assert [r["text"] for r in rows] == [tok.decode(o.tokens) for o in outs]
+
+
+EVAL_TASKS = ["stdlib_next_line_mc", "stdlib_complete_line"]
+
+
+def test_trident_eval_at_tp1_and_tp2_answers_as_lm_evals_hf_model_does_on_the_export(finetuned, tmp_path):
+    """trident-eval on the tp=2 x pp=2 x dp=2 checkpoint, at tp=1 and tp=2, on the shipped multiple-choice and
+    generation tasks, against lm-eval's own hf model (transformers) on the checkpoint's export."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from orchestrator.evaluate import SHIPPED_TASKS
+
+    run = finetuned["tmp"] / "checkpoints"
+    ours = {}
+    for tp in (1, 2):
+        res = run_cmd([sys.executable, "-m", "orchestrator.cli.evaluate", f"eval.checkpoint={run}",
+                       f"eval.tasks=[{','.join(EVAL_TASKS)}]", "eval.limit=8", "eval.batch_size=4",
+                       f"parallel.tp={tp}", f"eval.output={tmp_path}/evals-{tp}.jsonl",
+                       f"eval.samples={tmp_path}/samples-{tp}.jsonl"], timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        rows = [json.loads(line) for line in (tmp_path / f"evals-{tp}.jsonl").read_text().splitlines()]
+        samples = [json.loads(line) for line in (tmp_path / f"samples-{tp}.jsonl").read_text().splitlines()]
+        ours[tp] = ({(r["task"], r["metric"]): r["value"] for r in rows},
+                    {(s["task"], s["doc_id"]): s["resps"] for s in samples})
+        assert {r["step"] for r in rows} == {3} and {r["samples"] for r in rows} == {8}
+    hf = simple_evaluate(model="hf", model_args=f"pretrained={finetuned['out']},dtype=float32", tasks=EVAL_TASKS,
+                         task_manager=TaskManager(include_path=[str(SHIPPED_TASKS)], include_defaults=False),
+                         limit=8, device="cpu", batch_size=4, log_samples=True, bootstrap_iters=1000)
+    theirs = ({(task, key.split(",")[0]): value for task, m in hf["results"].items() for key, value in m.items()
+               if isinstance(value, float) and "_stderr" not in key},
+              {(task, d["doc_id"]): d["resps"] for task, docs in hf["samples"].items() for d in docs})
+    assert set(ours[1][0]) == set(ours[2][0]) == set(theirs[0]) and len(ours[1][1]) == 16
+    for key, value in theirs[0].items():
+        assert ours[1][0][key] == pytest.approx(value, abs=1e-6) and ours[2][0][key] == pytest.approx(value, abs=1e-6)
+    for key, resps in theirs[1].items():
+        for tp in (1, 2):
+            got = ours[tp][1][key]
+            if key[0] == "stdlib_complete_line":  # the generated text
+                assert got == resps, (tp, key)
+            else:  # each choice's (log-likelihood, greedy)
+                assert [g[0][1] for g in got] == [r[0][1] for r in resps]
+                assert [g[0][0] for g in got] == pytest.approx([r[0][0] for r in resps], rel=LL_REL), (tp, key)
