@@ -301,7 +301,7 @@ def eval_worker(env, device, cfg_dict: dict, checkpoint: Optional[str], names: l
 def run_tasks(lm: TridentLM, cfg: DictConfig, names: list, folders: list, step: Optional[int]) -> list[dict]:
     """lm-eval's evaluation of the tasks: one row per task and metric."""
     from lm_eval import simple_evaluate  # (lm-eval, as above)
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # (likewise)
 
     e = cfg.eval
     started = time.perf_counter()

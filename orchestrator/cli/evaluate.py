@@ -11,29 +11,20 @@ starts (orchestrator/evaluate.py); rank 0 runs lm-eval and appends the results
 to evals.jsonl in the checkpoint's run dir.
 """
 
-import sys
 from typing import Sequence
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from launch.env import from_environ
-from launch.local import RankFailed, spawn
+from launch.local import spawn
 from launch.rank import pick_backend, run_rank
-from orchestrator.config import CONF_DIR, register
+from orchestrator.cli import external_env, rank_app
 from orchestrator.evaluate import eval_worker, prepare
 from orchestrator.validate import ConfigError
 
 
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
-    env = None
-    if cfg.launcher.name == "external":
-        try:
-            env = from_environ()
-        except RuntimeError as e:
-            raise ConfigError(str(e)) from None
-    elif cfg.launcher.name != "local":
+    env = external_env(cfg)
+    if cfg.launcher.name not in ("local", "external"):
         raise ConfigError(f"launcher={cfg.launcher.name}: trident-eval runs with launcher=local or external "
                           "(under SLURM: srun trident-eval launcher=external)")
     cfg, checkpoint, names, folders = prepare(cfg, env, overrides)
@@ -46,21 +37,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
         run_rank(eval_worker, env, backend, cfg.parallel.timeout_s, plain, checkpoint, names, folders)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        run(cfg, HydraConfig.get().overrides.task)
-    except ConfigError as e:
-        print(f"trident-eval: config error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except RankFailed as e:
-        print(f"trident-eval: evaluation failed: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-
-
-def main() -> None:
-    register()
-    _hydra_main()
+main = rank_app("trident-eval", "eval", "evaluation", lambda cfg, hydra: run(cfg, hydra.overrides.task))
 
 
 if __name__ == "__main__":

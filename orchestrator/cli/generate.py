@@ -18,27 +18,18 @@ job of tp tasks.
 import sys
 from typing import Sequence
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from launch.env import from_environ
-from launch.local import RankFailed, spawn
+from launch.local import spawn
 from launch.rank import pick_backend, run_rank
-from orchestrator.config import CONF_DIR, register
+from orchestrator.cli import external_env, rank_app
 from orchestrator.generate import generate_worker, prepare, submit
 from orchestrator.slurm_checks import check_cluster
-from orchestrator.validate import ConfigError
 
 
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
     """overrides: the command line's, which may restate a checkpoint's model (orchestrator.generate.run_config)."""
-    env = None
-    if cfg.launcher.name == "external":
-        try:
-            env = from_environ()
-        except RuntimeError as e:
-            raise ConfigError(str(e)) from None
+    env = external_env(cfg)
     plan = prepare(cfg, env, overrides=overrides)
     cfg = plan.config
     if env is None or env.rank == 0:
@@ -58,21 +49,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
         run_rank(generate_worker, env, backend, par.timeout_s, plain, plan.prompts, plan.checkpoint)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        run(cfg, HydraConfig.get().overrides.task)
-    except ConfigError as e:
-        print(f"trident-generate: config error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except RankFailed as e:
-        print(f"trident-generate: generation failed: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-
-
-def main() -> None:
-    register()
-    _hydra_main()
+main = rank_app("trident-generate", "generate", "generation", lambda cfg, hydra: run(cfg, hydra.overrides.task))
 
 
 if __name__ == "__main__":
