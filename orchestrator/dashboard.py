@@ -140,7 +140,6 @@ class WandbRun:
         self.pending.append((future, fn))
 
     def finish(self, timeout_s: float = FINISH_TIMEOUT_S) -> None:
-        wait([f for f, _ in self.pending], timeout=timeout_s / 2)
         self.queue.put(("finish", None))
         self.thread.join(timeout_s)
         if self.thread.is_alive():
@@ -242,6 +241,7 @@ class WandbRun:
 
     def _finish(self) -> None:
         if self.run is not None:
+            wait([f for f, _ in self.pending], timeout=FINISH_TIMEOUT_S / 2)
             self._done_calls()
             self.run.finish()
             self.run = None
@@ -338,7 +338,9 @@ def describe_run(run: WandbRun, cfg, world: int, local_world: int) -> None:
 
     run.call(about)
     if cfg.logging.wandb.plan:
-        run.when_done(in_child(predict, OmegaConf.to_container(cfg, resolve=True), world, local_world), _prediction)
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        # Started once W&B is up (a W&B that failed has no use for it), from the W&B thread.
+        run.call(lambda r, wandb, step: run.when_done(in_child(predict, plain, world, local_world), _prediction))
     if par.pp > 1:
         microbatches = t.global_batch // (t.micro_batch * par.dp)
         run.call(lambda r, wandb, step: _timeline(r, wandb, step, run.run_dir, par.schedule, par.pp, microbatches,

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.dist
 
 SEARCH = [
     "-m", "hydra/sweeper=trident-optuna", *[o for o in TINY if not o.startswith("logging.wandb.mode")],
-    "parallel.dp=1", "train.eval_every=2", "optim.min_lr=1e-6", "logging.wandb.mode=offline",
+    "parallel.dp=1", "train.eval_every=2", "optim.min_lr=1e-6", "logging.wandb.mode=offline", "logging.wandb.plan=false",
     "hydra.sweeper.n_jobs=2", "hydra.sweeper.pruner.n_startup_trials=1",
     "hydra.sweeper.params={optim.lr: 'tag(log, interval(1e-3, 1e-2))', train.steps: 'choice(4, 32)'}",
     "hydra.sweeper.enqueue=[{optim.lr: 0.005, train.steps: 32}, {optim.lr: 0.003, train.steps: 4}, "

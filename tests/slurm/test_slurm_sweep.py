@@ -29,7 +29,7 @@ def test_a_3_point_sweep_is_one_array_that_returns_once_queued_with_3_wandb_runs
     sweep_dir = tmp_path / "sweep"
     # One element at a time (%1): when the command returns, the later points cannot have run yet.
     out = run_train("-m", f"hydra.sweep.dir={sweep_dir}", *TINY, "parallel.dp=2", "train.steps=3", "launcher=slurm",
-                    "launcher.array_parallelism=1", "logging.wandb.mode=offline", "optim.lr=1e-3,2e-3,3e-3",
+                    "launcher.array_parallelism=1", "logging.wandb.mode=offline", "logging.wandb.plan=false", "optim.lr=1e-3,2e-3,3e-3",
                     env={"WANDB_API_KEY": SECRET})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     array = re.search(r"submitted SLURM array (\d+): 3 point\(s\), 2 task\(s\) each, at most 1 at once", out.stdout)
