@@ -170,19 +170,20 @@ class _Skeleton:
             text = renderer.render(stand_ins)
         except TemplateError:
             return None  # the prefixes say why, naming the record
-        around, pos = [], 0
+        around, ends, pos = [], [], 0  # ends: where each stand-in's text ends
         for mark in marks:
             at = text.find(mark, pos)
             if at < 0 or text.count(mark) != 1:  # a content not printed once, as it is: no skeleton
                 return None
             around.append(text[pos:at])
             pos = at + len(mark)
+            ends.append(pos)
         around.append(text[pos:])
         turn_ends = {}
         for i, role in enumerate(roles):
             if role == "assistant":
                 upto = text if i == len(roles) - 1 else renderer.render(stand_ins[: i + 1])
-                after = text.index(marks[i]) + len(marks[i])
+                after = ends[i]
                 if not text.startswith(upto) or not after <= len(upto) <= after + len(around[i + 1]):
                     return None  # the prefixes refuse it, naming the record
                 turn_ends[i] = len(upto) - after

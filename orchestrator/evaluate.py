@@ -58,7 +58,7 @@ def task_names(tasks: Sequence[str]) -> list[str]:
     for t in tasks:
         path = Path(t).expanduser()
         if path.is_dir():
-            names += sorted(_yaml_task(p) for p in path.glob("*.yaml") if _yaml_task(p))
+            names += sorted(name for name in map(_yaml_task, path.glob("*.yaml")) if name)
         elif path.suffix in (".yaml", ".yml"):
             if not path.is_file():
                 raise ConfigError(f"eval.tasks: {t} is not a file")
@@ -104,7 +104,7 @@ def check_tasks(e) -> tuple[list[str], list[str]]:
 
 
 def shipped_tasks() -> list[str]:
-    return [n for n in (_yaml_task(p) for p in SHIPPED_TASKS.glob("*.yaml")) if n]
+    return task_names([str(SHIPPED_TASKS)])
 
 
 def prepare(cfg: DictConfig, env=None, overrides: Sequence[str] = ()) -> tuple[DictConfig, Optional[str], list, list]:

@@ -143,6 +143,7 @@ class Trainer:
         self.stop_file = Path(run_dir) / STOP_FILE
         # The data position is step + data_offset: a spike's rollback skips batches (README "Faults").
         self.data_offset, self.skipped_steps, self.skipped_in_row, self.rollbacks = 0, 0, 0, 0
+        self.kept_wandb_id = None  # the resumed checkpoint's W&B run, where the run dir keeps none
         if resume:
             self.step = checkpoint.load(self.modules, self.optimizers, Path(resume))
             meta = checkpoint.read_marker(Path(resume))
@@ -179,7 +180,7 @@ class Trainer:
         # A resumed run logs from the step after its checkpoint's: the steps after it are logged again.
         return MetricsLogger(self.run_dir, self.cfg.logging.wandb, OmegaConf.to_container(self.cfg), name, group,
                              first_step=self.step + 1 if self.resumed_from else 0,
-                             kept_id=getattr(self, "kept_wandb_id", None))
+                             kept_id=self.kept_wandb_id)
 
     def _dp_mean(self, total: torch.Tensor, count: torch.Tensor) -> float:
         both = torch.stack([total, count]).to(torch.float64)
