@@ -13,6 +13,9 @@ from launch.env import RankEnv, bind_to_node_address
 from launch.watchdog import nccl_trace_env
 
 
+AFTER_RANKS = "after_ranks"  # a key of fn's result: a callable run_rank calls once the process group is gone
+
+
 def pick_backend(choice: str, local_world_size: int) -> str:
     """auto: nccl when every rank on this node can have its own GPU, else gloo."""
     if choice != "auto":
@@ -50,8 +53,8 @@ def run_rank(fn: Callable, env: RankEnv, backend: str, timeout_s: float, *args, 
         for key, value in nccl_trace_env(trace_dir).items():
             os.environ.setdefault(key, value)
     if backend == "gloo":
-        # Ranks on one machine share its cores: without this each takes them all.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+        # Ranks on one machine share the cores this process may run on: without this each takes them all.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // env.local_world_size))
     device = device_for(backend, env)
     dist.init_process_group(
         backend,
@@ -63,6 +66,10 @@ def run_rank(fn: Callable, env: RankEnv, backend: str, timeout_s: float, *args, 
     result = fn(env, device, *args)
     dist.barrier()
     dist.destroy_process_group()
+    if isinstance(result, dict) and callable(result.get(AFTER_RANKS)):
+        # What this rank alone still does once every rank is done (a training run's evaluations left): no
+        # collective, so no other rank waits on it.
+        result = result.pop(AFTER_RANKS)() or result
     sys.stdout.flush()
     sys.stderr.flush()
     if exit_process:

@@ -141,6 +141,38 @@ class SlurmRun:
         return submitit.helpers.DelayedSubmission(self)
 
 
+class CommandJob:
+    """What submitit pickles for a job whose every task runs one command (trident-eval's ranks, launcher=external:
+    each reads its rank from SLURM's variables). Fails, with the command's exit code, where the command does."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = list(argv)
+
+    def __call__(self) -> int:
+        done = subprocess.run(self.argv)
+        if done.returncode:
+            raise RuntimeError(f"{shlex.join(self.argv[:4])} ... exited with code {done.returncode}")
+        return 0
+
+
+def submit_command(argv: list[str], params: dict, folder: str) -> Any:
+    """Submit a CommandJob (a job of its own, even from inside a job: SLURM's variables of the job that submits
+    are hidden from sbatch); return the submitit Job."""
+    import submitit  # only launcher=slurm needs it: a GPU box running launcher=local may not have it
+
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    executor.update_parameters(**params)
+    with submitit.helpers.clean_env():
+        return executor.submit(CommandJob(argv))
+
+
+def job_at(folder: str, job_id: str) -> Any:
+    """A job submitted earlier (by an attempt of the run before this one), to follow again."""
+    import submitit  # (likewise)
+
+    return submitit.SlurmJob(folder=folder, job_id=job_id)
+
+
 # --- submission --------------------------------------------------------------------------------
 
 def executor_params(cfg) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+HOLD = ".eval-hold"  # in a checkpoint an evaluation waits for (orchestrator/evals.py)
 MARKER = "trident.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # The model settings that shape the saved weights: a model that differs in one cannot load them.
@@ -157,8 +158,10 @@ class Saver:
     finished: at the next save, or at `wait()` (called at the end of training).
     """
 
-    def __init__(self, directory: str, keep: int = 0, async_save: bool = False):
-        self.directory, self.keep, self.async_save = directory, keep, async_save
+    def __init__(self, directory: str, keep: int = 0, async_save: bool = False,
+                 on_complete: Optional[Callable[[int, str], None]] = None):
+        """on_complete(step, path): called on rank 0 once a checkpoint is complete (renamed into place)."""
+        self.directory, self.keep, self.async_save, self.on_complete = directory, keep, async_save, on_complete
         self.group = dist.new_group(backend="gloo") if async_save else None
         self.pending = None
 
@@ -194,10 +197,28 @@ class Saver:
             (tmp / MARKER).write_text(json.dumps(marker, indent=1))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            if self.keep > 0:
-                for old in complete_checkpoints(self.directory)[: -self.keep]:
-                    shutil.rmtree(old, ignore_errors=True)
+            prune(self.directory, self.keep)
+            if self.on_complete is not None:
+                self.on_complete(marker["step"], str(final))
         dist.barrier()
+
+
+def hold(path: str) -> None:
+    """Keep a checkpoint from checkpoint.keep's pruning (an evaluation waits for it) until `release`."""
+    (Path(path) / HOLD).touch()
+
+
+def release(path: str, keep: int) -> None:
+    (Path(path) / HOLD).unlink(missing_ok=True)
+    prune(str(Path(path).parent), keep)
+
+
+def prune(directory: str, keep: int) -> None:
+    """checkpoint.keep: remove the complete checkpoints older than the newest `keep`, but those held."""
+    if keep > 0:
+        for old in complete_checkpoints(directory)[: -keep]:
+            if not (old / HOLD).exists():
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def find_resume(resume: str, directory: str) -> Optional[Path]:

@@ -168,6 +168,22 @@ class LoopConfig:
     max_skipped_steps: int = MISSING
     step_timeout_s: Optional[float] = MISSING
     spike: SpikeConfig = field(default_factory=SpikeConfig)
+    eval_tasks: list[str] = MISSING
+    eval_tasks_every: int = MISSING
+
+
+@dataclass
+class EvalSettings:
+    checkpoint: Optional[str] = MISSING
+    tasks: list[str] = MISSING
+    limit: Optional[int] = MISSING
+    num_fewshot: Optional[int] = MISSING
+    batch_size: int = MISSING
+    dtype: str = MISSING
+    output: Optional[str] = MISSING
+    samples: Optional[str] = MISSING
+    tp: int = MISSING
+    launcher: Any = MISSING
 
 
 @dataclass
@@ -180,6 +196,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)  # trident-eval's, and train.eval_tasks' evaluations
     dry_run: bool = MISSING
 
 
@@ -236,18 +253,6 @@ class GenerateSettings:
     echo: bool = MISSING
 
 
-@dataclass
-class EvalSettings:
-    checkpoint: Optional[str] = MISSING
-    tasks: list[str] = MISSING
-    limit: Optional[int] = MISSING
-    num_fewshot: Optional[int] = MISSING
-    batch_size: int = MISSING
-    dtype: str = MISSING
-    output: Optional[str] = MISSING
-    samples: Optional[str] = MISSING
-
-
 # A schema that extends TrainConfig is merged after train.yaml's groups: MISSING leaves what they set, where
 # LauncherConfig's own None defaults (for its slurm-only keys) would cover the launcher group's values.
 _KEEP = MISSING
@@ -263,9 +268,8 @@ class GenerateConfig(TrainConfig):
 
 @dataclass
 class EvalConfig(GenerateConfig):
-    """`trident-eval`: generate's config (the model from a checkpoint, tp) plus `eval`."""
-
-    eval: EvalSettings = field(default_factory=EvalSettings)
+    """`trident-eval`: generate's config (the model from a checkpoint, tp) and `eval` (which every config has:
+    the evaluations beside a training run take it too)."""
 
 
 @dataclass

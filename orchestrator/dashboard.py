@@ -227,6 +227,10 @@ class WandbRun:
                 self.skip_through = self.last_step
         else:
             self.run = wandb.init(id=self.id, resume="allow", **args)
+        # Benchmarks beside the run (orchestrator/evals.py) come in later rows: plotted against the step of the
+        # checkpoint they evaluated.
+        self.run.define_metric("eval/step")
+        self.run.define_metric("eval/*", step_metric="eval/step")
         for row in expected:  # the steps W&B never got (an attempt died first, or its W&B failed)
             if row["step"] >= redo:
                 self._log(row)

@@ -16,6 +16,7 @@ The model, its tokenizer and the checkpoint are settled as trident-generate sett
 """
 
 import difflib
+import glob
 import json
 import sys
 import time
@@ -78,29 +79,77 @@ def _yaml_task(path: Path) -> Optional[str]:
     return None
 
 
-def check_tasks(e) -> tuple[list[str], list[str]]:
+def check_tasks(e, key: str = "eval.tasks") -> tuple[list[str], list[str]]:
     """(lm-eval task names, the folders they come from: None for lm-eval's own); a task lm-eval does not know
-    is refused, naming the close matches it does know. lm-eval's own tasks (thousands of YAML files, seconds
-    to index) are looked at only for a name the given folders do not hold."""
+    is refused, naming the close matches it does know, and so is one whose data is not on this machine. lm-eval's
+    own tasks (thousands of YAML files, seconds to index) are looked at only for a name the given folders do
+    not hold. key: the setting the tasks came from."""
     if not e.tasks:
-        raise ConfigError("eval.tasks is empty: name lm-eval tasks, task YAML files or folders of them "
+        raise ConfigError(f"{key} is empty: name lm-eval tasks, task YAML files or folders of them "
                           f"(shipped: {', '.join(sorted(shipped_tasks()))})")
     folders = task_folders(e.tasks)
-    names = task_names(e.tasks)
+    try:
+        names = task_names(e.tasks)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("eval.tasks", key)) from None
     from lm_eval.tasks import TaskManager  # imported here: lm-eval (and its datasets) load only for evaluation
 
-    known = set(TaskManager(include_path=folders, include_defaults=False).all_tasks)
-    if set(names) <= known:
-        return names, folders
-    folders.append(None)  # lm-eval's own tasks too
-    known = set(TaskManager(include_path=folders[:-1], include_defaults=True).all_tasks)
+    manager = TaskManager(include_path=folders, include_defaults=False)
+    if not set(names) <= set(manager.all_tasks):
+        folders.append(None)  # lm-eval's own tasks too
+        manager = TaskManager(include_path=folders[:-1], include_defaults=True)
+        known = set(manager.all_tasks)
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+                raise ConfigError(f"{key}: lm-eval knows no task {name!r}"
+                                  + (f" (close: {', '.join(close)})" if close else "")
+                                  + f"; the shipped tasks: {', '.join(sorted(shipped_tasks()))}")
     for name in names:
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
-            raise ConfigError(f"eval.tasks: lm-eval knows no task {name!r}"
-                              + (f" (close: {', '.join(close)})" if close else "")
-                              + f"; the shipped tasks: {', '.join(sorted(shipped_tasks()))}")
+        entry = manager.task_index.get(name)
+        wanted = missing_data(entry.cfg or {}, entry.yaml_path) if entry is not None and entry.cfg else None
+        if wanted:
+            raise ConfigError(
+                f"{key}: task {name!r} ({entry.yaml_path}) reads {wanted}, which is not on this machine, and "
+                "nothing is downloaded at run time: fetch it where there is a network (datasets.load_dataset, then "
+                "point HF_DATASETS_CACHE or HF_HOME at that cache here), or give a task YAML whose "
+                "dataset_kwargs.data_files name local files (README \"Evaluation\")")
     return names, folders
+
+
+# Hugging Face datasets' builders that read local files named by dataset_kwargs.data_files.
+FILE_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas")
+
+
+def missing_data(task: dict, yaml_path) -> Optional[str]:
+    """What a task's data is, where it is not on this machine (None where it is, or a function of the task's
+    own loads it): a local data file (relative to the task's YAML or to here), or a Hugging Face dataset that is
+    in neither the datasets cache nor the hub cache."""
+    files = (task.get("dataset_kwargs") or {}).get("data_files")
+    if files is not None:
+        listed = files.values() if isinstance(files, dict) else [files]
+        flat = [f for item in listed for f in ([item] if isinstance(item, str) else item)]
+        bases = [Path(yaml_path).parent, Path.cwd()] if yaml_path else [Path.cwd()]
+        for f in flat:
+            if not any(glob.glob(str(base / Path(f).expanduser())) for base in bases):
+                return f"the data file {f!r}"
+        return None
+    if task.get("custom_dataset"):
+        return None
+    path = task.get("dataset_path")
+    if not path or Path(path).expanduser().exists():
+        return None
+    if path in FILE_BUILDERS:
+        return f"dataset_path {path!r} with no dataset_kwargs.data_files"
+    from datasets import config as datasets_config  # (lm-eval's dependency: loaded with it)
+    from huggingface_hub import constants  # (likewise)
+
+    cached = [Path(datasets_config.HF_DATASETS_CACHE) / path.replace("/", "___"),
+              Path(constants.HF_HUB_CACHE) / ("datasets--" + path.replace("/", "--"))]
+    if any(c.exists() for c in cached):
+        return None
+    name = task.get("dataset_name")
+    return f"the Hugging Face dataset {path!r}" + (f" ({name})" if name else "")
 
 
 def shipped_tasks() -> list[str]:
@@ -124,6 +173,36 @@ def prepare(cfg: DictConfig, env=None, overrides: Sequence[str] = ()) -> tuple[D
     check_weights(cfg, checkpoint)
     tokenizer_of(cfg)
     return cfg, checkpoint, names, folders
+
+
+def check_beside(cfg: DictConfig, env=None) -> None:
+    """train.eval_tasks' evaluations beside a training run (orchestrator/evals.py), before any rank starts: the
+    tasks (known, their data here), checkpoints for them to evaluate, and the `eval` settings they take."""
+    t, e = cfg.train, cfg.eval
+    if not t.eval_tasks:
+        return
+    if t.eval_tasks_every < 1:
+        raise ConfigError(f"train.eval_tasks_every={t.eval_tasks_every} must be at least 1 (evaluate every N-th "
+                          "checkpoint)")
+    if not cfg.checkpoint.every and not cfg.checkpoint.at_end:
+        raise ConfigError("train.eval_tasks evaluates checkpoints, and this run saves none: set checkpoint.every "
+                          "(steps between them) or checkpoint.at_end=true")
+    check_tasks(OmegaConf.create({"tasks": list(t.eval_tasks)}), "train.eval_tasks")
+    if e.batch_size < 1:
+        raise ConfigError(f"eval.batch_size={e.batch_size} must be at least 1")
+    if e.limit is not None and e.limit <= 0:
+        raise ConfigError(f"eval.limit={e.limit} must be positive (a count of documents per task) or null (all)")
+    if e.tp < 1:
+        raise ConfigError(f"eval.tp={e.tp} must be at least 1")
+    layout = OmegaConf.merge(cfg, {"parallel": {"tp": e.tp, "pp": 1, "dp": 1, "cp": 1, "sequence_parallel": False,
+                                                "layout": "manual"}})
+    try:
+        check_layout(layout, None)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("parallel.tp", "eval.tp")) from None
+    if cfg.launcher.name == "slurm" and not isinstance(e.launcher, (dict, DictConfig)):
+        raise ConfigError(f"eval.launcher={e.launcher!r} must be a mapping of launcher=slurm's keys (e.g. "
+                          "{time: '0:30:00', partition: debug}) for the evaluations' jobs")
 
 
 def step_of(checkpoint: Optional[str]) -> Optional[int]:

@@ -1,8 +1,10 @@
 """Where a run's or a sweep's SLURM jobs stand: one row per run (the library behind `trident-status`).
 
 For each run: its job id, SLURM's state (from sacct), the last logged step and
-loss (from metrics.jsonl), what the sweep varied, rank 0's log, and for a
-failed run the failing rank's error and its log. A sweep dir's points are
+loss (from metrics.jsonl), what the sweep varied, rank 0's log, for a failed
+run the failing rank's error and its log, and the evaluations of its
+checkpoints (train.eval_tasks: pending, running, done with their results, or
+failed with their error). A sweep dir's points are
 its subdirs.
 """
 
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 from omegaconf import OmegaConf
+
+from orchestrator.eval_files import evaluations
 
 
 def run_dirs(path: Path) -> list[Path]:
@@ -107,6 +111,7 @@ def run_status(run_dir: Path, states: dict) -> dict:
         "log": job.get("stdout"),
         "error": None,
         "error_log": None,
+        "evals": evaluations(run_dir),  # train.eval_tasks' evaluations of its checkpoints
     }
     failure = first_failure(run_dir)
     if failure:
@@ -167,4 +172,9 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
         if r["error"]:
             print(f"{'':<10} error: {r['error']}", file=out)
             print(f"{'':<10} log:   {r['error_log'] or r['run_dir']}", file=out)
+        for e in r.get("evals", []):
+            where = f" (job {e['job_id']})" if e.get("job_id") else ""
+            said = " ".join(f"{k}={v:.4f}" for k, v in e["results"].items()) if e["results"] else \
+                (e["error"] or "")
+            print(f"{'':<10} eval step {e['step']:<6} {e['state']:<8}{where} {said}".rstrip(), file=out)
     out.flush()

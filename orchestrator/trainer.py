@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor
 
 from launch.env import RankEnv
+from launch.rank import AFTER_RANKS
 from launch.watchdog import BOUNDARY, StepWatchdog, dump_nccl_trace
 from models.llama import token_loss
 from orchestrator import checkpoint
@@ -39,6 +40,7 @@ from orchestrator.build import build_model
 from orchestrator.data import IGNORE, Corpus, MixtureBatches, batches_for, eval_batches
 from orchestrator.flops import flops_per_token, mfu, run_peak
 from orchestrator.dashboard import describe_run
+from orchestrator.evals import EvalQueue, cpu_split, due
 from orchestrator.metrics import MetricsLogger, NullLogger, console, fmt_count, fmt_duration, progress_line
 from orchestrator.optim import build_adamw, resolve_implementation
 from parallel.context_parallel import shard_sequence
@@ -101,6 +103,9 @@ class Trainer:
         self.cfg, self.env, self.device, self.run_dir = cfg, env, device, run_dir
         par, t = cfg.parallel, cfg.train
         self.dims = ParallelDims.of(par)
+        if t.eval_tasks and device.type == "cpu" and cpu_split(env.local_world_size, cfg.eval.tp):
+            # Evaluations beside the run take their cores (orchestrator/evals.py): the ranks share the others.
+            torch.set_num_threads(cpu_split(env.local_world_size, cfg.eval.tp)[0])
         self.mesh = build_mesh(self.dims, device.type)
         self.pp_group = self.mesh["pp"].get_group()
         dp_rank, self.cp_rank = self.mesh["dp"].get_local_rank(), self.mesh["cp"].get_local_rank()
@@ -169,6 +174,11 @@ class Trainer:
         self.logger = self._make_logger() if self.is_logger else NullLogger()
         if self.logger.wandb is not None:
             describe_run(self.logger.wandb, cfg, self.dims.world_size, env.local_world_size)
+        # train.eval_tasks: benchmarks on checkpoints, beside the run (orchestrator/evals.py); rank 0 queues them.
+        self.evals: Optional[EvalQueue] = None
+        if self.is_logger and t.eval_tasks:
+            self.evals = EvalQueue(cfg, run_dir, env.local_world_size, device.type, self.step + 1 if resume else 0)
+            self.saver.on_complete = lambda step, path: self.evals.add(step, path) if due(cfg, step) else None
 
     def _make_logger(self):
         d = self.dims
@@ -424,7 +434,7 @@ class Trainer:
             console(f"trident: {message}")
             Path(self.run_dir, "fault.json").write_text(json.dumps({"step": self.step, "message": message,
                                                                     "restart": False}))
-        self.logger.finish()
+        self._leave()
         raise FaultStop(message)
 
     def _rollback(self, row: dict) -> None:
@@ -450,6 +460,8 @@ class Trainer:
         self._arm(f"rolling back to {before[-1]}", slow=True)
         back_to = checkpoint.load(self.modules, self.optimizers, before[-1])
         self.logger.rewind(back_to + 1)  # the steps after it are logged again, W&B's rows replaced
+        if self.evals is not None:
+            self.evals.rewind(back_to + 1)
         skip = max(sp.skip_batches, spiked - back_to)  # the batches since the checkpoint, at least
         self.data_offset += skip
         self.step = back_to
@@ -471,7 +483,7 @@ class Trainer:
         if self.step >= t.steps:
             if self.is_logger:
                 console(f"trident: nothing to do, the checkpoint is at step {self.step} of train.steps={t.steps}")
-            self.logger.finish()
+            self._leave()
             return {"steps": self.step}
         while self.step < t.steps:
             self._arm(f"step {self.step + 1}")
@@ -521,8 +533,10 @@ class Trainer:
                 self.last_checkpoint = self.saver.save(self.modules, self.optimizers, self.step, self._checkpoint_meta())
                 # What the loop waited for: the whole write, or only the staging of an async save.
                 row["checkpoint_blocked_s"] = time.perf_counter() - t0
+            evaluated = self.evals.take(self.step) if self.evals is not None else {}
+            row.update(evaluated)  # an evaluation's results that came in since the last row
             if self.step % lg.every == 0 or last or "eval_loss" in row or "checkpoint_blocked_s" in row \
-                    or row.get("skipped") or "straggler_rank" in row:
+                    or row.get("skipped") or "straggler_rank" in row or evaluated:
                 self.logger.log(row)
             if self.is_logger and (self.step % lg.console_every == 0 or last or self.step == 1):
                 console(progress_line(self.step, t.steps, row, time.perf_counter() - start))
@@ -538,7 +552,7 @@ class Trainer:
                 if self.is_logger:
                     cause = "preempted" if preempted else f"stopped ({self.stop_file} exists)"
                     console(f"trident: {cause} at step {self.step}; checkpoint {self.last_checkpoint}")
-                self.logger.finish()
+                self._leave()
                 return {"steps": self.step, "preempted" if preempted else "stopped": True,
                         "checkpoint": self.last_checkpoint}
         self._arm("the last checkpoint's write", slow=True)
@@ -561,8 +575,29 @@ class Trainer:
                                        "measured/mem_gb_max": row.get("rank_mem_gb_max")})
         if self.is_logger:
             console(self._summary(summary))
+        if self.evals is None:
+            self.logger.finish()
+            return summary
+        # The evaluations left are waited for once every rank is done (launch/rank.py AFTER_RANKS): no rank waits
+        # in a collective meanwhile.
+        return {**summary, AFTER_RANKS: lambda: self._after_evaluations(summary)}
+
+    def _after_evaluations(self, summary: dict) -> dict:
+        """The logging rank, after the run: the training's memory let go, wait for the evaluations left and log
+        their results after the last step's row."""
+        self.parts = self.modules = self.optimizers = self.params = self.pipeline = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        for offset, fields in enumerate(self.evals.finish(), start=1):
+            self.logger.log({"step": self.step + offset, **fields})
         self.logger.finish()
         return summary
+
+    def _leave(self) -> None:
+        """The run ends early: the evaluations go on (or wait) by themselves; the logs close."""
+        if self.evals is not None:
+            self.evals.leave()
+        self.logger.finish()
 
     def _stop_flag(self) -> float:
         """This rank's wish to stop: 0 none, by the stop file (rank 0 looks), by a signal (which wins)."""

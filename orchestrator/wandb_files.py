@@ -68,12 +68,13 @@ def _put(target: dict, item) -> None:
 
 def read_run(run_dir: str) -> dict:
     """{"config": {...}, "history": [{"_step": n, key: value, ...}, ...], "summary": {...}, "group": ...,
-    "name": ..., "id": ..., "resume_from": step or None}. A file cut short (its process killed) is read up to
+    "name": ..., "id": ..., "resume_from": step or None, "metrics": {key or glob: the key it is plotted against}}. A file cut short (its process killed) is read up to
     its last whole record."""
     from google.protobuf.message import DecodeError  # imported here: W&B's protobufs load only for a reader
     from wandb.proto import wandb_internal_pb2 as pb  # (likewise)
 
-    out = {"config": {}, "history": [], "summary": {}, "group": None, "name": None, "id": None, "resume_from": None}
+    out = {"config": {}, "history": [], "summary": {}, "group": None, "name": None, "id": None, "resume_from": None,
+           "metrics": {}}
     for payload in _payloads(run_file(run_dir).read_bytes()):
         record = pb.Record()
         try:
@@ -100,6 +101,8 @@ def read_run(run_dir: str) -> dict:
         elif kind == "summary":
             for item in record.summary.update:
                 _put(out["summary"], item)
+        elif kind == "metric":  # define_metric: a key (or glob) and the key it is plotted against
+            out["metrics"][record.metric.name or record.metric.glob_name] = record.metric.step_metric or None
     return out
 
 

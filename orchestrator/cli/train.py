@@ -26,6 +26,7 @@ from orchestrator.config import CONF_DIR, register
 from orchestrator.chat import ChatError
 from orchestrator.corpus import CorpusError
 from orchestrator.data import prepare
+from orchestrator.evaluate import check_beside
 from orchestrator.planner.auto import choose, relayout
 from orchestrator.planner.dry_run import dry_run
 from orchestrator.slurm_checks import check_cluster
@@ -161,6 +162,7 @@ def run(cfg: DictConfig, run_dir: str) -> None:
     except (CorpusError, TokenizerError, ChatError) as e:
         raise ConfigError(str(e)) from None
     check_corpus(cfg, corpus)
+    check_beside(cfg, env)
     resume = resume_path(cfg, env)
 
     sweep = active_sweep()
