@@ -157,12 +157,15 @@ class CommandJob:
 
 def submit_command(argv: list[str], params: dict, folder: str) -> Any:
     """Submit a CommandJob (a job of its own, even from inside a job: SLURM's variables of the job that submits
-    are hidden from sbatch); return the submitit Job."""
+    are hidden from sbatch, but SLURM_CONF); return the submitit Job."""
     import submitit  # only launcher=slurm needs it: a GPU box running launcher=local may not have it
 
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     executor.update_parameters(**params)
+    conf = os.environ.get("SLURM_CONF")  # where sbatch finds the cluster: kept
     with submitit.helpers.clean_env():
+        if conf:
+            os.environ["SLURM_CONF"] = conf
         return executor.submit(CommandJob(argv))
 
 

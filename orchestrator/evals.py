@@ -24,6 +24,7 @@ rewind to the resumed step dropped.
 import json
 import os
 import queue
+import re
 import shlex
 import subprocess
 import sys
@@ -58,7 +59,10 @@ def quote(value: Any) -> str:
         return "null"
     if isinstance(value, (bool, int, float)):
         return json.dumps(value)
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    # In Hydra's quoted strings a backslash escapes only a quote, or backslashes before a quote or the end.
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", str(value))
+    text = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)
+    return "'" + text + "'"
 
 
 def _task(task: str) -> str:
@@ -272,7 +276,7 @@ class EvalQueue:
         try:
             job = submit_command(argv, slurm_params(self.cfg, self.cfg.eval.tp), folder)
         except Exception as e:  # noqa: BLE001 - sbatch refused it: the evaluation failed, the training goes on
-            self._failed(step, f"SLURM refused the job: {type(e).__name__}: {str(e).strip()[:300]}")
+            self._failed(step, f"SLURM refused the job: {'; '.join(str(e).strip().splitlines())[:400]}")
             return
         self.running[step] = job
         entry.update(state="running", started=time.time(), job_id=job.job_id, folder=folder, where="slurm",

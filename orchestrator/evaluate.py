@@ -200,7 +200,7 @@ def check_beside(cfg: DictConfig, env=None) -> None:
         check_layout(layout, None)
     except ConfigError as err:
         raise ConfigError(str(err).replace("parallel.tp", "eval.tp")) from None
-    if cfg.launcher.name == "slurm" and not isinstance(e.launcher, (dict, DictConfig)):
+    if e.launcher is not None and not isinstance(e.launcher, (dict, DictConfig)):
         raise ConfigError(f"eval.launcher={e.launcher!r} must be a mapping of launcher=slurm's keys (e.g. "
                           "{time: '0:30:00', partition: debug}) for the evaluations' jobs")
 
