@@ -8,10 +8,12 @@ transformers can load its export), exports the checkpoint (trident-export), then
 - `stdlib_next_line_mc` (multiple choice: 4 log-likelihood requests per document): requests per second;
 - `stdlib_complete_line` (generation until the line ends): generated tokens per second;
 
-with `trident-eval` at each tp (its own processes, gloo on the CPU; the seconds it reports are lm-eval's
-evaluation, the model already loaded) and with lm-eval's `hf` model on the export (transformers, loaded before
-the clock starts), both at batch size 8, fp32. Prints one JSON object: each side's rates, the ratios against
-`hf` (target: >= 1.0 at tp=1), and whether both scored alike (same metrics).
+with `trident-eval` at each tp (its own processes, gloo on the CPU) and with lm-eval's `hf` model on the export
+(transformers), both at batch size 8, fp32. The rates count the seconds each model spent answering lm-eval's
+requests (encoding, forward passes or decoding, scoring: trident-eval's `model_seconds`, the same methods of
+`hf` timed here); `whole_evaluation_s` is all of lm-eval's evaluation, its task loading and fixed costs too (for
+trident-eval, importing transformers, which lm-eval does to report its version). Prints one JSON object: each
+side's rates, the ratios against `hf` (target: >= 1.0 at tp=1), and whether both scored alike.
 """
 
 import argparse
@@ -53,7 +55,7 @@ def main() -> None:
     tokenizer_json = bare_tokenizer(work / "bpe")
     run_dir = work / "run"
     if not (run_dir / "checkpoints").is_dir():
-        run([sys.executable, "-m", "orchestrator.cli.train", f"hydra.run.dir={run_dir}", "model=llama-debug",
+        run([sys.executable, "-m", "orchestrator.cli.train", f"hydra.run.dir={run_dir}", "model=llama-debug", "model.vocab_size=2048",
              f"data.tokenizer={tokenizer_json}", "parallel.tp=1", "parallel.pp=1", "parallel.dp=1", "train.steps=20",
              "train.seq_len=128", "train.global_batch=8", "train.micro_batch=8", "train.eval_every=0",
              "logging.wandb.mode=disabled", f"data.cache_dir={work / 'cache'}"])
@@ -65,28 +67,42 @@ def main() -> None:
         results, samples = work / f"evals-tp{tp}.jsonl", work / f"samples-tp{tp}.jsonl"
         results.unlink(missing_ok=True)
         samples.unlink(missing_ok=True)
-        seconds = {}
+        seconds, whole = {}, {}
         for task in (MC, GEN):  # one task per evaluation: each one's seconds are its own
             run([sys.executable, "-m", "orchestrator.cli.evaluate", f"eval.checkpoint={run_dir / 'checkpoints'}",
                  f"eval.tasks=[{task}]", f"eval.limit={args.limit}", f"eval.batch_size={BATCH}", "eval.dtype=fp32",
                  f"parallel.tp={tp}", f"eval.output={results}", f"eval.samples={samples}"])
             rows = [json.loads(line) for line in results.read_text().splitlines()]
-            seconds[task] = [r["seconds"] for r in rows if r["task"] == task][-1]
+            seconds[task] = [r["model_seconds"] for r in rows if r["task"] == task][-1]
+            whole[task] = [r["seconds"] for r in rows if r["task"] == task][-1]
         rows = [json.loads(line) for line in results.read_text().splitlines()]
-        ours[tp] = {"seconds": seconds, "metrics": {f"{r['task']}/{r['metric']}": r["value"] for r in rows}}
+        ours[tp] = {"seconds": seconds, "whole_s": whole, "metrics": {f"{r['task']}/{r['metric']}": r["value"] for r in rows}}
 
     from lm_eval import simple_evaluate  # noqa: E402 - after our runs: their processes need none of it
     from lm_eval.models.huggingface import HFLM  # noqa: E402
     from lm_eval.tasks import TaskManager  # noqa: E402
 
     hf = HFLM(pretrained=str(work / "hf"), dtype="float32", device="cpu", batch_size=BATCH)
-    theirs = {"seconds": {}, "metrics": {}}
+    spent = [0.0]  # seconds in the model's answers to lm-eval's requests, as trident-eval counts its own
+
+    def timed(fn):
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - started
+        return call
+
+    for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        setattr(hf, name, timed(getattr(hf, name)))
+    theirs = {"seconds": {}, "whole_s": {}, "metrics": {}}
     gen_samples = None
     for task in (MC, GEN):
-        started = time.perf_counter()
+        started, spent[0] = time.perf_counter(), 0.0
         result = simple_evaluate(model=hf, tasks=[task], limit=args.limit, bootstrap_iters=1000, log_samples=True,
                                  task_manager=TaskManager(include_path=[str(SHIPPED_TASKS)], include_defaults=False))
-        theirs["seconds"][task] = time.perf_counter() - started
+        theirs["whole_s"][task], theirs["seconds"][task] = time.perf_counter() - started, spent[0]
         theirs["metrics"].update({f"{task}/{k.split(',')[0]}": v for k, v in result["results"][task].items()
                                   if isinstance(v, float) and "_stderr" not in k})
         if task == GEN:
@@ -99,11 +115,12 @@ def main() -> None:
         return {"loglikelihood_requests_per_s": requests / seconds[MC], "generated_tokens_per_s": tokens / seconds[GEN]}
 
     out["loglikelihood_requests"], out["generated_tokens"] = requests, tokens
-    out["hf"] = {**rates(theirs["seconds"]), "seconds": theirs["seconds"]}
+    out["hf"] = {**rates(theirs["seconds"]), "seconds": theirs["seconds"],
+                 "whole_evaluation_s": theirs["whole_s"]}
     base = out["hf"]
     for tp, got in ours.items():
         r = rates(got["seconds"])
-        out[f"trident_tp{tp}"] = {**r, "seconds": got["seconds"],
+        out[f"trident_tp{tp}"] = {**r, "seconds": got["seconds"], "whole_evaluation_s": got["whole_s"],
                                   "loglikelihood_ratio": r["loglikelihood_requests_per_s"] / base["loglikelihood_requests_per_s"],
                                   "generation_ratio": r["generated_tokens_per_s"] / base["generated_tokens_per_s"],
                                   "same_metrics": all(abs(got["metrics"].get(k, -1) - v) <= 1e-6

@@ -241,10 +241,19 @@ class TridentLM:
             "eot_token_id": property(lambda _: self.eot_token_id),
             "prefix_token_id": property(lambda _: self.prefix_token_id),
             "tok_encode": lambda _, string, add_special_tokens=None, **kw: self.tokenizer.encode(string),
+            "loglikelihood": lambda lm, requests, **kw: self._timed(TemplateLM.loglikelihood, lm, requests),
             "_loglikelihood_tokens": lambda _, requests, **kw: self.loglikelihood_tokens(requests),
-            "loglikelihood_rolling": lambda _, requests, **kw: self.loglikelihood_rolling(requests),
-            "generate_until": lambda _, requests, **kw: self.generate_until(requests),
+            "loglikelihood_rolling": lambda _, requests, **kw: self._timed(self.loglikelihood_rolling, requests),
+            "generate_until": lambda _, requests, **kw: self._timed(self.generate_until, requests),
         })()
+        self.model_s = 0.0  # seconds spent answering lm-eval's requests (encoding, the model, scoring)
+
+    def _timed(self, fn, *args):
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.model_s += time.perf_counter() - started
 
     @property
     def eot_token_id(self) -> int:
@@ -311,9 +320,10 @@ class TridentLM:
             width = max(len(r) for r in rows)
             tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
             self._lead("logits", tokens)
-            logprobs = F.log_softmax(self._logits(tokens), dim=-1)
+            logits = self._logits(tokens)
             for row, i, (start, continuation) in zip(range(len(batch)), batch, spans):
-                scores = logprobs[row, start: start + len(continuation)]
+                # Normalised over the vocabulary only where the continuation is scored.
+                scores = F.log_softmax(logits[row, start: start + len(continuation)], dim=-1)
                 target = torch.tensor(continuation, dtype=torch.long, device=scores.device)
                 greedy = bool((scores.argmax(dim=-1) == target).all())
                 out[i] = (float(scores.gather(1, target[:, None]).sum()), greedy)
@@ -383,7 +393,7 @@ def run_tasks(lm: TridentLM, cfg: DictConfig, names: list, folders: list, step: 
     from lm_eval.tasks import TaskManager  # (likewise)
 
     e = cfg.eval
-    started = time.perf_counter()
+    started, lm.model_s = time.perf_counter(), 0.0
     # lm-eval's own seeds (few-shot examples, sampling): the same choices as its hf model makes.
     result = simple_evaluate(model=lm.lm, tasks=list(names), num_fewshot=e.num_fewshot, limit=e.limit,
                              task_manager=TaskManager(include_path=[f for f in folders if f],
@@ -402,7 +412,7 @@ def run_tasks(lm: TridentLM, cfg: DictConfig, names: list, folders: list, step: 
             stderr = metrics.get(f"{metric}_stderr,{filt}")
             rows.append({"task": task, "metric": metric, "filter": filt, "value": value,
                          "stderr": stderr if isinstance(stderr, (int, float)) else None, "step": step,
-                         "samples": samples, "seconds": seconds})
+                         "samples": samples, "seconds": seconds, "model_seconds": lm.model_s})
     return rows
 
 

@@ -483,6 +483,8 @@ class Trainer:
         if self.step >= t.steps:
             if self.is_logger:
                 console(f"trident: nothing to do, the checkpoint is at step {self.step} of train.steps={t.steps}")
+            if self.evals is not None:  # evaluations an earlier attempt left: waited for, as at the end of a run
+                return {"steps": self.step, AFTER_RANKS: lambda: self._after_evaluations({"steps": self.step})}
             self._leave()
             return {"steps": self.step}
         while self.step < t.steps:
