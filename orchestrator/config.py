@@ -184,6 +184,7 @@ class EvalSettings:
     samples: Optional[str] = MISSING
     tp: int = MISSING
     launcher: Any = MISSING
+    wandb: bool = MISSING
 
 
 @dataclass

@@ -82,6 +82,18 @@ def code_commit() -> Optional[str]:
     return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
+def run_names(cfg) -> tuple[str, str]:
+    """A run's default W&B name and group (logging.wandb.name / group override them): <model>-tp-pp-dp[-cp] and
+    the model's name; a -m sweep's point shares its sweep's group and adds its number."""
+    par = cfg.parallel
+    cp = par.get("cp", 1)
+    name, group = f"{cfg.model.name}-tp{par.tp}-pp{par.pp}-dp{par.dp}" + (f"-cp{cp}" if cp > 1 else ""), cfg.model.name
+    sweep = cfg.get("sweep")
+    if sweep is not None:
+        name, group = f"{name}-{sweep.num}", sweep.id
+    return name, group
+
+
 class WandbRun:
     """The run's W&B run, fed from the training loop through a queue (see the module doc)."""
 

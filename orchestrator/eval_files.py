@@ -1,4 +1,5 @@
-"""What a run's evaluations leave in its run dir (orchestrator/evals.py writes them; trident-status reads them).
+"""What a run's evaluations leave in its run dir (orchestrator/evals.py writes them; trident-status reads them),
+and the lock that says a training run is live in it.
 
 - evals.json: each evaluated checkpoint's evaluation by step: its state (pending, running, done, failed),
   where it runs (a local child's pid, a SLURM job's id), its log, its error, and the metrics row that carried
@@ -6,12 +7,34 @@
 - evals.jsonl: trident-eval's results, one line per task, metric and checkpoint step (appended).
 """
 
+import fcntl
 import json
 import os
+import time
 from pathlib import Path
+from typing import Optional
 
 STATE = "evals.json"
 RESULTS = "evals.jsonl"
+LIVE = ".live.lock"  # flock'ed by a training run's logging rank while it runs
+
+
+def hold_live(run_dir, wait_s: float = 0.0) -> Optional[int]:
+    """The run's live lock: a training run's logging rank holds it while it runs, so that trident-eval by hand
+    knows the run logs the results itself. The descriptor (the lock lasts while it is open, or its process),
+    or None where another process still holds it after wait_s."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(run_dir) / LIVE, os.O_CREAT | os.O_RDWR, 0o644)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.2)
 
 
 def read_state(run_dir) -> dict[int, dict]:

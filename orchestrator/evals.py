@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch.slurm import executor_params, job_at, submit_command
 from orchestrator.checkpoint import hold, is_complete, release
-from orchestrator.eval_files import RESULTS, alive, metric_key, read_results, read_state, write_state
+from orchestrator.eval_files import RESULTS, STATE, alive, metric_key, read_results, read_state, write_state
 
 POLL_S = 1.0  # how often the thread looks at what runs (a SLURM job: every few of these)
 
@@ -79,6 +79,7 @@ def eval_argv(cfg: DictConfig, checkpoint: str, run_dir: str, launcher: str) -> 
         "eval.limit": e.limit, "eval.num_fewshot": e.num_fewshot, "eval.batch_size": e.batch_size,
         "eval.dtype": e.dtype, "eval.samples": e.samples, "eval.tp": e.tp, "parallel.tp": e.tp,
         "parallel.timeout_s": cfg.parallel.timeout_s,
+        "eval.wandb": False,  # the run logs the results itself
     }
     tasks = ",".join(quote(_task(t)) for t in cfg.train.eval_tasks)
     return [sys.executable, "-m", "orchestrator.cli.evaluate", f"launcher={launcher}", f"eval.tasks=[{tasks}]",
@@ -130,6 +131,19 @@ def child_env(devices: Optional[dict]) -> dict:
     return env
 
 
+def _lines(run_dir) -> list[str]:
+    """evals.jsonl's complete lines (one being written has no newline yet)."""
+    try:
+        text = (Path(run_dir) / RESULTS).read_text()
+    except OSError:
+        return []
+    return text.split("\n")[:-1]
+
+
+def _complete_lines(run_dir) -> int:
+    return len(_lines(run_dir))
+
+
 def log_tail(path: Optional[str]) -> str:
     """The line of an evaluation's log that says what went wrong (its last non-empty line)."""
     try:
@@ -151,10 +165,10 @@ class EvalQueue:
         self.state = read_state(run_dir)
         self.waiting: list[int] = []  # steps to start, in order
         self.running: dict[int, Any] = {}  # step -> Popen, submitit Job, or pid (an earlier attempt's child)
-        self.rows: list[dict] = []  # results waiting for a metrics row
+        self.rows: list[tuple[dict, int]] = []  # (a metrics row of results, its first line in evals.jsonl)
+        self.seen = _complete_lines(run_dir)  # lines of evals.jsonl read (an earlier attempt's: _take_up's)
         self.ending = self.leaving = False
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # (step, checkpoint) from the training loop
-        (Path(run_dir) / "evals").mkdir(parents=True, exist_ok=True)
         self._take_up(first_step)
         self.thread = threading.Thread(target=self._work, name="trident-evals", daemon=True)
         self.thread.start()
@@ -175,20 +189,29 @@ class EvalQueue:
         try:
             if not self.rows:
                 return {}
-            row = self.rows.pop(0)
-            self.state[row["eval/step"]]["logged_at"] = logged_at
+            row, offset = self.rows.pop(0)
+            # An evaluation this run did not start (trident-eval by hand, into this run dir) gets an entry too.
+            entry = self.state.setdefault(row["eval/step"], {"state": "done", "where": "trident-eval",
+                                                             "offset": offset, "ended": time.time()})
+            entry["logged_at"] = logged_at
             self._save()
             return row
         finally:
             self.lock.release()
+
+    def busy(self) -> bool:
+        """Whether an evaluation waits or runs (the end of the run then waits for it)."""
+        with self.lock:
+            self._queue()
+            return bool(self.waiting or self.running)
 
     def rewind(self, first_step: int) -> None:
         """A rollback: the run logs again from first_step (what W&B drops from there is shown again)."""
         with self.lock:
             self._take_up(first_step)
 
-    def finish(self) -> list[dict]:
-        """At the training's end: start what waits, wait for every evaluation, return the rows not yet logged."""
+    def finish(self) -> None:
+        """At the training's end: start what waits and wait for every evaluation (their rows: `take`)."""
         with self.lock:
             self._queue()
             left = len(self.waiting) + len(self.running)
@@ -198,9 +221,6 @@ class EvalQueue:
         self.ending = True
         self.wake.set()
         self.thread.join()
-        with self.lock:
-            rows, self.rows = self.rows, []
-            return rows
 
     def leave(self) -> None:
         """The run stops early (preempted, stopped, a fault): what runs goes on by itself, what waits stays
@@ -218,6 +238,7 @@ class EvalQueue:
                 self._queue()
                 if not self.slurm or polls % 5 == 0:  # a SLURM job's state is sacct's: every 5 s is plenty
                     self._poll()
+                self._watch()
                 self._start()
                 if self.ending and not self.waiting and not self.running:
                     return
@@ -256,6 +277,7 @@ class EvalQueue:
 
     def _spawn(self, step: int, entry: dict, devices: Optional[dict]) -> None:
         argv = eval_argv(self.cfg, entry["checkpoint"], self.run_dir, "local")
+        Path(entry["log"]).parent.mkdir(parents=True, exist_ok=True)
         with open(entry["log"], "w") as log:
             log.write(f"$ {shlex.join(argv)}\n")
             log.flush()
@@ -305,6 +327,21 @@ class EvalQueue:
             del self.running[step]
             self._ended(step, error)
 
+    def _watch(self) -> None:
+        """New results in evals.jsonl (this run's evaluations', or trident-eval's run by hand into this run dir):
+        each evaluation's rows (consecutive, of one step) wait for a metrics row."""
+        lines = _lines(self.run_dir)
+        for index in range(self.seen, len(lines)):
+            try:
+                result = json.loads(lines[index])
+            except ValueError:
+                continue
+            if self.rows and self.rows[-1][0]["eval/step"] == result.get("step") and self.rows[-1][1] >= self.seen:
+                self.rows[-1][0].update(metrics_row(result["step"], [result]))
+            elif isinstance(result.get("step"), int):
+                self.rows.append((metrics_row(result["step"], [result]), index))
+        self.seen = len(lines)
+
     def _ended(self, step: int, error: Optional[str]) -> None:
         entry = self.state[step]
         results = [r for r in read_results(self.run_dir)[entry.get("offset", 0):] if r.get("step") == step]
@@ -313,8 +350,7 @@ class EvalQueue:
         if error is not None:
             self._failed(step, error)
             return
-        entry.update(state="done", ended=time.time(), error=None)
-        self.rows.append(metrics_row(step, results))
+        entry.update(state="done", ended=time.time(), error=None)  # its rows: _watch's
         release(entry["checkpoint"], self.cfg.checkpoint.keep)
         self._save()
 
@@ -349,8 +385,10 @@ class EvalQueue:
                     self.waiting.append(step)
             elif entry["state"] == "done" and entry.get("logged_at", first_step) >= first_step:
                 mine = [r for r in results[entry.get("offset", 0):] if r.get("step") == step]
-                self.rows = [r for r in self.rows if r["eval/step"] != step] + [metrics_row(step, mine)]
-        self._save()
+                self.rows = [r for r in self.rows if r[0]["eval/step"] != step] + \
+                    [(metrics_row(step, mine), entry.get("offset", 0))]
+        if self.state or (Path(self.run_dir) / STATE).exists():
+            self._save()
 
     def _save(self) -> None:
         write_state(self.run_dir, self.state)

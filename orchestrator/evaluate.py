@@ -18,6 +18,7 @@ The model, its tokenizer and the checkpoint are settled as trident-generate sett
 import difflib
 import glob
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor
 
 from orchestrator.config import CONF_DIR
+from orchestrator.dashboard import WandbRun, effective_rows, run_names
+from orchestrator.dashboard import read_state as read_wandb_state
+from orchestrator.eval_files import RESULTS, hold_live, read_results, read_state, write_state
+from orchestrator.evals import metrics_row
 from orchestrator.generate import check_layout, check_weights, run_config, tokenizer_of
 from orchestrator.generator import Generator, Sampling, build_model, load_weights, resolve_dtype
 from orchestrator.tokenizer import load_tokenizer
@@ -385,6 +390,45 @@ def eval_worker(env, device, cfg_dict: dict, checkpoint: Optional[str], names: l
     finally:
         lm.stop()
     write_results(output_path(cfg, checkpoint), rows)
+    if e.wandb and checkpoint and rows:
+        log_to_run(checkpoint, output_path(cfg, checkpoint), rows)
+
+
+def log_to_run(checkpoint: str, output: Path, rows: list[dict]) -> None:
+    """The results of a run's checkpoint into the run's W&B run too, where its results went to the run dir and
+    it has one: a live run logs them itself (it watches evals.jsonl; its live lock says it runs), else they are
+    one more attempt of the W&B run, a row after its last step (in metrics.jsonl too), and an entry in
+    evals.json, so that a later resume of the run shows them again after W&B's rewind."""
+    run_dir = Path(checkpoint).resolve().parent.parent
+    config_path = run_dir / "config.yaml"
+    if output.resolve() != (run_dir / RESULTS).resolve() or not read_wandb_state(str(run_dir)).get("id") \
+            or not config_path.is_file():
+        return
+    config = OmegaConf.load(config_path)
+    if config.logging.wandb.mode == "disabled":
+        return
+    live = hold_live(run_dir)
+    if live is None:
+        print(f"trident-eval: the run in {run_dir} is live: it logs these results into its W&B run itself",
+              file=sys.stderr, flush=True)
+        return
+    try:
+        logged = effective_rows(run_dir / "metrics.jsonl")
+        at = logged[-1]["step"] + 1 if logged else 1
+        name, group = run_names(config)
+        run = WandbRun(str(run_dir), config.logging.wandb, OmegaConf.to_container(config), name, group, first_step=at)
+        row = {"step": at, **metrics_row(rows[0]["step"], rows)}
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        run.log(row)
+        run.finish()
+        state = read_state(run_dir)
+        state[rows[0]["step"]] = {"state": "done", "where": "trident-eval", "ended": time.time(), "logged_at": at,
+                                  "offset": len(read_results(run_dir)) - len(rows)}
+        write_state(run_dir, state)
+        print(f"trident-eval: results in W&B run {run.id} (eval/step {rows[0]['step']}, at step {at})", flush=True)
+    finally:
+        os.close(live)
 
 
 def run_tasks(lm: TridentLM, cfg: DictConfig, names: list, folders: list, step: Optional[int]) -> list[dict]:

@@ -39,7 +39,8 @@ from orchestrator.faults import FaultStop, SpikeGuard, StepAgreement, StragglerW
 from orchestrator.build import build_model
 from orchestrator.data import IGNORE, Corpus, MixtureBatches, batches_for, eval_batches
 from orchestrator.flops import flops_per_token, mfu, run_peak
-from orchestrator.dashboard import describe_run
+from orchestrator.dashboard import describe_run, run_names
+from orchestrator.eval_files import hold_live
 from orchestrator.evals import EvalQueue, cpu_split, due
 from orchestrator.metrics import MetricsLogger, NullLogger, console, fmt_count, fmt_duration, progress_line
 from orchestrator.optim import build_adamw, resolve_implementation
@@ -174,19 +175,18 @@ class Trainer:
         self.logger = self._make_logger() if self.is_logger else NullLogger()
         if self.logger.wandb is not None:
             describe_run(self.logger.wandb, cfg, self.dims.world_size, env.local_world_size)
-        # train.eval_tasks: benchmarks on checkpoints, beside the run (orchestrator/evals.py); rank 0 queues them.
+        # Benchmarks on checkpoints, beside the run (orchestrator/evals.py): rank 0 queues train.eval_tasks', and
+        # logs every evaluation's results that reach the run dir while it runs (trident-eval by hand's too, which
+        # the live lock tells that the run logs them).
         self.evals: Optional[EvalQueue] = None
-        if self.is_logger and t.eval_tasks:
+        if self.is_logger:
+            self.live = hold_live(run_dir, wait_s=60.0)
             self.evals = EvalQueue(cfg, run_dir, env.local_world_size, device.type, self.step + 1 if resume else 0)
-            self.saver.on_complete = lambda step, path: self.evals.add(step, path) if due(cfg, step) else None
+            if t.eval_tasks:
+                self.saver.on_complete = lambda step, path: self.evals.add(step, path) if due(cfg, step) else None
 
     def _make_logger(self):
-        d = self.dims
-        name, group = f"{self.cfg.model.name}-tp{d.tp}-pp{d.pp}-dp{d.dp}" + (f"-cp{d.cp}" if d.cp > 1 else ""), \
-            self.cfg.model.name
-        sweep = self.cfg.get("sweep")  # a -m sweep's point: its runs share a group and differ by a suffix
-        if sweep is not None:
-            name, group = f"{name}-{sweep.num}", sweep.id
+        name, group = run_names(self.cfg)
         # A resumed run logs from the step after its checkpoint's: the steps after it are logged again.
         return MetricsLogger(self.run_dir, self.cfg.logging.wandb, OmegaConf.to_container(self.cfg), name, group,
                              first_step=self.step + 1 if self.resumed_from else 0,
@@ -483,7 +483,7 @@ class Trainer:
         if self.step >= t.steps:
             if self.is_logger:
                 console(f"trident: nothing to do, the checkpoint is at step {self.step} of train.steps={t.steps}")
-            if self.evals is not None:  # evaluations an earlier attempt left: waited for, as at the end of a run
+            if self.evals is not None and self.evals.busy():  # evaluations an earlier attempt left: waited for
                 return {"steps": self.step, AFTER_RANKS: lambda: self._after_evaluations({"steps": self.step})}
             self._leave()
             return {"steps": self.step}
@@ -577,21 +577,24 @@ class Trainer:
                                        "measured/mem_gb_max": row.get("rank_mem_gb_max")})
         if self.is_logger:
             console(self._summary(summary))
-        if self.evals is None:
-            self.logger.finish()
-            return summary
-        # The evaluations left are waited for once every rank is done (launch/rank.py AFTER_RANKS): no rank waits
-        # in a collective meanwhile.
-        return {**summary, AFTER_RANKS: lambda: self._after_evaluations(summary)}
+        if self.evals is not None and self.evals.busy():
+            # The evaluations left are waited for once every rank is done (launch/rank.py AFTER_RANKS): no rank
+            # waits in a collective meanwhile.
+            return {**summary, AFTER_RANKS: lambda: self._after_evaluations(summary)}
+        return self._after_evaluations(summary) if self.evals is not None else self._leave() or summary
 
     def _after_evaluations(self, summary: dict) -> dict:
         """The logging rank, after the run: the training's memory let go, wait for the evaluations left and log
         their results after the last step's row."""
-        self.parts = self.modules = self.optimizers = self.params = self.pipeline = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        for offset, fields in enumerate(self.evals.finish(), start=1):
-            self.logger.log({"step": self.step + offset, **fields})
+        if self.evals.busy():
+            self.parts = self.modules = self.optimizers = self.params = self.pipeline = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.evals.finish()
+        step = self.step + 1
+        while fields := self.evals.take(step):  # each evaluation's row after the last step's
+            self.logger.log({"step": step, **fields})
+            step += 1
         self.logger.finish()
         return summary
 

@@ -81,6 +81,31 @@ def test_trident_status_shows_the_evaluations_and_their_results(evaluated_run):
     assert f"eval step {STEPS}" in table and "stdlib_next_line_mc/acc=" in table
 
 
+def test_trident_eval_by_hand_on_the_finished_run_adds_its_results_to_the_run_and_its_wandb_run(evaluated_run):
+    """After the run (its live lock free): one more attempt of its W&B run, a row after its last, and an entry in
+    evals.json (run last in this module: it replaces step 30's entry)."""
+    run_dir, _ = evaluated_run
+    before = json.loads((run_dir / "wandb.json").read_text())
+    out = run_cmd([sys.executable, "-m", "orchestrator.cli.evaluate", f"eval.checkpoint={run_dir / 'checkpoints'}",
+                   "eval.tasks=[stdlib_next_line_mc]", "eval.limit=4", "eval.batch_size=4"], timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    at = STEPS + 3  # after the two evaluations' rows (31, 32)
+    assert f"results in W&B run {before['id']} (eval/step {STEPS}, at step {at})" in out.stdout
+    after = json.loads((run_dir / "wandb.json").read_text())
+    assert after["id"] == before["id"] and after["attempts"] == before["attempts"] + 1
+    history = read_history(str(run_dir / "wandb"), before["id"])
+    assert [h["_step"] for h in history][-3:] == [STEPS + 1, STEPS + 2, at]
+    mine = [r for r in read_results(run_dir)][-2:]
+    assert {(r["metric"], r["step"]) for r in mine} == {("acc", STEPS), ("acc_norm", STEPS)}
+    assert history[-1]["eval/step"] == STEPS
+    assert history[-1]["eval/stdlib_next_line_mc/acc"] == mine[0]["value"] == \
+        [r for r in read_results(run_dir) if r["step"] == STEPS and r["metric"] == "acc"][0]["value"]
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == at and last["eval/step"] == STEPS
+    entry = read_state(run_dir)[STEPS]
+    assert entry["where"] == "trident-eval" and entry["logged_at"] == at
+
+
 def test_a_failing_evaluation_is_reported_and_the_training_finishes(tmp_path):
     """A task whose metric names an aggregation lm-eval does not have: lm-eval fails after scoring."""
     shipped = Path(__file__).resolve().parents[2] / "conf" / "eval_tasks"

@@ -118,5 +118,5 @@ def test_a_later_attempt_takes_up_what_earlier_ones_left(tmp_path):
     queue.state = {int(k): v for k, v in json.loads((run / "evals.json").read_text()).items()}
     queue._take_up(31)
     assert queue.waiting == [20] and queue.running == {}
-    assert queue.rows == [metrics_row(10, rows)] == [{"eval/step": 10, "eval/t/acc": 0.5}]
+    assert queue.rows == [(metrics_row(10, rows), 0)] == [({"eval/step": 10, "eval/t/acc": 0.5}, 0)]
     assert sorted(json.loads((run / "evals.json").read_text())) == ["10", "20"]
