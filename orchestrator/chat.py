@@ -17,6 +17,10 @@ of the whole is refused. That is two more renders per assistant turn, so first t
 roles is rendered once with stand-ins for every content (its skeleton, kept), and a conversation, rendered
 once, is its skeleton with each content put in as it is or trimmed; where it is not (a template that changes
 contents, or prints other keys), the reference way. A test holds the two to the same answers.
+
+Where the template's own code shows that it only prints contents (`contents_put`: every use of a message's
+content is printed, as it is or trimmed, or joined to other text that is), the render that checks the filled
+skeleton is skipped once the first conversations of each sequence of roles (VERIFIED) all passed it.
 """
 
 import json
@@ -25,11 +29,13 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from jinja2 import nodes
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import pre_tokenizers
 
 ROLES = ("system", "user", "assistant", "tool")
+VERIFIED = 16  # conversations per sequence of roles rendered to check the skeleton, where the code says it fits
 
 
 class ChatError(ValueError):
@@ -100,6 +106,7 @@ class ChatRenderer:
             raise ChatError(f"the chat template does not parse: {e}") from None
         self.special = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
         self._skeletons: dict[tuple[str, ...], Optional[_Skeleton]] = {}
+        self.put = contents_put(env.parse(template))  # None: only a render tells
 
     def render(self, messages: list[dict]) -> str:
         return self.template.render(messages=messages, add_generation_prompt=False, **self.special)
@@ -146,12 +153,86 @@ class ChatRenderer:
         skeleton = self._skeletons[roles]
         if skeleton is None:
             return None
+        if self.put is not None and skeleton.verified >= VERIFIED:
+            contents = [self.put(m["content"]) for m in messages]
+            return skeleton.fill(contents), skeleton.learned(contents)
         whole = self.render(messages)
         for put in (str, str.strip):  # as transformers' templates print a content: as it is, or `| trim`
             contents = [put(m["content"]) for m in messages]
             if skeleton.fill(contents) == whole:
+                skeleton.verified += put is self.put
                 return whole, skeleton.learned(contents)
+        self.put = None  # the code looked plain and was not: every conversation is rendered from now on
         return None
+
+
+# Filters and methods that show a message (or all of them) other than by its printed content.
+_EXPOSING_FILTERS = {"tojson", "pprint", "dictsort", "items", "string", "list", "map", "selectattr", "rejectattr",
+                     "groupby", "sort", "unique", "attr", "join", "sum", "first", "last", "batch", "slice"}
+_EXPOSING_METHODS = {"items", "values", "keys", "get"}
+
+
+def contents_put(template: nodes.Template):
+    """How the template prints each message's content, where its code shows that it does nothing else with it:
+    str (as it is) or str.strip (`| trim`); None where a content is tested, changed, measured, or reached
+    otherwise (the filled skeleton is then checked against a render for every conversation).
+
+    Every `message['content']` (or `.content`), optionally `| trim`, must be printed, joined by `+` or `~` to
+    other text, or assigned to a variable that is used only the same way; the word 'content' appears nowhere
+    else, and no filter or method that shows whole messages is used."""
+    parent: dict[int, nodes.Node] = {}
+    stack = [template]
+    while stack:
+        node = stack.pop()
+        for child in node.iter_child_nodes():
+            parent[id(child)] = node
+            stack.append(child)
+    every = list(template.find_all(nodes.Node))
+    if any(isinstance(n, nodes.Filter) and n.name in _EXPOSING_FILTERS for n in every) or \
+            any(isinstance(n, nodes.Getattr) and n.attr in _EXPOSING_METHODS for n in every):
+        return None
+
+    def is_source(n) -> bool:
+        return (isinstance(n, nodes.Getitem) and isinstance(n.arg, nodes.Const) and n.arg.value == "content") or \
+            (isinstance(n, nodes.Getattr) and n.attr == "content")
+
+    def sink(n) -> Optional[str]:
+        """Where a value holding a content goes: 'out' (printed), a variable's name, or None (elsewhere)."""
+        up = parent.get(id(n))
+        while isinstance(up, (nodes.Add, nodes.Concat)):
+            n, up = up, parent.get(id(up))
+        if isinstance(up, nodes.Output):
+            return "out"
+        if isinstance(up, nodes.Assign) and up.node is n and isinstance(up.target, nodes.Name):
+            return up.target.name
+        return None
+
+    puts, tainted = set(), set()
+    for n in every:
+        if isinstance(n, nodes.Const) and n.value == "content" and not is_source(parent.get(id(n))):
+            return None  # 'content' reached another way (`.get('content')`, `'content' in message`)
+        if not is_source(n):
+            continue
+        up = parent.get(id(n))
+        trimmed = isinstance(up, nodes.Filter) and up.name == "trim" and up.node is n and not up.args
+        puts.add(str.strip if trimmed else str)
+        where = sink(up if trimmed else n)
+        if where is None:
+            return None
+        if where != "out":
+            tainted.add(where)
+    grown = True
+    while grown:  # variables holding a content, and every use of them
+        grown = False
+        for n in every:
+            if isinstance(n, nodes.Name) and n.ctx == "load" and n.name in tainted:
+                where = sink(n)
+                if where is None:
+                    return None
+                if where != "out" and where not in tainted:
+                    tainted.add(where)
+                    grown = True
+    return puts.pop() if len(puts) == 1 else None
 
 
 class _Skeleton:
@@ -161,6 +242,7 @@ class _Skeleton:
     def __init__(self, around: list[str], turn_ends: dict[int, int]):
         self.around = around  # the text before content 0, between 0 and 1, ..., after the last
         self.turn_ends = turn_ends  # assistant message -> its turn's end, in characters into the text after it
+        self.verified = 0  # conversations whose render was this skeleton filled as ChatRenderer.put says
 
     @classmethod
     def of(cls, renderer: ChatRenderer, roles: tuple[str, ...]) -> Optional["_Skeleton"]:

@@ -198,3 +198,40 @@ def test_one_render_and_token_byte_lengths_find_what_prefix_renders_and_characte
             [by_bytes] = _masks_by_bytes(encoder.token_bytes, [ids], [(text, learned)])
             assert (by_bytes is None) == (tokenizer == "prefix-space")
         assert 0 < mask.sum() < len(mask)
+
+
+@pytest.mark.parametrize("template, put", [(TEMPLATE, str.strip), (CHATML, str), (SHOUTING, None)])
+def test_a_template_whose_code_only_prints_contents_skips_the_checking_render_and_still_finds_the_same(
+        template, put, monkeypatch):
+    """Llama 3's template (contents trimmed, through a variable) and ChatML's (as they are) only print contents:
+    once checked (here: at once), a conversation is its skeleton filled, with no render, and the spans are the
+    reference's. The upper-casing one is never trusted."""
+    import orchestrator.chat as chat
+
+    monkeypatch.setattr(chat, "VERIFIED", 0)
+    renderer = ChatRenderer(template, BOS, EOT)
+    assert renderer.put is put
+    conversations = CONVERSATIONS + UNICODE
+    reference = [renderer._spans_by_prefixes(c, "x") for c in conversations]
+    for messages in conversations:  # the skeletons of each sequence of roles, made first
+        renderer._spans_by_skeleton(messages)
+    renders = []
+    monkeypatch.setattr(renderer, "render", lambda messages: renders.append(1) or ChatRenderer.render(renderer, messages))
+    got = [renderer._spans_by_skeleton(c) for c in conversations]
+    if put is None:
+        assert got == [None] * len(conversations)
+    else:
+        assert got == reference and not renders
+
+
+@pytest.mark.parametrize("template", [
+    "{% for m in messages %}{% if m['content'] %}{{ m['content'] }}{% endif %}{% endfor %}",  # tested
+    "{% for m in messages %}{{ m.get('content') }}{% endfor %}",  # reached by name
+    "{% for m in messages %}{{ m.content.split('x')[0] }}{% endfor %}",  # changed
+    "{{ messages | tojson }}",  # shown whole
+    "{% for m in messages %}{{ m['content'] | trim }}{{ m['content'] }}{% endfor %}",  # printed two ways
+    "{% for m in messages %}{% set c = m['content'] %}{% if c | length > 3 %}!{% endif %}{{ c }}{% endfor %}",
+    "{% for m in messages %}{{ (m['role'] + m['content']) | trim }}{% endfor %}",  # trimmed with other text
+])
+def test_a_template_that_does_more_with_a_content_than_print_it_is_checked_by_a_render_every_time(template):
+    assert ChatRenderer(template, BOS, EOT).put is None
