@@ -16,7 +16,7 @@ reduce-scatter's buffer. One JSON line each:
   cp_bytes           per rank and step, what crossed the wire for CP: (cp-1)/cp of every K/V all-gather's
                      output and reduce-scatter's input, as the collectives were called
   cp_bytes_formula   2 x layers x micro-batches x (cp-1)/cp x 2 x seq x kv_heads x head_dim x bytes
-                     (README "Context parallelism")
+                     (docs/context-parallelism.md)
 
 Then a summary line: the activation ratio cp=4 / cp=1 at the longest sequence (target <= 0.35), the worst
 relative error of cp_bytes against the formula (target 5%), and, from the planner's activation formula

@@ -118,7 +118,7 @@ def check_tasks(e, key: str = "eval.tasks") -> tuple[list[str], list[str]]:
                 f"{key}: task {name!r} ({entry.yaml_path}) reads {wanted}, which is not on this machine, and "
                 "nothing is downloaded at run time: fetch it where there is a network (datasets.load_dataset, then "
                 "point HF_DATASETS_CACHE or HF_HOME at that cache here), or give a task YAML whose "
-                "dataset_kwargs.data_files name local files (README \"Evaluation\")")
+                "dataset_kwargs.data_files name local files (docs/generation-and-evaluation.md)")
     return names, folders
 
 

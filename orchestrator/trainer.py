@@ -147,7 +147,7 @@ class Trainer:
         self.resumed_from = resume
         self.should_stop = should_stop  # a preemption signal arrived on this rank
         self.stop_file = Path(run_dir) / STOP_FILE
-        # The data position is step + data_offset: a spike's rollback skips batches (README "Faults").
+        # The data position is step + data_offset: a spike's rollback skips batches (docs/faults.md).
         self.data_offset, self.skipped_steps, self.skipped_in_row, self.rollbacks = 0, 0, 0, 0
         self.kept_wandb_id = None  # the resumed checkpoint's W&B run, where the run dir keeps none
         if resume:

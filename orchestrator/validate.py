@@ -440,7 +440,7 @@ def _check_optim_logging(cfg: DictConfig) -> None:
 
 
 def _check_faults(cfg: DictConfig) -> list[str]:
-    """The fault-handling keys (README "Faults"); returns warnings."""
+    """The fault-handling keys (docs/faults.md); returns warnings."""
     t, lg, la, par = cfg.train, cfg.logging, cfg.launcher, cfg.parallel
     _choice("train.nonfinite", t.nonfinite, NONFINITE)
     _at_least("train.max_skipped_steps", t.max_skipped_steps, 1)

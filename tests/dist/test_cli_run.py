@@ -56,7 +56,7 @@ def test_wandb_offline_history_holds_the_logged_losses(local_run):
     for s in range(1, STEPS + 1):
         assert history[s]["loss"] == rows[s]["loss"]
         assert history[s]["grad_norm"] == rows[s]["grad_norm"]
-        # The fault counters and per-rank step statistics reach W&B too (README "Faults").
+        # The fault counters and per-rank step statistics reach W&B too (docs/faults.md).
         assert history[s]["skipped_steps"] == rows[s]["skipped_steps"] == 0
         assert history[s]["rank_step_s_max"] == rows[s]["rank_step_s_max"] > 0
     assert history[0]["eval_loss"] == rows[0]["eval_loss"]
