@@ -140,8 +140,11 @@ def _lines(run_dir) -> list[str]:
     return text.split("\n")[:-1]
 
 
-def _complete_lines(run_dir) -> int:
-    return len(_lines(run_dir))
+def _size(run_dir) -> int:
+    try:
+        return (Path(run_dir) / RESULTS).stat().st_size
+    except OSError:
+        return 0
 
 
 def log_tail(path: Optional[str]) -> str:
@@ -166,7 +169,8 @@ class EvalQueue:
         self.waiting: list[int] = []  # steps to start, in order
         self.running: dict[int, Any] = {}  # step -> Popen, submitit Job, or pid (an earlier attempt's child)
         self.rows: list[tuple[dict, int]] = []  # (a metrics row of results, its first line in evals.jsonl)
-        self.seen = _complete_lines(run_dir)  # lines of evals.jsonl read (an earlier attempt's: _take_up's)
+        self.seen = len(_lines(run_dir))  # lines of evals.jsonl read (an earlier attempt's: _take_up's)
+        self.seen_size = _size(run_dir)  # its size then: read again only once it grew
         self.ending = self.leaving = False
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # (step, checkpoint) from the training loop
         self._take_up(first_step)
@@ -323,13 +327,17 @@ class EvalQueue:
                 except Exception as e:  # noqa: BLE001 - submitit could not read the job: try again later
                     print(f"trident: warning: the evaluation job of step {step}: {e}", file=sys.stderr, flush=True)
                     continue
-                error = None if exc is None else log_tail(self.state[step].get("error_log")) or str(exc)[:300]
+                error = None if exc is None else log_tail(self.state[step].get("error_log"))
             del self.running[step]
             self._ended(step, error)
 
     def _watch(self) -> None:
         """New results in evals.jsonl (this run's evaluations', or trident-eval's run by hand into this run dir):
         each evaluation's rows (consecutive, of one step) wait for a metrics row."""
+        size = _size(self.run_dir)
+        if size == self.seen_size:
+            return
+        self.seen_size = size
         lines = _lines(self.run_dir)
         for index in range(self.seen, len(lines)):
             try:

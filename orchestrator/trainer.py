@@ -104,9 +104,9 @@ class Trainer:
         self.cfg, self.env, self.device, self.run_dir = cfg, env, device, run_dir
         par, t = cfg.parallel, cfg.train
         self.dims = ParallelDims.of(par)
-        if t.eval_tasks and device.type == "cpu" and cpu_split(env.local_world_size, cfg.eval.tp):
-            # Evaluations beside the run take their cores (orchestrator/evals.py): the ranks share the others.
-            torch.set_num_threads(cpu_split(env.local_world_size, cfg.eval.tp)[0])
+        split = cpu_split(env.local_world_size, cfg.eval.tp) if t.eval_tasks and device.type == "cpu" else None
+        if split:  # evaluations beside the run take their cores (orchestrator/evals.py): the ranks share the others
+            torch.set_num_threads(split[0])
         self.mesh = build_mesh(self.dims, device.type)
         self.pp_group = self.mesh["pp"].get_group()
         dp_rank, self.cp_rank = self.mesh["dp"].get_local_rank(), self.mesh["cp"].get_local_rank()
