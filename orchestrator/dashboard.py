@@ -30,6 +30,7 @@ import string
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import Callable, Optional
@@ -38,7 +39,7 @@ from omegaconf import OmegaConf
 
 from orchestrator.planner.auto import predict
 from orchestrator.planner.timeline import schedule_png
-from orchestrator.wandb_files import read_history
+from orchestrator.wandb_files import finished, read_history
 
 STATE = "wandb.json"  # in the run dir: {"id", "attempts", "last_step" (online: the last step sent to W&B)}
 FINISH_TIMEOUT_S = 120.0
@@ -206,8 +207,7 @@ class WandbRun:
     def _start(self, first_step: int) -> None:
         wandb = self._wandb
         if self.run is not None:  # a rollback: the attempt so far ends here
-            self.run.finish()
-            self.run = None
+            self._end_attempt()
         self.attempt += 1
         cfg = self.cfg
         # What the dashboard must show before first_step: metrics.jsonl's rows as its attempts left them.
@@ -259,8 +259,18 @@ class WandbRun:
         if self.run is not None:
             wait([f for f, _ in self.pending], timeout=FINISH_TIMEOUT_S / 2)
             self._done_calls()
-            self.run.finish()
-            self.run = None
+            self._end_attempt()
+
+    def _end_attempt(self) -> None:
+        folder = Path(self.run.dir).parent  # wandb/offline-run-<time>-<id>
+        self.run.finish()
+        self.run = None
+        if self.cfg.mode == "offline":
+            # finish() returns once W&B's service took the exit, which may still be writing the file: a reader
+            # right after (the next attempt, trident-status, a test) would miss the last rows.
+            deadline = time.monotonic() + FINISH_TIMEOUT_S / 2
+            while not finished(str(folder)) and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def _save_state(self) -> None:
         write_state(self.run_dir, {"id": self.id, "attempts": self.attempt, "last_step": self.last_step})

@@ -106,6 +106,22 @@ def read_run(run_dir: str) -> dict:
     return out
 
 
+def finished(run_dir: str) -> bool:
+    """Whether W&B wrote a run folder's exit record: its last one, after every row."""
+    from wandb.proto import wandb_internal_pb2 as pb  # imported here: W&B's protobufs load only for a reader
+
+    try:
+        payloads = list(_payloads(run_file(run_dir).read_bytes()))
+    except (FileNotFoundError, ValueError):
+        return False
+    record = pb.Record()
+    try:
+        record.ParseFromString(payloads[-1]) if payloads else None
+    except Exception:  # noqa: BLE001 - a record half written: not finished yet
+        return False
+    return bool(payloads) and record.WhichOneof("record_type") == "exit"
+
+
 def attempts(wandb_dir: str, run_id: Optional[str] = None) -> list[dict]:
     """Every offline attempt under a run's wandb/ folder (of one W&B run id, if given), read, in the order they
     ran (the trident_attempt number each wrote in its config; the folder's time stamp for other runs)."""
