@@ -19,16 +19,26 @@ RESULTS = "evals.jsonl"
 LIVE = ".live.lock"  # flock'ed by a training run's logging rank while it runs
 
 
-def hold_live(run_dir, wait_s: float = 0.0) -> Optional[int]:
-    """The run's live lock: a training run's logging rank holds it while it runs, so that trident-eval by hand
-    knows the run logs the results itself. The descriptor (the lock lasts while it is open, or its process),
-    or None where another process still holds it after wait_s."""
+_HELD: dict[str, int] = {}  # run dir -> this process's descriptor of its live lock
+
+
+def hold_live(run_dir, wait_s: float = 0.0, for_good: bool = False) -> Optional[int]:
+    """The run's live lock: a training run's logging rank holds it while it runs (for_good: till its process
+    ends), so that trident-eval by hand knows the run logs the results itself. The descriptor (the lock lasts
+    while it is open, or its process), or None where another process still holds it after wait_s. Where this
+    process holds it for good already (a second Trainer of the run in one process, as tests build), a
+    duplicate of its descriptor."""
+    key = os.path.realpath(run_dir)
+    if key in _HELD:
+        return os.dup(_HELD[key])
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     fd = os.open(Path(run_dir) / LIVE, os.O_CREAT | os.O_RDWR, 0o644)
     deadline = time.monotonic() + wait_s
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if for_good:
+                _HELD[key] = fd
             return fd
         except BlockingIOError:
             if time.monotonic() >= deadline:

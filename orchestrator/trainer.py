@@ -180,7 +180,7 @@ class Trainer:
         # the live lock tells that the run logs them).
         self.evals: Optional[EvalQueue] = None
         if self.is_logger:
-            self.live = hold_live(run_dir, wait_s=60.0)
+            self.live = hold_live(run_dir, wait_s=60.0, for_good=True)
             self.evals = EvalQueue(cfg, run_dir, env.local_world_size, device.type, self.step + 1 if resume else 0)
             if t.eval_tasks:
                 self.saver.on_complete = lambda step, path: self.evals.add(step, path) if due(cfg, step) else None
