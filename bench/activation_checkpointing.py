@@ -25,14 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
-from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from models.llama import ModelArgs, Transformer  # noqa: E402
-from orchestrator.build import init_weights  # noqa: E402
-from orchestrator.config import register  # noqa: E402
-from orchestrator.levers import AC_MODES, apply_ac  # noqa: E402
+from orchestrator.build.levers import AC_MODES, apply_ac  # noqa: E402
+from orchestrator.build.model import init_weights  # noqa: E402
 from orchestrator.config import CONF_DIR  # noqa: E402
+from orchestrator.config import register  # noqa: E402
 
 
 class StorageMeter(TorchDispatchMode):

@@ -20,11 +20,11 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from launch.local import spawn  # noqa: E402
-from orchestrator import checkpoint  # noqa: E402
-from orchestrator.config import register  # noqa: E402
-from orchestrator.data import prepare  # noqa: E402
 from orchestrator.config import CONF_DIR  # noqa: E402
-from orchestrator.trainer import Trainer  # noqa: E402
+from orchestrator.config import register  # noqa: E402
+from orchestrator.data.dataset import prepare  # noqa: E402
+from orchestrator.runs import checkpoint  # noqa: E402
+from orchestrator.train.trainer import Trainer  # noqa: E402
 
 
 def timed(fn):

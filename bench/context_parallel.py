@@ -41,10 +41,10 @@ import parallel.context_parallel as context_parallel  # noqa: E402
 from launch.local import spawn  # noqa: E402
 from models.llama import ModelArgs  # noqa: E402
 from orchestrator.config import CONF_DIR, register  # noqa: E402
-from orchestrator.data import prepare  # noqa: E402
+from orchestrator.data.dataset import prepare  # noqa: E402
 from orchestrator.planner.memory import activation_peaks, probe_shards  # noqa: E402
 from orchestrator.planner.meter import SavedTensorMeter  # noqa: E402
-from orchestrator.trainer import Trainer  # noqa: E402
+from orchestrator.train.trainer import Trainer  # noqa: E402
 
 MiB = 2**20
 

@@ -9,7 +9,7 @@ warm-up step, from token files already in the cache. One JSON line per path, the
 (mixture / one source; target >= 0.95).
 
 Chat: `--chats` conversations (2-6 turns of standard-library lines) rendered with the Llama 3 chat template of
-tests/data and tokenized with their learned-token mask (orchestrator/chat.py, in one process, as each of
+tests/data and tokenized with their learned-token mask (orchestrator/data/chat.py, in one process, as each of
 the corpus's workers does), against the same messages' text encoded as plain documents: characters per
 second of each, and the ratio chat_over_plain (target >= 0.8). Then the whole data path, as trident-tokenize
 runs it: four copies of them as a chat JSONL file and as a plain JSONL file ({"text": the contents}) of the
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from orchestrator.config import CONF_DIR, register  # noqa: E402
-from orchestrator import chat  # noqa: E402
-from orchestrator.data import batches_for, prepare, stdlib_dir  # noqa: E402
+from orchestrator.data import chat  # noqa: E402
+from orchestrator.data.dataset import batches_for, prepare, stdlib_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.evaluate import SHIPPED_TASKS  # noqa: E402
+from orchestrator.evaluate.harness import SHIPPED_TASKS  # noqa: E402
 from tests.textdata import bare_tokenizer  # noqa: E402
 
 MC, GEN = "stdlib_next_line_mc", "stdlib_complete_line"

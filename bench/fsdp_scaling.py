@@ -37,7 +37,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from launch.local import spawn  # noqa: E402
 from orchestrator.config import CONF_DIR, register  # noqa: E402
-from orchestrator.data import prepare  # noqa: E402
+from orchestrator.data.dataset import prepare  # noqa: E402
 
 DEBUG_MODEL = ["model.dim=256", "model.n_layers=6", "model.n_heads=16", "model.n_kv_heads=16",
                "model.vocab_size=2048", "model.multiple_of=256", "model.ffn_dim_multiplier=null",
@@ -52,7 +52,7 @@ def worker(env, device, cfg_dict, corpus, out: str, steps: int, keep_gathered: b
     import torch.distributed as dist
 
     import parallel.data_parallel as data_parallel
-    from orchestrator.trainer import Trainer
+    from orchestrator.train.trainer import Trainer
 
     if keep_gathered:  # every unit keeps its weights gathered from forward to backward
         data_parallel.fully_shard = functools.partial(data_parallel.fully_shard, reshard_after_forward=False)

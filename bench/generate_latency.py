@@ -31,7 +31,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from launch.env import RankEnv  # noqa: E402
 from launch.local import spawn  # noqa: E402
 from orchestrator.config import CONF_DIR, register  # noqa: E402
-from orchestrator.generator import Generator, Sampling, build_model, resolve_dtype  # noqa: E402
+from orchestrator.generate.decode import Generator, Sampling, build_model, resolve_dtype  # noqa: E402
 from parallel.mesh import ParallelDims, build_mesh  # noqa: E402
 
 BATCHES = (1, 16)

@@ -6,7 +6,7 @@
 In one process on one device, for each variant (levers) and loop, one after
 another (each loop alone on the device, so its peak memory is its own):
 
-  trident  orchestrator.trainer.Trainer.train_step, built from the config (the real loop:
+  trident  orchestrator.train.trainer.Trainer.train_step, built from the config (the real loop:
            clipping, the LR schedule, metrics, one host sync)
   plain    the same models.llama.Transformer in a hand-written loop: autocast, fp32 loss,
            clip_grad_norm_, AdamW(fused=True) on CUDA (../shared/gpu/reference_loop.py)
@@ -18,7 +18,7 @@ variants   eager; compile (trident: train.compile=true; the others torch.compile
 
 Prints one JSON document: per (variant, loop) the median tokens/s of the steps
 after the warm-up, MFU against the device's dense peak in the compute dtype
-(orchestrator/flops.py), the allocator's peak GiB, and the planner's prediction
+(orchestrator/build/flops.py), the allocator's peak GiB, and the planner's prediction
 for trident's config (orchestrator/planner/memory.py, CUDA accounting; it models
 eager steps); and trident/plain ratios per variant.
 
@@ -52,13 +52,13 @@ from omegaconf import OmegaConf, open_dict  # noqa: E402
 from launch.env import RankEnv  # noqa: E402
 from models.hf import hf_config  # noqa: E402
 from models.llama import ModelArgs, Transformer, num_params  # noqa: E402
-from orchestrator.build import init_weights  # noqa: E402
+from orchestrator.build.flops import flops_per_token, mfu, peak_flops  # noqa: E402
+from orchestrator.build.levers import DTYPES, apply_ac  # noqa: E402
+from orchestrator.build.model import init_weights  # noqa: E402
 from orchestrator.config import CONF_DIR, register  # noqa: E402
-from orchestrator.data import Batches, prepare  # noqa: E402
-from orchestrator.flops import flops_per_token, mfu, peak_flops  # noqa: E402
-from orchestrator.levers import DTYPES, apply_ac  # noqa: E402
+from orchestrator.data.dataset import Batches, prepare  # noqa: E402
 from orchestrator.planner.memory import GiB, layout_memory, probe_shards  # noqa: E402
-from orchestrator.trainer import Trainer  # noqa: E402
+from orchestrator.train.trainer import Trainer  # noqa: E402
 from orchestrator.validate import validate  # noqa: E402
 
 GPU_DEFAULTS = ["model=llama3-1b", "train.seq_len=2048", "train.global_batch=4", "train.micro_batch=4",

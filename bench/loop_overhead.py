@@ -22,11 +22,11 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from launch.local import spawn  # noqa: E402
 from models.llama import ModelArgs, Transformer  # noqa: E402
-from orchestrator.build import init_weights  # noqa: E402
-from orchestrator.config import register  # noqa: E402
-from orchestrator.data import Batches, prepare  # noqa: E402
+from orchestrator.build.model import init_weights  # noqa: E402
 from orchestrator.config import CONF_DIR  # noqa: E402
-from orchestrator.trainer import Trainer, lr_at  # noqa: E402
+from orchestrator.config import register  # noqa: E402
+from orchestrator.data.dataset import Batches, prepare  # noqa: E402
+from orchestrator.train.trainer import Trainer, lr_at  # noqa: E402
 
 ROUNDS, STEPS_PER_ROUND = 4, 15
 

@@ -6,7 +6,7 @@ Trains a 32k-token byte-level BPE (Llama-3-like: ByteLevel pre-tokenizer, BOS/EO
 special tokens) with the `tokenizers` library on every fourth file of this
 Python's standard library, then tokenizes the whole stdlib (a folder of .py
 files, one document each) into a fresh cache with trident's own pipeline
-(`orchestrator.corpus.tokenize`: reading, the process pool, writing the token
+(`orchestrator.data.corpus.tokenize`: reading, the process pool, writing the token
 file) at each worker count. Per core is the text tokenized per CPU-second of
 the parent and its workers together (so it does not depend on what else the
 machine is running); per core (wall) divides by wall time x workers instead.
@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # One thread per process, as in trident's pool: one worker is then one core's throughput.
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-from orchestrator.corpus import tokenize  # noqa: E402
-from orchestrator.data import stdlib_dir, text_files  # noqa: E402
-from orchestrator.tokenizer import HFTokenizer  # noqa: E402
+from orchestrator.data.corpus import tokenize  # noqa: E402
+from orchestrator.data.dataset import stdlib_dir, text_files  # noqa: E402
+from orchestrator.data.tokenizer import HFTokenizer  # noqa: E402
 
 TARGET_MB_PER_S_PER_CORE = 2.0
 

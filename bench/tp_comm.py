@@ -27,9 +27,9 @@ from omegaconf import OmegaConf  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from launch.local import spawn  # noqa: E402
-from orchestrator.build import build_model  # noqa: E402
-from orchestrator.config import register  # noqa: E402
+from orchestrator.build.model import build_model  # noqa: E402
 from orchestrator.config import CONF_DIR  # noqa: E402
+from orchestrator.config import register  # noqa: E402
 from parallel.mesh import ParallelDims, build_mesh  # noqa: E402
 from parallel.tensor_parallel import loss_context  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 srun has ended with STATUS. If the run failed (a rank died, raised or hung:
 any non-zero status) and did not stop itself on purpose (the run dir's
-`fault.json`, orchestrator/faults.py), and the job has been requeued fewer
+`fault.json`, orchestrator/train/faults.py), and the job has been requeued fewer
 than MAX_RESTARTS times for failures, requeue it with `scontrol requeue`: the
 job starts again from its own script, and the run resumes from its newest
 checkpoint. The count lives beside submitit's files, per job id, so

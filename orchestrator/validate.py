@@ -17,14 +17,13 @@ from launch.slurm import time_minutes
 from models.hf import args_from_hf, rope_type
 from models.llama import ModelArgs
 from models.plans import pipeline_cuts
+from orchestrator.build.levers import AC_MODES, COMPILE_BACKENDS, DTYPES
+from orchestrator.build.optim import IMPLEMENTATIONS
 from orchestrator.config import CONF_DIR
-from orchestrator.chat import ChatError, check_messages
-from orchestrator.corpus import CorpusError, check_source, file_kind, first_chat_records
-from orchestrator.data import BIN_DTYPES, FORMATS, TRAIN_ON, resolve_format, text_files
-from orchestrator.levers import AC_MODES, COMPILE_BACKENDS, DTYPES
-from orchestrator.tokenizer import TokenizerError
-from orchestrator.tokenizer import load_tokenizer
-from orchestrator.optim import IMPLEMENTATIONS
+from orchestrator.data.chat import ChatError, check_messages
+from orchestrator.data.corpus import CorpusError, check_source, file_kind, first_chat_records
+from orchestrator.data.dataset import BIN_DTYPES, FORMATS, TRAIN_ON, resolve_format, text_files
+from orchestrator.data.tokenizer import TokenizerError, load_tokenizer
 from parallel.data_parallel import DP_SHARD_CHOICES
 from parallel.pipeline_parallel import SCHEDULES, SINGLE_STAGE, V_SHAPED, stages_per_rank
 

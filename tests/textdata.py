@@ -8,7 +8,7 @@ trained with the `tokenizers` library on part of this Python's standard library.
 import json
 from pathlib import Path
 
-from orchestrator.data import stdlib_dir, text_files
+from orchestrator.data.dataset import stdlib_dir, text_files
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 

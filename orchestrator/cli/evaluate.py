@@ -8,7 +8,7 @@ generate.yaml + the `eval` group): the checkpoint brings its run's model and
 tokenizer, `parallel.tp` splits it, `launcher=local|external` starts or joins
 the ranks, `launcher=slurm` submits them as a job of their own. The tasks, the
 checkpoint and the layout are checked before a rank starts or a job is
-submitted (orchestrator/evaluate.py); rank 0 runs lm-eval and appends the
+submitted (orchestrator/evaluate/harness.py); rank 0 runs lm-eval and appends the
 results to evals.jsonl in the checkpoint's run dir.
 """
 
@@ -22,8 +22,8 @@ from launch.local import spawn
 from launch.rank import pick_backend, run_rank
 from launch.slurm import follow, submit_command
 from orchestrator.cli import external_env, rank_app
-from orchestrator.evals import quote, slurm_params
-from orchestrator.evaluate import eval_worker, output_path, prepare
+from orchestrator.evaluate.beside import quote, slurm_params
+from orchestrator.evaluate.harness import eval_worker, output_path, prepare
 from orchestrator.validate import ConfigError
 
 

@@ -18,9 +18,8 @@ import torch.distributed.checkpoint as dcp
 
 from models.hf import export
 from models.llama import ModelArgs, Transformer
-from orchestrator.checkpoint import CheckpointError, SafePlanner, SafeReader, open_run, saved_tokenizer
-from orchestrator.tokenizer import TokenizerError, copy_tokenizer
-from orchestrator.tokenizer import load_tokenizer
+from orchestrator.data.tokenizer import TokenizerError, copy_tokenizer, load_tokenizer
+from orchestrator.runs.checkpoint import CheckpointError, SafePlanner, SafeReader, open_run, saved_tokenizer
 
 
 def load_full_model(path: Path) -> tuple[dict, ModelArgs]:

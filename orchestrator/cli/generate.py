@@ -10,7 +10,7 @@ train.yaml + the `generate` group), so `model=`, `parallel.tp=` and
 generate.checkpoint, the model and the tokenizer are its run's, and the
 command line may restate the model but not change its shape. Everything is
 checked and the prompts tokenized before a rank starts
-(orchestrator/generate.py); then `local` spawns tp processes here,
+(orchestrator/generate/worker.py); then `local` spawns tp processes here,
 `external` is one of the ranks torchrun or srun started, `slurm` submits a
 job of tp tasks.
 """
@@ -23,12 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from launch.local import spawn
 from launch.rank import pick_backend, run_rank
 from orchestrator.cli import external_env, rank_app
-from orchestrator.generate import generate_worker, prepare, submit
+from orchestrator.generate.worker import generate_worker, prepare, submit
 from orchestrator.slurm_checks import check_cluster
 
 
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
-    """overrides: the command line's, which may restate a checkpoint's model (orchestrator.generate.run_config)."""
+    """overrides: the command line's, which may restate a checkpoint's model (orchestrator.generate.worker.run_config)."""
     env = external_env(cfg)
     plan = prepare(cfg, env, overrides=overrides)
     cfg = plan.config

@@ -9,10 +9,10 @@
 --serve answers the question for serving instead: per tp degree, weights and
 KV cache per GPU and the predicted decode latency and tokens/s
 (orchestrator/planner/serve.py). --tune runs the best K layouts for a few
-steps each and prints the measurement beside the prediction (orchestrator/tune.py);
+steps each and prints the measurement beside the prediction (orchestrator/search/tune.py);
 --tune-spread K runs K layouts spread over the predicted range instead. --calibrate
 measures the launcher's ranks (collectives, compute, the loop) and writes the cluster
-file that `cluster=<name>` then plans with (orchestrator/planner/calibrate.py).
+file that `cluster=<name>` then plans with (orchestrator/search/calibrate.py).
 
 A thin shell over `orchestrator.planner`: Hydra composes conf/plan.yaml (=
 train.yaml + a cluster) with the overrides; the flags choose the output.
@@ -28,12 +28,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from orchestrator.config import CONF_DIR, register
-from orchestrator.planner.calibrate import CalibrationError, run_calibration
 from orchestrator.planner.layouts import plan
 from orchestrator.planner.render import as_json, serve_json, serve_table, sweep_lines, table
 from orchestrator.planner.serve import serve_plan
-from orchestrator.tune import layout_overrides, spread, tune
-from orchestrator.tune import report as tune_report
+from orchestrator.search.calibrate import CalibrationError, run_calibration
+from orchestrator.search.tune import layout_overrides
+from orchestrator.search.tune import report as tune_report
+from orchestrator.search.tune import spread, tune
 from orchestrator.validate import ConfigError
 
 

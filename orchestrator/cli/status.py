@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from orchestrator.status import newest, print_table, search_summary, sweep_status
+from orchestrator.search.status import newest, print_table, search_summary, sweep_status
 
 
 def main(argv=None) -> int:

@@ -16,10 +16,10 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from orchestrator.config import CONF_DIR, register
-from orchestrator.chat import ChatError
-from orchestrator.corpus import CorpusError, fmt_rate
-from orchestrator.data import prepare
-from orchestrator.tokenizer import TokenizerError
+from orchestrator.data.chat import ChatError
+from orchestrator.data.corpus import CorpusError, fmt_rate
+from orchestrator.data.dataset import prepare
+from orchestrator.data.tokenizer import TokenizerError
 from orchestrator.validate import ConfigError, check_data
 
 

@@ -3,7 +3,7 @@
 Compose the config, check it, prepare the data, then hand the ranks to the
 launcher: `local` spawns them here, `external` is already one of them
 (torchrun or srun started it), `slurm` submits a job whose tasks are the
-ranks (under `-m`, every point joins one job array: orchestrator/sweep.py).
+ranks (under `-m`, every point joins one job array: orchestrator/search/sweep.py).
 Nothing is spawned or submitted until every check passed.
 """
 
@@ -21,20 +21,20 @@ from launch.env import from_environ
 from launch.local import RankFailed, spawn, thread_count
 from launch.rank import pick_backend, run_rank
 from launch.slurm import SlurmRun, submit, sweep_point, tasks_per_node
-from orchestrator.checkpoint import CheckpointError, check_compatible, find_resume
 from orchestrator.config import CONF_DIR, register
-from orchestrator.chat import ChatError
-from orchestrator.corpus import CorpusError
-from orchestrator.data import prepare
-from orchestrator.evaluate import check_beside
+from orchestrator.data.chat import ChatError
+from orchestrator.data.corpus import CorpusError
+from orchestrator.data.dataset import prepare
+from orchestrator.data.tokenizer import TokenizerError
+from orchestrator.evaluate.harness import check_beside
 from orchestrator.planner.auto import choose, relayout
 from orchestrator.planner.dry_run import dry_run
+from orchestrator.runs.checkpoint import CheckpointError, check_compatible, find_resume
+from orchestrator.search.sweep import SWEEP_POINT_ENV
+from orchestrator.search.sweep import active as active_sweep
+from orchestrator.search.sweep import failures as sweep_failures
 from orchestrator.slurm_checks import check_cluster
-from orchestrator.sweep import SWEEP_POINT_ENV
-from orchestrator.sweep import active as active_sweep
-from orchestrator.sweep import failures as sweep_failures
-from orchestrator.tokenizer import TokenizerError
-from orchestrator.trainer import run_worker
+from orchestrator.train.trainer import run_worker
 from orchestrator.validate import ConfigError, check_corpus, validate
 from parallel.mesh import ParallelDims
 
@@ -115,7 +115,7 @@ def first_line(error: BaseException) -> str:
 
 
 def deliberate_stop(run_dir: str) -> bool:
-    """The run ended itself on purpose (orchestrator/faults.py FaultStop): a restart would repeat it."""
+    """The run ended itself on purpose (orchestrator/train/faults.py FaultStop): a restart would repeat it."""
     fault = Path(run_dir) / "fault.json"
     return fault.exists() and not json.loads(fault.read_text()).get("restart", True)
 

@@ -8,13 +8,19 @@
   comms.py     every collective a layout's step issues, per pp rank
   cluster.py   a cluster file's figures checked and looked up (alpha/beta,
                compute fits, speed-ups, overheads)
-  calibrate.py `trident-plan --calibrate`: measure ranks, fit, write the file
-               (calibrate_slurm.py: the same as one SLURM job)
   bubble.py    the pipeline bubble, replayed from each schedule's action lists
   render.py    table, JSON, Hydra -m lines
   dry_run.py   one layout built whole, rank by rank
   meter.py     activation memory measured on a real step (to check memory.py)
+  auto.py      parallel=auto: the best layout for the ranks a run gets; the
+               prediction a run's dashboard shows
+  serve.py     `trident-plan serve`: tensor-parallel degrees for generation
+  timeline.py  a schedule's timeline as a picture
 
 `trident-plan` (orchestrator/cli/plan.py) and `trident-train dry_run=true`
-are thin shells over these; nothing here imports a CLI.
+are thin shells over these; nothing here imports a CLI. Nothing here runs a
+training step either: what measures real runs for the planner (the cluster
+file's calibration, layout tuning) is in orchestrator/search/, which may
+import the training loop. Imports build/, validate.py and generate/ (the
+serving plan checks its layouts with trident-generate's own checks).
 """

@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from orchestrator.build.flops import device_key
 from orchestrator.config import CONF_DIR
-from orchestrator.flops import device_key
 from orchestrator.planner.layouts import Layout, candidates, plan, set_layout
 from orchestrator.validate import ConfigError, validate
 
@@ -83,7 +83,7 @@ def best_layout(cfg: DictConfig, world: int, local_world: int) -> tuple[Optional
 def predict(plain: dict, world: int, local_world: int) -> Optional[dict]:
     """The planner's prediction for the config's own layout on this machine (as parallel=auto plans), or None
     where the planner does not take that layout. Run it in a process of its own (it builds models in a fake
-    world), as the dashboard does (orchestrator/dashboard.py)."""
+    world), as the dashboard does (orchestrator/runs/dashboard.py)."""
     cfg = OmegaConf.create(plain)
     par = cfg.parallel
     layout = (par.tp, par.pp, par.dp, cfg.train.micro_batch, par.schedule, par.cp)

@@ -29,7 +29,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from orchestrator.flops import cluster_peak
+from orchestrator.build.flops import cluster_peak
 from orchestrator.validate import ConfigError
 
 

@@ -45,7 +45,7 @@ records in a real step, per layout.
 from dataclasses import dataclass, replace
 
 from models.llama import ModelArgs
-from orchestrator.levers import dtype_bytes
+from orchestrator.build.levers import dtype_bytes
 from parallel.data_parallel import BUCKET
 from parallel.pipeline_parallel import SPLIT_BACKWARD, stage_ids, stage_owner, stages_per_rank
 

@@ -41,13 +41,19 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from models.llama import ModelArgs
-from orchestrator.flops import block_flops_parts, block_matmul_weights, cluster_peak, flops_per_token, head_flops, mfu
+from orchestrator.build.flops import (
+    block_flops_parts,
+    block_matmul_weights,
+    cluster_peak,
+    flops_per_token,
+    head_flops,
+    mfu,
+)
+from orchestrator.planner.bubble import analytic_bubble, simulate
 from orchestrator.planner.cluster import Compute, Links
 from orchestrator.planner.comms import RECOMPUTED, Shape, at_rank, layout_shape, step_comms
-from orchestrator.planner.bubble import analytic_bubble, simulate
 from orchestrator.planner.memory import RankMemory, orders_microbatches, replicas, schedule_orders
 from parallel.pipeline_parallel import stages_per_rank
-
 
 
 def bubble_of(schedule: str, pp: int, m: int, per_rank) -> float:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from models.llama import ModelArgs, Transformer, num_params
-from orchestrator.flops import CLUSTER_DEVICES
+from orchestrator.build.flops import CLUSTER_DEVICES
 from orchestrator.planner.cluster import Compute, Links, check_cluster
 from orchestrator.planner.cost import bubble_of, step_time
 from orchestrator.planner.memory import GiB, RankMemory, layout_memory, probe_shards
@@ -107,7 +107,7 @@ def plan(cfg: DictConfig, only: Optional[tuple] = None) -> tuple[list[Layout], d
     check_cluster(cl)
     if cl.device not in CLUSTER_DEVICES:
         raise ConfigError(f"cluster.device={cl.device!r} is not one of: {', '.join(CLUSTER_DEVICES)} "
-                          "(orchestrator/flops.py DEVICE_PEAKS: each one's peak FLOP/s per dtype; cpu: this "
+                          "(orchestrator/build/flops.py DEVICE_PEAKS: each one's peak FLOP/s per dtype; cpu: this "
                           "machine's estimate)")
     try:  # resolved once, not per layout (${hydra:...} resolves only inside the Hydra app)
         work = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))

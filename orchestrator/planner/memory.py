@@ -34,8 +34,8 @@ from omegaconf import OmegaConf
 from torch.distributed.device_mesh import DeviceMesh
 
 from models.llama import ModelArgs
-from orchestrator.build import build_model, stage_plan
-from orchestrator.levers import ac_layers, dtype_bytes
+from orchestrator.build.levers import ac_layers, dtype_bytes
+from orchestrator.build.model import build_model, stage_plan
 from orchestrator.planner.bubble import ops_of, pipeline_orders
 from parallel.data_parallel import BUCKET, shard_owners
 from parallel.mesh import MESH_DIMS, ParallelDims, build_mesh, fake_world

@@ -31,8 +31,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from models.llama import ModelArgs
-from orchestrator.flops import cluster_peak
-from orchestrator.generate import check_layout
+from orchestrator.build.flops import cluster_peak
+from orchestrator.generate.worker import check_layout
 from orchestrator.validate import ConfigError, divisors
 from parallel.tensor_parallel import padded_vocab
 

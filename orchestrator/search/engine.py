@@ -3,7 +3,7 @@
 At most `n_jobs` trials run at once; the moment one ends the next is asked
 for and started, in the same pass of the loop, so no slot idles while trials
 remain (Hydra's stock optuna sweeper waits for a whole batch instead). A trial
-is a trident-train run in `<sweep dir>/<trial number>` (orchestrator/trials.py):
+is a trident-train run in `<sweep dir>/<trial number>` (orchestrator/search/trials.py):
 a local run, or a job submitted on its own as its slot frees (launcher=slurm).
 
 While a trial runs its metrics.jsonl is read: each eval_loss is reported to
@@ -38,12 +38,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
-from orchestrator.metrics import fmt_duration
+from orchestrator.runs.metrics import fmt_duration
 from orchestrator.search import report
 from orchestrator.search.space import finite, param_overrides, parse
+from orchestrator.search.sweep import SWEEP_POINT_ENV, Sweep
+from orchestrator.search.trials import RunProcess
 from orchestrator.slurm_checks import check_cluster, jobs_at_once
-from orchestrator.sweep import SWEEP_POINT_ENV, Sweep
-from orchestrator.trials import RunProcess
 from orchestrator.validate import ConfigError, validate
 from parallel.mesh import ParallelDims
 

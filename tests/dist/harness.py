@@ -15,12 +15,11 @@ from omegaconf import OmegaConf
 
 from launch.local import spawn
 from models.llama import ModelArgs, Transformer
-from orchestrator.build import init_weights
-from orchestrator.data import Batches, prepare
-from orchestrator.trainer import Trainer
+from orchestrator.build.model import init_weights
+from orchestrator.data.dataset import Batches, prepare
+from orchestrator.train.trainer import Trainer
 from orchestrator.validate import validate
 from tests.conftest import make_cfg
-
 
 # Deep enough for 4 ranks x 2 virtual stages, and 8 micro-batches per dp rank
 # so that every schedule can run (DualPipeV needs as many as stages).

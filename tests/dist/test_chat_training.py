@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from tokenizers import AddedToken, Tokenizer
 
-from orchestrator.data import IGNORE, Batches, prepare
+from orchestrator.data.dataset import IGNORE, Batches, prepare
 from tests.conftest import make_cfg, run_train
 from tests.textdata import hf_llama
 

@@ -11,9 +11,9 @@ import torch
 from omegaconf import OmegaConf
 
 from launch.local import RankFailed, spawn
-from orchestrator import checkpoint
-from orchestrator.data import prepare
-from orchestrator.trainer import Trainer
+from orchestrator.data.dataset import prepare
+from orchestrator.runs import checkpoint
+from orchestrator.train.trainer import Trainer
 from tests.conftest import make_cfg, run_cmd
 from tests.dist.harness import gathered
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.wandb_files import attempts, join_attempts, read_history, read_run
+from orchestrator.runs.wandb_files import attempts, join_attempts, read_history, read_run
 from tests.conftest import TINY, fault_env, run_cmd, run_train
 
 pytestmark = pytest.mark.dist

@@ -14,9 +14,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from launch.local import spawn
-from orchestrator import checkpoint
-from orchestrator.data import prepare
-from orchestrator.trainer import Trainer
+from orchestrator.data.dataset import prepare
+from orchestrator.runs import checkpoint
+from orchestrator.train.trainer import Trainer
 from tests.conftest import make_cfg
 from tests.dist.harness import DEEP, assert_same_run, run_layout
 from tests.textdata import short_documents, write_jsonl

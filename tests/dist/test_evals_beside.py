@@ -1,4 +1,4 @@
-"""Evaluations beside a training run (train.eval_tasks, orchestrator/evals.py), with real processes: a local
+"""Evaluations beside a training run (train.eval_tasks, orchestrator/evaluate/beside.py), with real processes: a local
 training run whose checkpoints trident-eval children evaluate while it goes on, and one whose evaluation fails."""
 
 import json
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.eval_files import read_results, read_state
-from orchestrator.wandb_files import attempts, read_history
+from orchestrator.runs.eval_files import read_results, read_state
+from orchestrator.runs.wandb_files import attempts, read_history
 from tests.conftest import TINY, run_cmd, run_train
 
 TASKS = ["stdlib_next_line_mc", "stdlib_complete_line"]

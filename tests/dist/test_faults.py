@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from models.llama import Transformer
-from orchestrator.checkpoint import complete_checkpoints, read_marker
 from orchestrator.cli.export import load_full_model
-from orchestrator.data import Batches, prepare
+from orchestrator.data.dataset import Batches, prepare
+from orchestrator.runs.checkpoint import complete_checkpoints, read_marker
 from tests.conftest import ROOT, TINY, fault_env, make_cfg, run_train
 
 pytestmark = pytest.mark.dist

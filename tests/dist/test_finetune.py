@@ -22,14 +22,15 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from launch.local import spawn
-from orchestrator import checkpoint
 from orchestrator.cli.export import main as export_main
 from orchestrator.config import CONF_DIR, register
-from orchestrator.data import IGNORE, Batches, prepare
-from orchestrator.generate import context_length, prepare as prepare_generation
-from orchestrator.generator import Generator, Sampling, build_model
-from orchestrator.tokenizer import load_tokenizer
-from orchestrator.trainer import Trainer
+from orchestrator.data.dataset import IGNORE, Batches, prepare
+from orchestrator.data.tokenizer import load_tokenizer
+from orchestrator.generate.decode import Generator, Sampling, build_model
+from orchestrator.generate.worker import context_length
+from orchestrator.generate.worker import prepare as prepare_generation
+from orchestrator.runs import checkpoint
+from orchestrator.train.trainer import Trainer
 from orchestrator.validate import validate
 from tests.conftest import compose_as_shipped, run_cmd
 from tests.textdata import short_documents, write_jsonl
@@ -225,7 +226,7 @@ def test_trident_eval_at_tp1_and_tp2_answers_as_lm_evals_hf_model_does_on_the_ex
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from orchestrator.evaluate import SHIPPED_TASKS
+    from orchestrator.evaluate.harness import SHIPPED_TASKS
 
     run = finetuned["tmp"] / "checkpoints"
     ours = {}

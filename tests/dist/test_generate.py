@@ -21,12 +21,12 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 from launch.local import spawn
 from models.llama import ModelArgs
-from orchestrator import checkpoint
 from orchestrator.cli.export import main as export_main
-from orchestrator.data import prepare
-from orchestrator.generator import Generator, Sampling, build_model, load_weights
+from orchestrator.data.dataset import prepare
+from orchestrator.generate.decode import Generator, Sampling, build_model, load_weights
 from orchestrator.planner.serve import collectives_per_step
-from orchestrator.trainer import Trainer
+from orchestrator.runs import checkpoint
+from orchestrator.train.trainer import Trainer
 from tests.conftest import TINY, make_cfg, run_cmd
 
 pytestmark = pytest.mark.dist

@@ -8,10 +8,11 @@ from omegaconf import OmegaConf
 
 from launch.local import spawn
 from models.hf import load_hf
-from orchestrator import checkpoint
-from orchestrator.data import prepare
-from orchestrator.cli.export import load_full_model, main as export_main
-from orchestrator.trainer import Trainer
+from orchestrator.cli.export import load_full_model
+from orchestrator.cli.export import main as export_main
+from orchestrator.data.dataset import prepare
+from orchestrator.runs import checkpoint
+from orchestrator.train.trainer import Trainer
 from tests.conftest import make_cfg
 from tests.dist.harness import run_layout
 

@@ -22,9 +22,9 @@ from omegaconf import OmegaConf
 
 from launch.local import spawn
 from models.llama import ModelArgs, Transformer, num_params
-from orchestrator import checkpoint
-from orchestrator.data import prepare
-from orchestrator.trainer import Trainer
+from orchestrator.data.dataset import prepare
+from orchestrator.runs import checkpoint
+from orchestrator.train.trainer import Trainer
 from tests.conftest import make_cfg
 from tests.dist.harness import Result, assert_same_run, run_layout
 

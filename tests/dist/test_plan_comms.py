@@ -21,9 +21,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from launch.local import spawn
 from models.llama import ModelArgs
-from orchestrator.data import prepare
+from orchestrator.data.dataset import prepare
 from orchestrator.planner.comms import shape_of, step_comms
-from orchestrator.trainer import Trainer
+from orchestrator.train.trainer import Trainer
 from orchestrator.validate import validate
 from tests.conftest import make_cfg
 

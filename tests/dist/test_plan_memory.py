@@ -16,10 +16,10 @@ from omegaconf import OmegaConf
 from torch.distributed.tensor import DTensor
 
 from launch.local import spawn
-from orchestrator.data import prepare
-from orchestrator.planner.meter import SavedTensorMeter
+from orchestrator.data.dataset import prepare
 from orchestrator.planner.memory import activation_peaks, probe_shards, rank_params, state_memory
-from orchestrator.trainer import Trainer
+from orchestrator.planner.meter import SavedTensorMeter
+from orchestrator.train.trainer import Trainer
 from orchestrator.validate import validate
 from parallel.mesh import ParallelDims
 from tests.conftest import compose_as_shipped, make_cfg

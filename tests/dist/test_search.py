@@ -15,8 +15,8 @@ from pathlib import Path
 import optuna
 import pytest
 
+from orchestrator.runs.wandb_files import read_run
 from tests.conftest import ROOT, TINY, crash_rank_env, run_cmd, run_train
-from orchestrator.wandb_files import read_run
 
 pytestmark = pytest.mark.dist
 

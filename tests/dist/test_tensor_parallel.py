@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from torch.distributed.tensor.debug import CommDebugMode
 
 from launch.local import spawn
-from orchestrator.build import build_model
+from orchestrator.build.model import build_model
 from parallel.mesh import ParallelDims, build_mesh
 from parallel.tensor_parallel import loss_context
 from tests.conftest import make_cfg

@@ -122,7 +122,7 @@ def _patch_checkpoint(module) -> None:
     module.dcp.save = dying_save
 
 
-_PATCHES = {"orchestrator.trainer": _patch_trainer, "orchestrator.checkpoint": _patch_checkpoint}
+_PATCHES = {"orchestrator.train.trainer": _patch_trainer, "orchestrator.runs.checkpoint": _patch_checkpoint}
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from orchestrator.generator import Generator, Sampling, build_model
+from orchestrator.generate.decode import Generator, Sampling, build_model
 from tests.unit.test_generate import gen_cfg
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -18,10 +18,10 @@ from omegaconf import OmegaConf
 
 from launch.env import RankEnv
 from launch.local import spawn
-from orchestrator.data import prepare
-from orchestrator.flops import device_key, table_peak
+from orchestrator.build.flops import device_key, table_peak
+from orchestrator.data.dataset import prepare
 from orchestrator.planner.memory import GiB, layout_memory, probe_shards
-from orchestrator.trainer import Trainer
+from orchestrator.train.trainer import Trainer
 from orchestrator.validate import validate
 from tests.conftest import compose_as_shipped, make_cfg
 from tests.dist.harness import Result, assert_same_run, run_layout

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from orchestrator.eval_files import read_results, read_state
+from orchestrator.runs.eval_files import read_results, read_state
 from tests.conftest import TINY, run_cmd, run_train
 
 pytestmark = pytest.mark.slurm

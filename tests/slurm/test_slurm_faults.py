@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.checkpoint import complete_checkpoints, read_marker
-from orchestrator.wandb_files import attempts, read_history
+from orchestrator.runs.checkpoint import complete_checkpoints, read_marker
+from orchestrator.runs.wandb_files import attempts, read_history
 from tests.conftest import ROOT, TINY, run_train
 from tests.slurm.jobs import job_state, wait_for
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from orchestrator.generator import Generator, Sampling, build_model
+from orchestrator.generate.decode import Generator, Sampling, build_model
 from tests.conftest import TINY, run_cmd
 from tests.unit.test_generate import gen_cfg
 

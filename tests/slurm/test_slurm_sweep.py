@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.wandb_files import read_run
+from orchestrator.runs.wandb_files import read_run
 from tests.conftest import ROOT, TINY, crash_rank_env, run_cmd, run_train
 from tests.slurm.jobs import job_state, losses, wait_for
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.checkpoint import complete_checkpoints, read_marker
+from orchestrator.runs.checkpoint import complete_checkpoints, read_marker
 from parallel.mesh import ParallelDims
 from tests.conftest import ROOT, TINY, fault_env, run_train
 from tests.slurm.conftest import CLUSTER_ENV

@@ -8,11 +8,11 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from orchestrator.planner.calibrate import cluster_yaml, fit_alpha_beta
 from orchestrator.planner.cluster import Compute, Links, check_cluster
 from orchestrator.planner.layouts import plan
 from orchestrator.planner.render import table
-from orchestrator.tune import median_relative_error, spread
+from orchestrator.search.calibrate import cluster_yaml, fit_alpha_beta
+from orchestrator.search.tune import median_relative_error, spread
 from orchestrator.validate import ConfigError
 from tests.conftest import run_cmd
 from tests.unit.test_plan import compose_plan

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from tokenizers import AddedToken, Tokenizer
 
-from orchestrator.chat import ChatError, ChatRenderer, check_messages, encode, find_template
+from orchestrator.data.chat import ChatError, ChatRenderer, check_messages, encode, find_template
 from tests.textdata import BOS
 
 TEMPLATE = (Path(__file__).resolve().parent.parent / "data" / "llama3-chat-template.jinja").read_text()
@@ -111,7 +111,7 @@ def test_jsonl_and_parquet_conversations_give_the_same_tokens_and_learned_mask(c
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from orchestrator.data import prepare
+    from orchestrator.data.dataset import prepare
     from tests.conftest import make_cfg
 
     records = [{"messages": c} for c in CONVERSATIONS * 4]
@@ -133,7 +133,7 @@ def test_jsonl_and_parquet_conversations_give_the_same_tokens_and_learned_mask(c
 
 def test_a_mixture_of_a_chat_source_and_a_text_source_ignores_only_the_chat_sources_unlearned_targets(
         chat_tokenizer, tmp_path):
-    from orchestrator.data import IGNORE, MixtureBatches, prepare
+    from orchestrator.data.dataset import IGNORE, MixtureBatches, prepare
     from tests.conftest import make_cfg
 
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS * 20))
@@ -175,7 +175,7 @@ def test_one_render_and_token_byte_lengths_find_what_prefix_renders_and_characte
     it (each conversation falls back to the offsets)."""
     from tokenizers import normalizers, pre_tokenizers
 
-    from orchestrator.chat import ChatEncoder, _mask_by_offsets, _masks_by_bytes
+    from orchestrator.data.chat import ChatEncoder, _mask_by_offsets, _masks_by_bytes
 
     tok = Tokenizer.from_file(str(chat_tokenizer / "tokenizer.json"))
     tok.add_special_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])
@@ -206,7 +206,7 @@ def test_a_template_whose_code_only_prints_contents_skips_the_checking_render_an
     """Llama 3's template (contents trimmed, through a variable) and ChatML's (as they are) only print contents:
     once checked (here: at once), a conversation is its skeleton filled, with no render, and the spans are the
     reference's. The upper-casing one is never trusted."""
-    import orchestrator.chat as chat
+    import orchestrator.data.chat as chat
 
     monkeypatch.setattr(chat, "VERIFIED", 0)
     renderer = ChatRenderer(template, BOS, EOT)

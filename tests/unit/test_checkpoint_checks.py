@@ -5,7 +5,7 @@ import json
 import pytest
 
 import orchestrator.cli.train as train_app
-from orchestrator import checkpoint
+from orchestrator.runs import checkpoint
 from orchestrator.validate import ConfigError
 from tests.conftest import make_cfg
 

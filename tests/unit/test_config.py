@@ -5,7 +5,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 import orchestrator.cli.train as train_app
-from orchestrator.trainer import lr_at, min_lr_of
+from orchestrator.train.trainer import lr_at, min_lr_of
 from orchestrator.validate import ConfigError
 from tests.conftest import compose_as_shipped, make_cfg, run_train
 

@@ -1,10 +1,10 @@
-"""The W&B run's bookkeeping (orchestrator/dashboard.py), in one process with real W&B offline runs."""
+"""The W&B run's bookkeeping (orchestrator/runs/dashboard.py), in one process with real W&B offline runs."""
 
 import json
 from types import SimpleNamespace
 
-from orchestrator.dashboard import WandbRun, _first_difference, effective_rows, read_state
-from orchestrator.wandb_files import attempts, read_history
+from orchestrator.runs.dashboard import WandbRun, _first_difference, effective_rows, read_state
+from orchestrator.runs.wandb_files import attempts, read_history
 
 
 def wandb_cfg(**kw):

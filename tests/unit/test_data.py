@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.data import Batches, ByteTokenizer, eval_batches, prepare, text_files
+from orchestrator.data.dataset import Batches, ByteTokenizer, eval_batches, prepare, text_files
 from orchestrator.validate import ConfigError, check_corpus
 from tests.conftest import make_cfg
 

@@ -1,4 +1,4 @@
-"""Evaluations beside a training run (orchestrator/evals.py), in one process: which checkpoints, the command
+"""Evaluations beside a training run (orchestrator/evaluate/beside.py), in one process: which checkpoints, the command
 each gets, the checks before any rank, the holds on checkpoints, and what a later attempt takes up."""
 
 import json
@@ -10,11 +10,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from orchestrator import checkpoint
 from orchestrator.config import CONF_DIR, register
-from orchestrator.eval_files import write_state
-from orchestrator.evals import EvalQueue, due, eval_argv, metrics_row
-from orchestrator.evaluate import SHIPPED_TASKS, check_beside, check_tasks
+from orchestrator.evaluate.beside import EvalQueue, due, eval_argv, metrics_row
+from orchestrator.evaluate.harness import SHIPPED_TASKS, check_beside, check_tasks
+from orchestrator.runs import checkpoint
+from orchestrator.runs.eval_files import write_state
 from orchestrator.validate import ConfigError
 from tests.conftest import make_cfg
 

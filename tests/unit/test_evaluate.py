@@ -4,7 +4,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from orchestrator.config import CONF_DIR, register
-from orchestrator.evaluate import SHIPPED_TASKS, prepare, shipped_tasks, task_names
+from orchestrator.evaluate.harness import SHIPPED_TASKS, prepare, shipped_tasks, task_names
 from orchestrator.validate import ConfigError
 
 

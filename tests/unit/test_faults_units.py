@@ -13,10 +13,10 @@ import torch.distributed.checkpoint as dcp
 import orchestrator.cli.train as train_app
 from launch import restart
 from launch.watchdog import BOUNDARY, StepWatchdog, describe_hang, stacks_from_dump
-from orchestrator import checkpoint
-from orchestrator.faults import SpikeGuard, StragglerWatch, Verdict
 from orchestrator.planner.auto import choose
 from orchestrator.planner.layouts import plan
+from orchestrator.runs import checkpoint
+from orchestrator.train.faults import SpikeGuard, StragglerWatch, Verdict
 from orchestrator.validate import ConfigError, validate
 from tests.conftest import make_cfg
 
@@ -148,7 +148,7 @@ def _report(rank, phase, frames):
 
 
 def test_the_hang_report_names_the_silent_rank_first_and_the_waiting_ones_as_waiting(tmp_path):
-    trainer = str(Path(train_app.__file__).resolve().parents[1] / "trainer.py")
+    trainer = str(Path(train_app.__file__).resolve().parents[1] / "train" / "trainer.py")
     collective = [[trainer, 10, "train_step"], ["/x/site-packages/torch/distributed/distributed_c10d.py", 5, "wait"]]
     reports = {0: _report(0, BOUNDARY, collective), 1: _report(1, "forward/backward of step 42", collective)}
     (tmp_path / "rank-2.stacks").write_text(
@@ -158,7 +158,7 @@ def test_the_hang_report_names_the_silent_rank_first_and_the_waiting_ones_as_wai
     text = describe_hang(tmp_path, 3, reports, {2: "(pid 7) was stopped by a signal (SIGSTOP; state T)"})
     first, *rest = text.splitlines()
     assert first == "the run hung after step 41: rank(s) 2 did not reach the step boundary within X=4s"
-    assert "rank 2 (pid 7) was stopped by a signal (SIGSTOP; state T); it was at orchestrator/trainer.py:200 in " \
+    assert "rank 2 (pid 7) was stopped by a signal (SIGSTOP; state T); it was at orchestrator/train/trainer.py:200 in " \
            "train_step (innermost: torch/nn/modules/linear.py:125 in forward)" in rest[0]
     assert any("rank(s) 0 reached the step boundary and waited there" in line for line in rest)
     assert any("rank 1 waited in a collective during forward/backward of step 42" in line for line in rest)
@@ -171,14 +171,14 @@ def test_the_hang_report_names_the_silent_rank_first_and_the_waiting_ones_as_wai
     first, second, *_ = describe_hang(tmp_path, 3, reports).splitlines()
     assert first.endswith("rank(s) 2 did not reach the step boundary within X=4s (on node2)")
     assert second.startswith("  rank 2 wrote no report (stopped, frozen outside Python, or its node is gone) on "
-                             "node2; it was at orchestrator/trainer.py:200")
+                             "node2; it was at orchestrator/train/trainer.py:200")
 
 
 def test_a_ranks_own_dump_landing_inside_a_sigusr1_dump_leaves_both_readable(tmp_path):
     """A stopped rank, once continued, answers the launcher's SIGUSR1 (faulthandler, written piecewise) while its
     own watchdog dumps too (seen on CI: the two interleaved line by line, and the rank was placed in the watchdog's
     thread). The watchdog's dump is one write: wherever it lands among the pieces, both dumps parse whole."""
-    trainer = str(Path(train_app.__file__).resolve().parents[1] / "trainer.py")
+    trainer = str(Path(train_app.__file__).resolve().parents[1] / "train" / "trainer.py")
     watchdog = StepWatchdog(0, 1, str(tmp_path), "X=4s")
     watchdog._write_dump("no step boundary for 9s")
     watchdog.stop()

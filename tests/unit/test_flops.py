@@ -7,9 +7,18 @@ import torch
 import yaml
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from orchestrator.flops import CLUSTER_DEVICES, DEVICE_PEAKS, device_key, flops_per_token, mfu, peak_flops, run_peak, table_peak
-from orchestrator.optim import resolve_implementation
 from models.llama import ModelArgs
+from orchestrator.build.flops import (
+    CLUSTER_DEVICES,
+    DEVICE_PEAKS,
+    device_key,
+    flops_per_token,
+    mfu,
+    peak_flops,
+    run_peak,
+    table_peak,
+)
+from orchestrator.build.optim import resolve_implementation
 from tests.conftest import ROOT
 
 

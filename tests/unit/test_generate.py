@@ -10,13 +10,13 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import orchestrator.cli.generate as generate_app
-import orchestrator.generator as generator_mod
+import orchestrator.generate.decode as generator_mod
 from models.kv_cache import KVCache
 from orchestrator.config import CONF_DIR, register
-from orchestrator.generate import prepare, read_prompts
-from orchestrator.generator import Generator, Sampling, build_model, resolve_dtype
-from orchestrator.sampling import filter_logits, prompt_generator, sample
-from orchestrator.tokenizer import load_tokenizer
+from orchestrator.data.tokenizer import load_tokenizer
+from orchestrator.generate.decode import Generator, Sampling, build_model, resolve_dtype
+from orchestrator.generate.sampling import filter_logits, prompt_generator, sample
+from orchestrator.generate.worker import prepare, read_prompts
 from orchestrator.validate import ConfigError, validate
 from tests.conftest import TINY, run_cmd
 from tests.unit.test_checkpoint_checks import fake_checkpoint

@@ -8,7 +8,7 @@ import torch
 
 from models.hf import export, load_hf
 from models.llama import ModelArgs, Transformer
-from orchestrator.build import init_weights
+from orchestrator.build.model import init_weights
 from orchestrator.validate import ConfigError, validate
 from tests.conftest import compose_as_shipped
 from tests.textdata import hf_llama

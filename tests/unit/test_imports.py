@@ -14,6 +14,22 @@ MAY_IMPORT = {
     "launch": set(),
     "orchestrator": {"models", "parallel", "launch"},
 }
+# orchestrator/'s parts, top down (orchestrator/__init__.py says what each holds): each imports only its own
+# part and those before it. A module outside every part fails the test: a new one takes its place here.
+ORCHESTRATOR_ORDER = [
+    "orchestrator.config",
+    "orchestrator.data",
+    "orchestrator.build",
+    "orchestrator.validate",
+    "orchestrator.slurm_checks",
+    "orchestrator.runs",
+    "orchestrator.generate",
+    "orchestrator.evaluate",
+    "orchestrator.planner",
+    "orchestrator.train",
+    "orchestrator.search",
+    "orchestrator.cli",
+]
 
 
 def module_name(path: Path) -> str:
@@ -96,9 +112,47 @@ def test_each_package_imports_only_the_layers_below_it_and_no_library_module_imp
             other = t.split(".")[0]
             if other != pkg and other not in MAY_IMPORT[pkg]:
                 bad.append(f"{m} imports {t}")
-            if t.startswith("orchestrator.cli") and not m.startswith("orchestrator.cli"):
+            if t.startswith("orchestrator.cli") and not m.startswith("orchestrator.cli") and not entry_point(m):
                 bad.append(f"{m} imports the entry point {t}")
     assert bad == []
+
+
+def entry_point(module: str) -> bool:
+    """`python -m` of a package: an entry point, as cli/ is."""
+    return module.endswith(".__main__")
+
+
+def part_of(module: str):
+    """The index in ORCHESTRATOR_ORDER of the part that holds an orchestrator module (cli/ for a __main__)."""
+    if entry_point(module):
+        return len(ORCHESTRATOR_ORDER) - 1
+    return next((i for i, p in enumerate(ORCHESTRATOR_ORDER) if module == p or module.startswith(p + ".")), None)
+
+
+def test_orchestrator_parts_import_only_the_parts_before_them():
+    edges = graph()
+    parts = {m: part_of(m) for m in edges if m.startswith("orchestrator.")}
+    assert [m for m, i in parts.items() if i is None] == []  # every module has its place in the order
+    assert {ORCHESTRATOR_ORDER[i] for i in parts.values()} == set(ORCHESTRATOR_ORDER)  # no part is empty
+    bad = [f"{m} ({ORCHESTRATOR_ORDER[parts[m]]}) imports {t} ({ORCHESTRATOR_ORDER[parts[t]]})"
+           for m in parts for t in edges[m] if t in parts and parts[t] > parts[m]]
+    assert bad == []
+
+
+def test_part_of_places_modules_and_an_upward_import_is_caught():
+    assert ORCHESTRATOR_ORDER[part_of("orchestrator.data.chat")] == "orchestrator.data"
+    assert ORCHESTRATOR_ORDER[part_of("orchestrator.validate")] == "orchestrator.validate"
+    assert part_of("orchestrator.validator") is None  # a prefix is not a part
+    assert ORCHESTRATOR_ORDER[part_of("orchestrator.train.__main__")] == "orchestrator.cli"
+    assert part_of("orchestrator.runs.checkpoint") < part_of("orchestrator.train.trainer")
+
+
+def test_no_more_than_three_function_local_imports_of_the_product():
+    """Deferred imports hide the order above; the three left defer a heavy or optional import (their comments)."""
+    mods = product_modules()
+    local = {(m, node.lineno) for m, p in mods.items() for t, node, inside in imports_of(p, set(mods))
+             if inside and t != m}
+    assert len(local) <= 3, sorted(local)
 
 
 def test_function_local_imports_say_why_in_a_comment():
@@ -125,7 +179,7 @@ def test_training_and_the_gpu_bench_import_without_submitit_or_wandb(tmp_path):
 
     (tmp_path / "sitecustomize.py").write_text(
         "import sys\nfor name in ('submitit', 'wandb'):\n    sys.modules[name] = None  # import raises ImportError\n")
-    code = ("import orchestrator.cli.train, orchestrator.cli.plan, orchestrator.trainer, orchestrator.sweep, "
+    code = ("import orchestrator.cli.train, orchestrator.cli.plan, orchestrator.train.trainer, orchestrator.search.sweep, "
             "launch.slurm, runpy; runpy.run_path('bench/gpu_step.py', run_name='not_main')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin"})

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import orchestrator.levers as levers
+import orchestrator.build.levers as levers
 from models.llama import ModelArgs, Transformer
-from orchestrator.build import init_weights
+from orchestrator.build.model import init_weights
 from parallel.data_parallel import shard_owners
 
 ARGS = ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=64)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.corpus import CorpusError
-from orchestrator.data import MixtureBatches, prepare
+from orchestrator.data.corpus import CorpusError
+from orchestrator.data.dataset import MixtureBatches, prepare
 from tests.conftest import make_cfg
 
 SEQ = 16

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.llama import ModelArgs, Transformer, apply_rope, full_init_value, num_params, rope_table
-from orchestrator.build import init_weights
+from orchestrator.build.model import init_weights
 from tests.conftest import compose_as_shipped
 
 
@@ -101,7 +101,7 @@ def test_tied_embeddings_share_one_tensor():
 def test_a_tied_model_built_on_meta_stays_tied_once_materialized(dp, tmp_path):
     """`to_empty` gives each module a new tensor: without re-tying, the output projection became a second,
     separately initialised matrix (issue 11's llama3-1b run trained 1.50B parameters, not 1.24B)."""
-    from orchestrator.build import build_model
+    from orchestrator.build.model import build_model
     from parallel.mesh import ParallelDims, build_mesh, fake_world
     from tests.conftest import make_cfg
 

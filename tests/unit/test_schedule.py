@@ -3,7 +3,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from orchestrator.trainer import lr_at
+from orchestrator.train.trainer import lr_at
 
 
 def optim(schedule):

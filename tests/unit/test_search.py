@@ -7,8 +7,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from orchestrator.search.space import encode, param_overrides, parse
+from orchestrator.search.tune import ranks, spearman
 from orchestrator.slurm_checks import jobs_at_once
-from orchestrator.tune import ranks, spearman
 from orchestrator.validate import ConfigError
 
 

@@ -7,9 +7,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from orchestrator import slurm_checks
+from orchestrator.search.status import _expand
+from orchestrator.search.sweep import Sweep, swept_keys
 from orchestrator.slurm_checks import check_no_secrets, check_partition, parse_sinfo
-from orchestrator.sweep import Sweep, swept_keys
-from orchestrator.status import _expand
 from orchestrator.validate import ConfigError
 
 FAKE_SINFO = """\

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from models.llama import ModelArgs, Transformer, document_mask
-from orchestrator import corpus as C
-from orchestrator.build import init_weights
-from orchestrator.data import IGNORE, Batches, prepare
-from orchestrator.tokenizer import HFTokenizer
-from orchestrator.tokenizer import load_tokenizer as load
+from orchestrator.build.model import init_weights
+from orchestrator.data import corpus as C
+from orchestrator.data.dataset import IGNORE, Batches, prepare
+from orchestrator.data.tokenizer import HFTokenizer
+from orchestrator.data.tokenizer import load_tokenizer as load
 from orchestrator.validate import ConfigError, validate
 from tests.conftest import make_cfg
 from tests.textdata import BOS, EOS, stdlib_texts, write_jsonl

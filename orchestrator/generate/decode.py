@@ -31,9 +31,9 @@ from models.hf import load_hf
 from models.kv_cache import KVCache
 from models.llama import ModelArgs, Transformer
 from models.plans import TP_PLANS
-from orchestrator.build import init_weights
-from orchestrator.checkpoint import CheckpointError, SafePlanner, SafeReader
-from orchestrator.sampling import prompt_generator, sample
+from orchestrator.build.model import init_weights
+from orchestrator.generate.sampling import prompt_generator, sample
+from orchestrator.runs.checkpoint import CheckpointError, SafePlanner, SafeReader
 from parallel.tensor_parallel import apply_tp, padded_vocab
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

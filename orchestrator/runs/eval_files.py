@@ -1,4 +1,4 @@
-"""What a run's evaluations leave in its run dir (orchestrator/evals.py writes them; trident-status reads them),
+"""What a run's evaluations leave in its run dir (orchestrator/evaluate/beside.py writes them; trident-status reads them),
 and the lock that says a training run is live in it.
 
 - evals.json: each evaluated checkpoint's evaluation by step: its state (pending, running, done, failed),

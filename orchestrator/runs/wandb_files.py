@@ -6,7 +6,7 @@ length and type, fragments joined across blocks), each a protobuf `Record`.
 Reading it lets tests and tools check what W&B holds without a server.
 
 A training run that was resumed (or rolled back after a loss spike) is one W&B run written by several
-attempts, each its own offline folder under the same id (orchestrator/dashboard.py). `read_history`
+attempts, each its own offline folder under the same id (orchestrator/runs/dashboard.py). `read_history`
 joins them as `wandb sync` followed by the run's rewinds gives them: each attempt's rows replace the
 earlier attempts' rows from its first step on.
 """

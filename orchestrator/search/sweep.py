@@ -31,7 +31,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from launch.slurm import error_line, job_error, submit_sweep
-from orchestrator.status import print_table, sweep_status
+from orchestrator.search.status import print_table, sweep_status
 
 
 def split_override(override: str) -> tuple[str, str]:

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from models.hf import load_hf
 from models.llama import ModelArgs, Transformer, full_init_value, num_params
 from models.plans import TP_PLANS, pipeline_cuts, stage_layers
-from orchestrator.levers import DTYPES, apply_levers, compile_scope, compile_works
+from orchestrator.build.levers import DTYPES, apply_levers, compile_scope, compile_works
 from parallel.context_parallel import apply_cp
 from parallel.data_parallel import DataParallel, apply_dp, uses_ddp, uses_fsdp
 from parallel.mesh import model_meshes

@@ -60,15 +60,15 @@ from omegaconf import DictConfig, OmegaConf
 from launch.local import RankFailed, spawn
 from launch.rank import pick_backend
 from models.llama import ModelArgs
-from orchestrator.build import build_model
+from orchestrator.build.flops import block_flops_parts, device_key, head_flops
+from orchestrator.build.model import build_model
 from orchestrator.config import CONF_DIR
-from orchestrator.flops import block_flops_parts, device_key, head_flops
 from orchestrator.planner.auto import rank_memory_gb
-from orchestrator.planner.calibrate_slurm import calibrate_in_job, slurm_shape
 from orchestrator.planner.cluster import CalibrationError, Links, check_cluster
 from orchestrator.planner.cost import bubble_of, step_time, tp_comm_times
 from orchestrator.planner.layouts import n_params_of
-from orchestrator.trainer import Trainer
+from orchestrator.search.calibrate_slurm import calibrate_in_job, slurm_shape
+from orchestrator.train.trainer import Trainer
 from orchestrator.validate import ConfigError, validate
 from parallel.grad import clip_grads_
 from parallel.mesh import ParallelDims, build_mesh
@@ -239,7 +239,7 @@ def _loop_point(n_params: int, device, budget_s: float) -> float:
 
 
 def _trainer_step(env, device, cfg_dict: dict, corpus, budget_s: float) -> float:
-    """Median seconds of a real training step (orchestrator/trainer.py) of a reference layout, after two."""
+    """Median seconds of a real training step (orchestrator/train/trainer.py) of a reference layout, after two."""
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = OmegaConf.create(cfg_dict)
         cfg.checkpoint.dir = f"{run_dir}/checkpoints"  # never written (checkpoint.every=0), but named
@@ -402,7 +402,7 @@ def overhead_lines(cl_doc: dict, raw: dict, spec: dict) -> list[str]:
         par = cfg_dict["parallel"]
         notes.append(f"#   {name}: tp={par['tp']} pp={par['pp']} dp={par['dp']} {par['dp_shard']} micro-batch 1: "
                      f"measured {measured:.4g} s, the terms above {zero:.4g} s")
-    return ["# A real training step (orchestrator/trainer.py) of each reference layout, against what the figures",
+    return ["# A real training step (orchestrator/train/trainer.py) of each reference layout, against what the figures",
             "# above predict for it: FSDP2's gathers and reduce-scatters take fsdp_comm_factor times the bare",
             "# collectives' time (its copies and hooks, on the cores the collectives share), and a pipeline adds",
             "# pipeline_ms_per_stage_microbatch (the schedule's own work).",
@@ -514,7 +514,7 @@ def cluster_yaml(cfg: DictConfig, raw: dict, spec: dict, world: int, local: int,
         f"gpus_per_node: {local}        # ranks per node",
         f"gpu_memory_gb: {_num(memory_gb)}  # memory per rank (GiB): the device's, or a CPU rank's share of RAM",
         f"memory_reserve_gb: {_num(cl.memory_reserve_gb)}  # not measured: kept from cluster={cl.name}",
-        f"device: {device_key}               # peak FLOP/s per dtype: orchestrator/flops.py (MFU is reported against it)",
+        f"device: {device_key}               # peak FLOP/s per dtype: orchestrator/build/flops.py (MFU is reported against it)",
         f"mfu: {_num(cl.mfu)}                # not used where `compute` below is given (kept from cluster={cl.name})",
         f"intra_node_gbps: {_num(busbw)}  # bus bandwidth (nccl-tests busbw) of the {g_max}-rank all-reduce fit below",
         f"inter_node_gbps: {_num(inter_bw)}  # the same across nodes ({'measured' if inter else 'one node: the intra figure'})",
@@ -608,7 +608,7 @@ def run_calibration(cfg: DictConfig, out_path: Optional[str], print_=print) -> P
         spec = spec_of(cfg, world, local, backend, n_params_of(cfg), raw_path)
         corpus = None
         if spec["reference"]:
-            from orchestrator.data import prepare  # the reference steps train on the run's own data
+            from orchestrator.data.dataset import prepare  # the reference steps train on the run's own data
 
             corpus = prepare(cfg.data, cfg.model.get("init_from"), progress=False)
         print_(f"trident-plan: calibrating {world} {backend} ranks ({local} per node): "

@@ -10,7 +10,7 @@ data.path are not generation's), where the weights come from, the tokenizer,
 and each prompt's length against the context. Prompts are read and tokenized
 there, once: tokenizing is data preparation, ranks never do it.
 
-Each rank then builds its shard of the model (orchestrator/generator.py),
+Each rank then builds its shard of the model (orchestrator/generate/decode.py),
 decodes the prompts batch by batch, and rank 0 writes each prompt's text to
 stdout, or one JSON line per prompt to generate.output.
 """
@@ -28,9 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 from launch.env import from_environ
 from launch.rank import pick_backend, run_rank
 from launch.slurm import executor_params, follow
-from orchestrator.checkpoint import SHAPE_KEYS, CheckpointError, open_run, read_marker, saved_tokenizer
-from orchestrator.generator import Generator, Sampling, build_model, load_weights, resolve_dtype
-from orchestrator.tokenizer import INIT_FROM, TokenizerError, load_tokenizer
+from orchestrator.data.tokenizer import INIT_FROM, TokenizerError, load_tokenizer
+from orchestrator.generate.decode import Generator, Sampling, build_model, load_weights, resolve_dtype
+from orchestrator.runs.checkpoint import SHAPE_KEYS, CheckpointError, open_run, read_marker, saved_tokenizer
 from orchestrator.validate import ConfigError, validate_model
 from parallel.mesh import ParallelDims, build_mesh
 from parallel.tensor_parallel import padded_vocab

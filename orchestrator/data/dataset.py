@@ -5,7 +5,7 @@ user's text file, folder, JSONL or Parquet) or a user's pre-tokenized
 uint16/uint32 `.bin`. With `data.tokenizer=bytes` a text file or folder is
 today's uint8 byte stream (files joined by a blank line, held-out files
 chosen by a hash of their path); any other corpus or tokenizer goes through
-`orchestrator/corpus.py`: documents encoded one by one with BOS/EOS into one
+`orchestrator/data/corpus.py`: documents encoded one by one with BOS/EOS into one
 flat token file, and the held-out split is the last whole documents.
 
 Batches are layout-independent: the sequences of step s are drawn from a
@@ -41,10 +41,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from orchestrator import chat as _chat
-from orchestrator import corpus as _corpus
-from orchestrator import tokenizer as _tokenizer
-from orchestrator.tokenizer import BYTE_VOCAB, ByteTokenizer  # noqa: F401 - ByteTokenizer is part of this API
+from orchestrator.data import chat as _chat
+from orchestrator.data import corpus as _corpus
+from orchestrator.data import tokenizer as _tokenizer
+from orchestrator.data.tokenizer import BYTE_VOCAB, ByteTokenizer  # noqa: F401 - ByteTokenizer is part of this API
 
 BIN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 FORMATS = ("auto", "text", "jsonl", "parquet", "bin", "chat")

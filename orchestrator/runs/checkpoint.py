@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-HOLD = ".eval-hold"  # in a checkpoint an evaluation waits for (orchestrator/evals.py)
+HOLD = ".eval-hold"  # in a checkpoint an evaluation waits for (orchestrator/evaluate/beside.py)
 MARKER = "trident.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # The model settings that shape the saved weights: a model that differs in one cannot load them.

@@ -40,8 +40,8 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 from tokenizers import Tokenizer
 
-from orchestrator import chat as _chat
-from orchestrator.tokenizer import ByteTokenizer
+from orchestrator.data import chat as _chat
+from orchestrator.data.tokenizer import ByteTokenizer
 
 KINDS = ("text", "jsonl", "parquet")
 CHUNK_BYTES = 1 << 20  # work per unit; fixed, so units (and so the result) never depend on the worker count

@@ -37,8 +37,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from launch.slurm import executor_params, job_at, submit_command
-from orchestrator.checkpoint import hold, is_complete, release
-from orchestrator.eval_files import RESULTS, STATE, alive, metric_key, read_results, read_state, write_state
+from orchestrator.runs.checkpoint import hold, is_complete, release
+from orchestrator.runs.eval_files import RESULTS, STATE, alive, metric_key, read_results, read_state, write_state
 
 POLL_S = 1.0  # how often the thread looks at what runs (a SLURM job: every few of these)
 

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.dashboard import WandbRun
+from orchestrator.runs.dashboard import WandbRun
 
 
 class MetricsLogger:
-    """metrics.jsonl, and the run's W&B run (orchestrator/dashboard.py) unless logging.wandb.mode=disabled."""
+    """metrics.jsonl, and the run's W&B run (orchestrator/runs/dashboard.py) unless logging.wandb.mode=disabled."""
 
     def __init__(self, run_dir: str, wandb_cfg, run_config: dict, default_name: str, default_group: str,
                  first_step: int = 0, kept_id: Optional[str] = None):

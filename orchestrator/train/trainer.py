@@ -34,22 +34,22 @@ from launch.env import RankEnv
 from launch.rank import AFTER_RANKS
 from launch.watchdog import BOUNDARY, StepWatchdog, dump_nccl_trace
 from models.llama import token_loss
-from orchestrator import checkpoint
-from orchestrator.faults import FaultStop, SpikeGuard, StepAgreement, StragglerWatch
-from orchestrator.build import build_model
-from orchestrator.data import IGNORE, Corpus, MixtureBatches, batches_for, eval_batches
-from orchestrator.flops import flops_per_token, mfu, run_peak
-from orchestrator.dashboard import describe_run, run_names
-from orchestrator.eval_files import hold_live
-from orchestrator.evals import EvalQueue, cpu_split, due
-from orchestrator.metrics import MetricsLogger, NullLogger, console, fmt_count, fmt_duration, progress_line
-from orchestrator.optim import build_adamw, resolve_implementation
+from orchestrator.build.flops import flops_per_token, mfu, run_peak
+from orchestrator.build.model import build_model
+from orchestrator.build.optim import build_adamw, resolve_implementation
+from orchestrator.data.dataset import IGNORE, Corpus, MixtureBatches, batches_for, eval_batches
+from orchestrator.evaluate.beside import EvalQueue, cpu_split, due
+from orchestrator.runs import checkpoint
+from orchestrator.runs.dashboard import run_names
+from orchestrator.runs.eval_files import hold_live
+from orchestrator.runs.metrics import MetricsLogger, NullLogger, console, fmt_count, fmt_duration, progress_line
+from orchestrator.train.describe import describe_run
+from orchestrator.train.faults import FaultStop, SpikeGuard, StepAgreement, StragglerWatch
 from parallel.context_parallel import shard_sequence
 from parallel.grad import clip_grads_
 from parallel.mesh import ParallelDims, build_mesh
 from parallel.pipeline_parallel import build_pipeline
 from parallel.tensor_parallel import loss_context
-
 
 DEFAULT_MIN_LR_RATIO = 0.1  # the floor, as a fraction of optim.lr, when neither optim.min_lr nor min_lr_ratio is set
 
@@ -105,7 +105,7 @@ class Trainer:
         par, t = cfg.parallel, cfg.train
         self.dims = ParallelDims.of(par)
         split = cpu_split(env.local_world_size, cfg.eval.tp) if t.eval_tasks and device.type == "cpu" else None
-        if split:  # evaluations beside the run take their cores (orchestrator/evals.py): the ranks share the others
+        if split:  # evaluations beside the run take their cores (orchestrator/evaluate/beside.py): the ranks share the others
             torch.set_num_threads(split[0])
         self.mesh = build_mesh(self.dims, device.type)
         self.pp_group = self.mesh["pp"].get_group()
@@ -122,7 +122,7 @@ class Trainer:
         self.optim_implementation = resolve_implementation(o.implementation, self.params)
         # One optimizer per model part, as checkpointing helpers take one module per optimizer.
         self.optimizers = [build_adamw(m, o, self.optim_implementation, self.dp.owns) for m in self.modules]
-        mask = cfg.data.mask_across_documents  # micro-batches then carry doc_ids (orchestrator/data.py)
+        mask = cfg.data.mask_across_documents  # micro-batches then carry doc_ids (orchestrator/data/dataset.py)
         self.batches = batches_for(corpus, t.seq_len, t.global_batch, t.micro_batch, t.seed, dp_rank, par.dp, mask)
         # The held-out batches: one set, or one per source of a mixture (weighed by the sources' weights).
         held_out = {s.name: (s.weight, s.corpus.eval) for s in corpus.sources} or {None: (1.0, corpus.eval)}
@@ -168,14 +168,14 @@ class Trainer:
         self.first_step_times: list[float] = []
 
         self.flops_per_token = flops_per_token(built.args, self.n_params, t.seq_len)
-        # MFU against one device's dense peak in the compute dtype (orchestrator/flops.py).
+        # MFU against one device's dense peak in the compute dtype (orchestrator/build/flops.py).
         self.peak, self.peak_note = run_peak(cfg.logging.peak_tflops, device, t.dtype, env.local_world_size)
         self.stop_requested = 0.0  # the agreed stop flag of the last step (_STOP_BY_*)
         self.is_logger = env.rank == 0
         self.logger = self._make_logger() if self.is_logger else NullLogger()
         if self.logger.wandb is not None:
             describe_run(self.logger.wandb, cfg, self.dims.world_size, env.local_world_size)
-        # Benchmarks on checkpoints, beside the run (orchestrator/evals.py): rank 0 queues train.eval_tasks', and
+        # Benchmarks on checkpoints, beside the run (orchestrator/evaluate/beside.py): rank 0 queues train.eval_tasks', and
         # logs every evaluation's results that reach the run dir while it runs (trident-eval by hand's too, which
         # the live lock tells that the run logs them).
         self.evals: Optional[EvalQueue] = None

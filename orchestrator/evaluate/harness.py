@@ -3,7 +3,7 @@
 lm-eval asks a language model three things (its `LM` interface): the log-likelihood of a continuation
 given a context, the rolling log-likelihood of a whole text, and text generated until a stop string.
 `TridentLM` answers them with trident's model split over tp ranks: batched forward passes for the
-log-likelihoods, the generator and its KV cache (orchestrator/generator.py) for generation. It encodes and
+log-likelihoods, the generator and its KV cache (orchestrator/generate/decode.py) for generation. It encodes and
 scores as lm-eval's own `hf` model does (the context and continuation encoded whole then split, an empty
 context conditioned on the BOS token, windows of the model's length for rolling texts), so the two give the
 same metrics on the same weights.
@@ -12,7 +12,7 @@ Rank 0 runs lm-eval; under tp > 1 every other rank of the group follows it: rank
 before computing it, and the others compute the same (their shards) until it says stop.
 
 The model, its tokenizer and the checkpoint are settled as trident-generate settles them
-(orchestrator/generate.py `run_config`): a checkpoint brings its run's model and tokenizer.
+(orchestrator/generate/worker.py `run_config`): a checkpoint brings its run's model and tokenizer.
 """
 
 import difflib
@@ -31,13 +31,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor
 
 from orchestrator.config import CONF_DIR
-from orchestrator.dashboard import WandbRun, effective_rows, run_names
-from orchestrator.dashboard import read_state as read_wandb_state
-from orchestrator.eval_files import RESULTS, hold_live, read_results, read_state, write_state
-from orchestrator.evals import metrics_row
-from orchestrator.generate import check_layout, check_weights, run_config, tokenizer_of
-from orchestrator.generator import Generator, Sampling, build_model, load_weights, resolve_dtype
-from orchestrator.tokenizer import load_tokenizer
+from orchestrator.data.tokenizer import load_tokenizer
+from orchestrator.evaluate.beside import metrics_row
+from orchestrator.generate.decode import Generator, Sampling, build_model, load_weights, resolve_dtype
+from orchestrator.generate.worker import check_layout, check_weights, run_config, tokenizer_of
+from orchestrator.runs.dashboard import WandbRun, effective_rows
+from orchestrator.runs.dashboard import read_state as read_wandb_state
+from orchestrator.runs.dashboard import run_names
+from orchestrator.runs.eval_files import RESULTS, hold_live, read_results, read_state, write_state
 from orchestrator.validate import ConfigError
 from parallel.mesh import ParallelDims, build_mesh
 
@@ -181,7 +182,7 @@ def prepare(cfg: DictConfig, env=None, overrides: Sequence[str] = ()) -> tuple[D
 
 
 def check_beside(cfg: DictConfig, env=None) -> None:
-    """train.eval_tasks' evaluations beside a training run (orchestrator/evals.py), before any rank starts: the
+    """train.eval_tasks' evaluations beside a training run (orchestrator/evaluate/beside.py), before any rank starts: the
     tasks (known, their data here), checkpoints for them to evaluate, and the `eval` settings they take."""
     t, e = cfg.train, cfg.eval
     if not t.eval_tasks:

@@ -13,7 +13,7 @@ run dir) and every rollback after a loss spike is a new *attempt* of the same W&
   must grow), with a warning; metrics.jsonl has every attempt's rows.
 - Offline, each attempt is its own folder `wandb/offline-run-<time>-<id>` with the same id, its rewind in
   its run record, and `trident_attempt: {number, first_step}` in its config. `wandb sync` of the folders in
-  order gives one run; orchestrator/wandb_files.py's `read_history` joins them the same way.
+  order gives one run; orchestrator/runs/wandb_files.py's `read_history` joins them the same way.
 
 W&B is called only in this module's thread, on the rank that logs: the training loop puts rows in a queue
 and goes on, so a slow W&B call never holds a step or a collective. A W&B failure (a setting it refuses, no
@@ -22,12 +22,10 @@ writable dir, a server that does not answer) is a warning; metrics.jsonl keeps e
 
 import json
 import math
-import multiprocessing
 import os
 import queue
 import secrets
 import string
-import subprocess
 import sys
 import threading
 import time
@@ -35,11 +33,7 @@ from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import Callable, Optional
 
-from omegaconf import OmegaConf
-
-from orchestrator.planner.auto import predict
-from orchestrator.planner.timeline import schedule_png
-from orchestrator.wandb_files import finished, read_history
+from orchestrator.runs.wandb_files import finished, read_history
 
 STATE = "wandb.json"  # in the run dir: {"id", "attempts", "last_step" (online: the last step sent to W&B)}
 FINISH_TIMEOUT_S = 120.0
@@ -66,21 +60,6 @@ def write_state(run_dir: str, state: dict) -> None:
     tmp = path.with_name(f"{STATE}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(state))
     os.replace(tmp, path)
-
-
-def code_commit() -> Optional[str]:
-    """The git commit of the code that runs (with `+dirty` when it has uncommitted changes), or None."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
-        if head.returncode:
-            return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def run_names(cfg) -> tuple[str, str]:
@@ -239,7 +218,7 @@ class WandbRun:
                 self.skip_through = self.last_step
         else:
             self.run = wandb.init(id=self.id, resume="allow", **args)
-        # Benchmarks beside the run (orchestrator/evals.py) come in later rows: plotted against the step of the
+        # Benchmarks beside the run (orchestrator/evaluate/beside.py) come in later rows: plotted against the step of the
         # checkpoint they evaluated.
         self.run.define_metric("eval/step")
         self.run.define_metric("eval/*", step_metric="eval/step")
@@ -313,86 +292,3 @@ def effective_rows(metrics_path: Path) -> list[dict]:
         else:
             rows.append(row)
     return rows
-
-
-def in_child(fn, *args) -> Future:
-    """fn(*args) in a spawned process (nothing of this one's torch state goes with it: the planner builds
-    models in a fake world), its answer a Future. The process ends with its answer, or with this one (a
-    daemon), never waiting for more work as a pool's worker would when its parent is killed."""
-    ctx = multiprocessing.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_answer, args=(send, fn, args), daemon=True)
-    child.start()
-    send.close()
-    future: Future = Future()
-
-    def wait_for_answer():
-        try:
-            ok, value = receive.recv()
-        except EOFError:
-            ok, value = False, f"the process ended with code {child.join() or child.exitcode} and no answer"
-        child.join()
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(RuntimeError(value))
-
-    threading.Thread(target=wait_for_answer, name="trident-planner", daemon=True).start()
-    return future
-
-
-def _answer(send, fn, args) -> None:
-    try:
-        send.send((True, fn(*args)))
-    except Exception as e:  # noqa: BLE001 - said back to the parent, which warns
-        send.send((False, f"{type(e).__name__}: {e}"))
-
-
-def describe_run(run: WandbRun, cfg, world: int, local_world: int) -> None:
-    """What the dashboard shows from the start, beside the resolved config: the layout and the code's git
-    commit (summary fields), the planner's prediction for the layout (a table and `planner/*` summary fields,
-    against the measured `step_time_s`, `mfu` and `rank_mem_gb_max` of each step; logging.wandb.plan), and
-    with pp > 1 the schedule's timeline (a picture, also pipeline-timeline.png in the run dir)."""
-    par, t = cfg.parallel, cfg.train
-    layout = {"tp": par.tp, "pp": par.pp, "dp": par.dp, "cp": par.cp, "world": world, "dp_shard": par.dp_shard,
-              "micro_batch": t.micro_batch, "schedule": par.schedule if par.pp > 1 else "-"}
-
-    def about(r, wandb, step):
-        commit = code_commit()
-        r.config.update({"code_commit": commit}, allow_val_change=True)
-        r.summary.update({**{f"layout/{k}": v for k, v in layout.items()}, "code/commit": commit or "unknown"})
-
-    run.call(about)
-    if cfg.logging.wandb.plan:
-        plain = OmegaConf.to_container(cfg, resolve=True)
-        # Started once W&B is up (a W&B that failed has no use for it), from the W&B thread.
-        run.call(lambda r, wandb, step: run.when_done(in_child(predict, plain, world, local_world), _prediction))
-    if par.pp > 1:
-        microbatches = t.global_batch // (t.micro_batch * par.dp)
-        run.call(lambda r, wandb, step: _timeline(r, wandb, step, run.run_dir, par.schedule, par.pp, microbatches,
-                                                  par.stages_per_rank))
-
-
-def _prediction(r, wandb, future: Future) -> None:
-    if future.exception() is not None:
-        warn(f"the planner failed on this run's layout ({future.exception()}): no prediction on the dashboard")
-        return
-    got = future.result()
-    if got is None:
-        warn("the planner does not take this run's layout: no prediction on the dashboard")
-        return
-    columns = ["layout", "fits", "memory per rank (GiB)", "step (s)", "MFU", "bubble", "communication share",
-               "largest communication"]
-    name = f"tp{got['tp']} pp{got['pp']} dp{got['dp']} cp{got['cp']} mb{got['micro_batch']} {got['schedule']}"
-    table = wandb.Table(columns=columns, data=[[name, got["fits"], got["mem_gb"], got["step_s"], got["mfu"],
-                                                got["bubble"], got["comm_share"], got["why"]]])
-    r.summary.update({"planner/prediction": table, "planner/step_s": got["step_s"], "planner/mem_gb": got["mem_gb"], "planner/mfu": got["mfu"],
-                      "planner/fits": got["fits"], "planner/bubble": got["bubble"]})
-
-
-def _timeline(r, wandb, step: int, run_dir: str, schedule: str, pp: int, microbatches: int, stages_per_rank) -> None:
-    path = Path(run_dir) / "pipeline-timeline.png"
-    result = schedule_png(path, schedule, pp, microbatches, stages_per_rank)
-    r.log({"pipeline/timeline": wandb.Image(str(path), caption=f"{schedule}, pp={pp}, {microbatches} "
-                                            f"micro-batches: bubble {100 * result['bubble']:.0f}% (simulated)")},
-          step=step)

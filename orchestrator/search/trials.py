@@ -22,7 +22,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from launch.slurm import error_line, job_error
-from orchestrator.trainer import STOP_FILE
+from orchestrator.train.trainer import STOP_FILE
 
 TRAIN = [sys.executable, "-m", "orchestrator.cli.train"]  # the trident-train entry point, run as a module
 LOG = "run.log"  # the child's stdout and stderr, in the run dir

@@ -22,7 +22,7 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from orchestrator.planner.layouts import Layout
-from orchestrator.trials import RunProcess
+from orchestrator.search.trials import RunProcess
 
 WARMUP = 2  # steps left out of the measured step time: the first ones pay for allocation and caches
 

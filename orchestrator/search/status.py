@@ -18,7 +18,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from orchestrator.eval_files import evaluations
+from orchestrator.runs.eval_files import evaluations
 
 
 def run_dirs(path: Path) -> list[Path]:
@@ -140,23 +140,25 @@ def sweep_status(path: Path) -> list[dict]:
     return rows
 
 
-def search_trials(path: Path) -> dict[str, dict]:
-    """A search's trials by run dir (hydra/sweeper=trident-optuna keeps its study in the sweep dir), else {}."""
+def _study(path: Path):
+    """The Optuna study a search keeps in its sweep dir (hydra/sweeper=trident-optuna) with the module that
+    reads it, or (None, None) for a dir without one."""
     if not (Path(path) / "study.journal").exists():
-        return {}
+        return None, None
     from orchestrator.search import report  # deferred: optuna is imported only for a search's dir
 
-    study = report.load_study(Path(path))
+    return report.load_study(Path(path)), report
+
+
+def search_trials(path: Path) -> dict[str, dict]:
+    """A search's trials by run dir, else {}."""
+    study, report = _study(path)
     return report.trial_rows(study) if study else {}
 
 
 def search_summary(path: Path) -> list[str]:
     """A search's counts by state and its best trial, in a few lines; [] for a dir without a study."""
-    if not (Path(path) / "study.journal").exists():
-        return []
-    from orchestrator.search import report  # deferred: optuna is imported only for a search's dir
-
-    study = report.load_study(Path(path))
+    study, report = _study(path)
     return report.summary_lines(study) if study else []
 
 
