@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import gzip
 import hashlib
-import io
 import json
 import multiprocessing as mp
 import os

@@ -14,7 +14,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode

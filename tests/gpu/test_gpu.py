@@ -16,7 +16,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from launch.env import RankEnv
 from launch.local import spawn
 from orchestrator.build.flops import device_key, table_peak
 from orchestrator.data.dataset import prepare

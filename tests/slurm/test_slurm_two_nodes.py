@@ -4,7 +4,6 @@ address, hostname and slurmd (launch/cluster/start-cluster.sh --nodes 2). What r
 import json
 import os
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path

@@ -2,7 +2,7 @@
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ValidationError
 
 import orchestrator.cli.train as train_app
 from orchestrator.train.trainer import lr_at, min_lr_of

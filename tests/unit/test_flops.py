@@ -10,7 +10,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from models.llama import ModelArgs
 from orchestrator.build.flops import (
     CLUSTER_DEVICES,
-    DEVICE_PEAKS,
     device_key,
     flops_per_token,
     mfu,

@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models.llama import ModelArgs, Transformer, document_mask
 from orchestrator.build.model import init_weights
