@@ -1,5 +1,7 @@
 """The config tree composes, overrides reach it, and every bad input is refused before launch."""
 
+import sys
+
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ValidationError
@@ -7,7 +9,7 @@ from omegaconf.errors import ValidationError
 import orchestrator.cli.train as train_app
 from orchestrator.train.trainer import lr_at, min_lr_of
 from orchestrator.validate import ConfigError
-from tests.conftest import compose_as_shipped, make_cfg, run_train
+from tests.conftest import compose_as_shipped, make_cfg, run_cmd, run_train
 
 
 def test_default_config_composes_with_llama_field_names():
@@ -234,3 +236,6 @@ def test_cfg_job_prints_the_composed_config():
     out = run_train("--cfg", "job", "parallel.dp=4", timeout=60)
     assert out.returncode == 0, out.stderr
     assert "dp: 4" in out.stdout and "name: llama-debug" in out.stdout
+    # python -m orchestrator.train is the same program (a box without the console scripts, docs/gpus.md)
+    again = run_cmd([sys.executable, "-m", "orchestrator.train", "--cfg", "job", "parallel.dp=4"], timeout=60)
+    assert again.returncode == 0 and again.stdout == out.stdout, again.stderr
