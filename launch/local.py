@@ -26,6 +26,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import random
 import signal
 import socket
 import sys
@@ -48,10 +49,31 @@ class RankFailed(RuntimeError):
     """A spawned rank died; the message holds its error (traceback or exit code)."""
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel hands out to sockets that bind no port (Linux; the usual one elsewhere)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for rank 0's store that nothing listens on. Taken below the ephemeral range: a port the kernel
+    gave out and took back (bind to port 0) can be given out again, to one of the many connections gloo's
+    ranks open, before rank 0 binds it (EADDRINUSE seen with two test workers). Here only another explicit
+    binder can take it."""
+    low, _ = _ephemeral_ports()
+    pick = random.SystemRandom()
+    for _ in range(64):
+        port = pick.randrange(max(1024, low - 16384), low) if low > 2048 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free TCP port below the ephemeral range for the ranks' store")
 
 
 def thread_count() -> Optional[int]:

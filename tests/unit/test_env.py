@@ -7,7 +7,7 @@ import pytest
 import socket
 
 from launch.env import RankEnv, bind_to_node_address, expand_hostlist, from_environ, interface_of, slurm_port
-from launch.local import cause
+from launch.local import _ephemeral_ports, cause, free_port
 
 
 def test_expand_hostlist():
@@ -93,3 +93,15 @@ def test_the_node_count_comes_from_slurm_or_from_torchruns_local_world_fake_env(
     assert from_environ({**base, "SLURM_JOB_NUM_NODES": "3"}).nodes == 3
     assert from_environ({"RANK": "0", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}).nodes == 2
     assert from_environ({"RANK": "0", "WORLD_SIZE": "8"}).nodes == 1
+
+
+def test_the_local_store_port_is_free_and_below_the_range_the_kernel_gives_out():
+    """Below the ephemeral range no connection of another run's ranks can take it between the pick and rank
+    0's bind (the EADDRINUSE a trident-eval child met in CI)."""
+    low, high = _ephemeral_ports()
+    assert 1024 < low < high
+    ports = {free_port() for _ in range(20)}
+    assert all(max(1024, low - 16384) <= p < low for p in ports) and len(ports) > 1
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", port))  # still free
