@@ -34,7 +34,6 @@ import contextlib
 import gc
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf, open_dict  # noqa: E402
 
 from launch.env import RankEnv  # noqa: E402
+from launch.local import free_port  # noqa: E402
 from models.hf import hf_config  # noqa: E402
 from models.llama import ModelArgs, Transformer, num_params  # noqa: E402
 from orchestrator.build.flops import flops_per_token, mfu, peak_flops  # noqa: E402
@@ -71,12 +71,6 @@ VARIANTS = {
     "ac": {"activation_checkpointing": "full"},
     "chunked": {"loss_chunks": 8},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sync(device: torch.device) -> None:

@@ -64,9 +64,9 @@ def free_port() -> int:
     ranks open, before rank 0 binds it (EADDRINUSE seen with two test workers). Here only another explicit
     binder can take it."""
     low, _ = _ephemeral_ports()
+    first = max(1024, low - 16384)
     pick = random.SystemRandom()
-    for _ in range(64):
-        port = pick.randrange(max(1024, low - 16384), low) if low > 2048 else 0
+    for port in [pick.randrange(first, low) for _ in range(64)] if first < low else [0]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("", port))

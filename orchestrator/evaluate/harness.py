@@ -400,7 +400,7 @@ def log_to_run(checkpoint: str, output: Path, rows: list[dict]) -> None:
     it has one: a live run logs them itself (it watches evals.jsonl; its live lock says it runs), else they are
     one more attempt of the W&B run, a row after its last step (in metrics.jsonl too), and an entry in
     evals.json, so that a later resume of the run shows them again after W&B's rewind."""
-    run_dir = output.resolve().parent  # the checkpoint's run dir, where the results went there
+    run_dir = output.resolve().parent  # the run dir the results went to: the checkpoint's, checked next
     config_path = run_dir / "config.yaml"
     if output.resolve() != (Path(checkpoint).resolve().parent.parent / RESULTS) or not read_wandb_state(str(run_dir)).get("id") \
             or not config_path.is_file():

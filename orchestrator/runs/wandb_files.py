@@ -108,18 +108,21 @@ def read_run(run_dir: str) -> dict:
 
 def finished(run_dir: str) -> bool:
     """Whether W&B wrote a run folder's exit record: its last one, after every row."""
-    from wandb.proto import wandb_internal_pb2 as pb  # imported here: W&B's protobufs load only for a reader
+    from google.protobuf.message import DecodeError  # imported here: W&B's protobufs load only for a reader
+    from wandb.proto import wandb_internal_pb2 as pb  # (likewise)
 
+    last = None
     try:
-        payloads = list(_payloads(run_file(run_dir).read_bytes()))
+        for last in _payloads(run_file(run_dir).read_bytes()):
+            pass
     except (FileNotFoundError, ValueError):
         return False
     record = pb.Record()
     try:
-        record.ParseFromString(payloads[-1]) if payloads else None
-    except Exception:  # noqa: BLE001 - a record half written: not finished yet
+        record.ParseFromString(last or b"")
+    except DecodeError:  # the last record, half written: not finished yet
         return False
-    return bool(payloads) and record.WhichOneof("record_type") == "exit"
+    return record.WhichOneof("record_type") == "exit"
 
 
 def attempts(wandb_dir: str, run_id: Optional[str] = None) -> list[dict]:
